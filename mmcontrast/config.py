@@ -35,6 +35,7 @@ class ModelConfig:
     cifar_stem: bool = False  # simclr ResNets: 3x3 stride-1 stem without max-pool (small images)
     proj_hidden_dim: int = 512  # simclr projection head (2-layer MLP with BN), dropped on export
     proj_dim: int = 128
+    proj_batchnorm: bool = True  # BN in the head (SimCLR); off makes gradient caching bit-exact
 
 
 @dataclass
@@ -56,6 +57,7 @@ class DataConfig:
     workers: int = 2
     shuffle_buffer: int = 1000
     resampled: bool = False  # sample shards with replacement (step-based training on many nodes)
+    clip_augment: bool = True  # clip mode: open_clip's train transform (random crop); false: the eval transform
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

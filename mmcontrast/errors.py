@@ -7,3 +7,7 @@ programming error and keeps its traceback.
 
 class UsageError(Exception):
     """A user mistake; the message says what is wrong and how to fix it."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (diverged loss, non-finite weights); the message says what to try."""

@@ -140,14 +140,17 @@ def _check_pretrained(pretrained: str | None) -> None:
         )
 
 
-def create_clip(name: str, pretrained: str | None = None, aug_cfg: dict | None = None) -> ClipBundle:
-    """Build an open_clip model (random init, or ``pretrained`` local weights) with transforms and tokenizer."""
+def create_clip(name: str, pretrained: str | None = None, aug_cfg: dict | None = None, model_kwargs: dict | None = None) -> ClipBundle:
+    """Build an open_clip model (random init, or ``pretrained`` local weights) with transforms and tokenizer.
+
+    ``model_kwargs`` override top-level fields of the model config (e.g. ``init_logit_scale``).
+    """
     oc = _open_clip()
     key, cfg = resolve_model(name)
     _check_pretrained(pretrained)
     try:
         model, preprocess_train, preprocess_val = oc.create_model_and_transforms(
-            key, pretrained=pretrained, aug_cfg=aug_cfg, weights_only=True
+            key, pretrained=pretrained, aug_cfg=aug_cfg, weights_only=True, **(model_kwargs or {})
         )
     except (RuntimeError, ValueError, KeyError) as err:
         if pretrained:
@@ -310,14 +313,19 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _load_image_encoder(spec: dict, weights: Path, device: str) -> tuple[nn.Module, Callable, None]:
-    encoder = ImageEncoder(spec)
-    state = _load_weights_file(weights)
+def load_image_encoder_weights(encoder: ImageEncoder, weights: str | Path) -> None:
+    """Load an exported backbone (or a training checkpoint of encoder + head) into ``encoder``."""
+    state = _load_weights_file(Path(weights))
     state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith("head.")}
     try:
         encoder.load_state_dict(state)
     except RuntimeError as err:
-        raise UsageError(f"{weights} does not match the encoder in its model_config.json: {str(err).splitlines()[0][:300]}") from None
+        raise UsageError(f"{weights} does not match the image encoder {encoder.spec['name']}: {str(err).splitlines()[0][:300]}") from None
+
+
+def _load_image_encoder(spec: dict, weights: Path, device: str) -> tuple[nn.Module, Callable, None]:
+    encoder = ImageEncoder(spec)
+    load_image_encoder_weights(encoder, weights)
     return encoder.to(device).eval(), image_eval_transform(spec), None
 
 
