@@ -550,9 +550,9 @@ def train(cfg: Config) -> Path:
                 "skipped_samples": state["skipped_samples"],
             }
             if hasattr(unwrapped, "logit_scale"):
-                record["temperature"] = float(1.0 / unwrapped.logit_scale.exp())
+                record["temperature"] = float(1.0 / unwrapped.logit_scale.detach().exp())
             if getattr(unwrapped, "logit_bias", None) is not None:
-                record["logit_bias"] = float(unwrapped.logit_bias)
+                record["logit_bias"] = float(unwrapped.logit_bias.detach())
             if accelerator.is_main_process:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
