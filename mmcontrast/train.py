@@ -108,9 +108,18 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mmcontrast.launch import requested_cpu_processes, spawn_workers
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     is_main = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
     try:
         cfg = config_from_args(argv)
+        n_cpu_processes = requested_cpu_processes()
+        if n_cpu_processes > 1:  # accelerate launch --cpu --num_processes N started only us
+            from mmcontrast import data
+
+            data.check_fields(data.expand_shards(cfg.data.train_shards), need_text=cfg.mode == "clip")
+            return spawn_workers(n_cpu_processes, "mmcontrast.train", argv)
         train(cfg)
         return 0
     except (UsageError, TrainingError) as err:
