@@ -143,7 +143,7 @@ def check_fields(shards: list[str], need_text: bool, need_image: bool = True) ->
     fields = ", ".join(f"{k} ({v}x)" for k, v in sorted(found.items())) or "none"
     fix = (
         " Image-text (clip) runs need KEY.txt captions beside the images: make the shards with captions, "
-        "or train image-only with --mode simclr." if need_text and found & set(IMAGE_FIELDS) else
+        "or train image-only with --mode simclr." if need_text and set(found) & set(IMAGE_FIELDS) else
         " Make shards with `python -m data_tools.make_shards`."
     )
     raise UsageError(
@@ -534,6 +534,9 @@ def make_loader(
         shuffle=shuffle, shuffle_buffer=shuffle_buffer, with_labels=with_labels, class_to_index=class_to_index,
         shard_counts=counts, drop_last=drop_last,
     )
+    # DataLoader draws its workers' base seed from this generator; without one it would take a number
+    # from the trainer's global RNG every epoch. (Our samples are seeded explicitly, see _sample_seed.)
+    generator = torch.Generator().manual_seed(_sample_seed("loader", seed, epoch, rank))
     return torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False
+        dataset, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False, generator=generator
     )

@@ -1,0 +1,286 @@
+"""mmcontrast.data: shard specs, field checks, counts, and the loader's splitting, order, resume and robustness."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import logging
+import os
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mmcontrast.data import check_fields, count_samples, expand_shards, make_loader, resume_position
+from mmcontrast.errors import UsageError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """A deterministic stand-in for a model's preprocess: (3, 16, 16) float."""
+    return torch.from_numpy(__import__("numpy").asarray(img.resize((16, 16)), dtype="float32")).permute(2, 0, 1) / 255
+
+
+def random_view(img: Image.Image) -> torch.Tensor:
+    """A random crop drawing on both torch's and python's RNG, like real augmentations do."""
+    i, j = int(torch.randint(0, 16, ()).item()), random.randint(0, 16)
+    return to_tensor(img.crop((j, i, j + 16, i + 16)))
+
+
+def tokenize(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([[len(t), sum(map(ord, t)) % 997] for t in texts], dtype=torch.long)
+
+
+def keys(batches) -> list[str]:
+    return [k for b in batches for k in b["__key__"]]
+
+
+def loader(shards, **kw):
+    kw = {"image_transform": to_tensor, "tokenizer": tokenize, "batch_size": 16, "workers": 0, "seed": 0, **kw}
+    return make_loader(shards, **kw)
+
+
+def jpeg(colour=(200, 30, 30), size=(32, 32)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict[str, bytes]]) -> Path:
+    """A shard written with tarfile directly (as img2dataset or another tool would)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for field, data in sample.items():
+                if field != "__key__":
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{field}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_shards) -> list[str]:
+    return expand_shards(str(tiny_shards))
+
+
+def all_keys(shards: list[str]) -> list[str]:
+    return keys(loader(shards, shuffle=False, drop_last=False, batch_size=1000))
+
+
+# ---------------------------------------------------------------- shard specs, fields, counts
+
+
+def test_expand_shards_accepts_patterns_folders_globs_and_list_files(tiny_shards, tmp_path):
+    expected = [str(tiny_shards / f"{i:05d}.tar") for i in range(4)]
+    assert expand_shards(str(tiny_shards)) == expected
+    assert expand_shards(str(tiny_shards / "{00000..00003}.tar")) == expected
+    assert expand_shards(str(tiny_shards / "*.tar")) == expected
+    assert expand_shards([expected[0], str(tiny_shards / "{00001..00003}.tar")]) == expected
+    listing = tmp_path / "train.txt"
+    listing.write_text("# shards\n" + "\n".join(os.path.relpath(p, tmp_path) for p in expected) + "\n")
+    assert [os.path.normpath(p) for p in expand_shards(str(listing))] == expected
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("DIR/{00000..00003.tar", "unbalanced braces"),
+        ("DIR/{00000..00009}.tar", "6 of 10 shards"),
+        ("DIR/*.tgz", "no shards match"),
+        ("DIR/nothing_here", "do not exist"),
+        ("", "empty"),
+    ],
+)
+def test_expand_shards_says_what_is_wrong(tiny_shards, spec, message):
+    with pytest.raises(UsageError, match=message):
+        expand_shards(spec.replace("DIR", str(tiny_shards)))
+
+
+def test_check_fields_names_the_fields_it_found(shards, tmp_path):
+    check_fields(shards, need_text=True)
+    image_only = write_tar(tmp_path / "img/00000.tar", [{"__key__": f"k{i}", "jpg": jpeg(), "json": b"{}"} for i in range(3)])
+    check_fields([str(image_only)], need_text=False)
+    with pytest.raises(UsageError, match=r"caption \(txt\); fields found: jpg \(3x\), json \(3x\)"):
+        check_fields([str(image_only)], need_text=True)
+    not_a_tar = tmp_path / "bad.tar"
+    not_a_tar.write_bytes(b"x" * 700)
+    with pytest.raises(UsageError, match="cannot be read as a tar"):
+        check_fields([str(not_a_tar)], need_text=False)
+
+
+def test_count_samples_uses_stats_then_img2dataset_stats_then_tar_headers(shards, tmp_path, monkeypatch):
+    import mmcontrast.data as data
+
+    copies = []
+    for src in shards[:2]:
+        copies.append(str(tmp_path / os.path.basename(src)))
+        Path(copies[-1]).write_bytes(Path(src).read_bytes())
+    assert count_samples(copies) == 96  # no stats beside the copies: counted from the tar headers
+    monkeypatch.setattr(data, "_scan_count", lambda shard: pytest.fail("should have used the stats"))
+    assert count_samples(shards) == 192  # make_shards' stats.json
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"successes": 48, "count": 50}))
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"successes": 48, "count": 48}))
+    assert count_samples(copies) == 96  # img2dataset's per-shard stats
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_clip_batches_with_open_clip_preprocess_and_tokenizer(shards):
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    preprocess = open_clip.image_transform(24, is_train=True)
+    batch = next(iter(make_loader(shards, image_transform=preprocess, tokenizer=tokenizer, batch_size=8, workers=0, seed=0)))
+    assert batch["image"].shape == (8, 3, 24, 24) and batch["image"].dtype == torch.float32
+    assert batch["text"].shape == (8, 77) and batch["text"].dtype == torch.long
+    assert len(batch["__key__"]) == 8 and batch["skipped"] == 0
+
+
+def test_two_ranks_by_two_workers_read_every_sample_exactly_once(shards):
+    expected = sorted(all_keys(shards))
+    assert len(expected) == 192
+    for subset in (shards, shards[:1]):  # 4 shards split by shard; 1 shard split by sample
+        batch_size = 8 if len(subset) == 4 else 4
+        seen = [k for rank in (0, 1) for k in keys(loader(subset, rank=rank, world_size=2, workers=2, batch_size=batch_size))]
+        assert len(seen) == len(set(seen)), "a sample was read twice"
+        assert sorted(seen) == sorted(all_keys(subset)), "a sample was dropped"
+
+
+def test_sample_order_does_not_depend_on_batch_size(shards):
+    small = list(loader(shards, batch_size=32, workers=1))
+    large = list(loader(shards, batch_size=128, workers=1))
+    assert keys(small[:4]) == keys(large[:1])
+    assert torch.equal(torch.cat([b["image"] for b in small[:4]]), large[0]["image"])
+
+
+def test_order_is_a_function_of_seed_and_epoch(shards):
+    first = keys(loader(shards))
+    assert first == keys(loader(shards))
+    assert first != keys(loader(shards, epoch=1)) and sorted(first) == sorted(keys(loader(shards, epoch=1)))
+    assert first != keys(loader(shards, seed=1))
+
+
+def test_skip_batches_continues_exactly_where_the_run_stopped(shards):
+    uneven = shards[:3]  # 2 workers: one reads 2 shards (6 batches), the other 1 (3 batches) and stops early
+    kw = {"workers": 2, "image_transform": random_view, "seed": 3}
+    full = list(loader(uneven, **kw))
+    assert len(full) == 9
+    for skip in (3, 7):
+        resumed = list(loader(uneven, skip_batches=skip, **kw))
+        assert keys(resumed) == keys(full[skip:])
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[skip:])), "augmentations differ"
+
+
+def test_resume_position_follows_dataloaders_round_robin():
+    assert resume_position(5, [None, None]) == ([3, 2], 1)
+    assert resume_position(7, [6, 3]) == ([4, 3], 0)  # worker 1 ran out after 3 batches
+    assert resume_position(9, [6, 3]) == ([6, 3], 0)
+
+
+def test_resampled_mode_is_endless_and_seeded_by_rank(shards):
+    def first_keys(n_batches, **kw):
+        it = iter(loader(shards, resampled=True, batch_size=8, **kw))
+        return keys(next(it) for _ in range(n_batches))
+
+    run = first_keys(30)  # 240 samples out of 192: it wraps around
+    assert len(run) == 240 and len(set(run)) < 240
+    assert run == first_keys(30)
+    assert run != first_keys(30, rank=1, world_size=2)
+    assert run[8 * 5 :] == first_keys(25, skip_batches=5)
+
+
+def test_simclr_views_are_independent_augmentations_and_leave_global_rng_alone(shards):
+    torch.manual_seed(123)
+    random.seed(123)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(123)
+    random.seed(123)
+    batch = next(iter(make_loader(shards, image_transform=random_view, views=2, batch_size=8, workers=0, seed=0)))
+    after = (torch.rand(3), random.random())
+    assert torch.equal(after[0], expected[0]) and after[1] == expected[1], "the loader moved the trainer's RNG"
+    assert set(batch) == {"view1", "view2", "__key__", "skipped"}
+    assert batch["view1"].shape == batch["view2"].shape == (8, 3, 16, 16)
+    assert not torch.equal(batch["view1"], batch["view2"])
+
+
+def test_labels_come_from_label_index_or_sorted_class_names(shards, tmp_path):
+    batch = next(iter(loader(shards, with_labels=True, batch_size=32)))
+    stats = json.loads((Path(shards[0]).parent / "stats.json").read_text())
+    assert batch["label"].dtype == torch.long
+    names = [stats["classes"][i] for i in batch["label"]]
+    assert all(k.startswith(n) for k, n in zip(batch["__key__"], names))  # keys start with the class folder
+
+    samples = [{"__key__": f"s{i}", "jpg": jpeg(), "json": json.dumps({"label": name}).encode()}
+               for i, name in enumerate(["zebra", "ant", "moth", "ant"])]
+    shard = write_tar(tmp_path / "labels/00000.tar", samples)
+    batch = next(iter(loader([str(shard)], with_labels=True, tokenizer=None, batch_size=4, shuffle=False)))
+    assert batch["label"].tolist() == [2, 0, 1, 0]  # ant=0, moth=1, zebra=2
+    with pytest.raises(UsageError, match="no json 'label'"):
+        loader([str(write_tar(tmp_path / "nolabel/0.tar", [{"__key__": "a", "jpg": jpeg()}]))], with_labels=True)
+
+
+def test_corrupt_samples_are_skipped_counted_and_logged_once(tmp_path, caplog):
+    good = [{"__key__": f"good{i}", "jpg": jpeg(), "txt": b"a red square"} for i in range(10)]
+    bad = [
+        {"__key__": "truncated", "jpg": jpeg()[:200], "txt": b"cut"},
+        {"__key__": "garbage", "png": b"\x89PNG not at all", "txt": b"garbage"},
+        {"__key__": "garbage2", "png": b"\x89PNG not at all", "txt": b"garbage"},
+        {"__key__": "latin1", "jpg": jpeg(), "txt": "caf\xe9".encode("latin-1")},
+        {"__key__": "nocaption", "jpg": jpeg()},
+    ]
+    shard = write_tar(tmp_path / "00000.tar", good[:5] + bad + good[5:])
+    with caplog.at_level(logging.WARNING, logger="mmcontrast.data"):
+        batches = list(loader([str(shard)], batch_size=5, shuffle=False))
+    assert [len(b["__key__"]) for b in batches] == [5, 5]
+    assert keys(batches) == [f"good{i}" for i in range(10)]
+    assert sum(b["skipped"] for b in batches) == 5
+    kinds = [r.getMessage().split(" (first")[0] for r in caplog.records]
+    assert len(kinds) == len(set(kinds)) >= 3, kinds  # once per kind
+
+
+def test_reads_img2dataset_layout(tmp_path):
+    folder = tmp_path / "img2dataset"
+    for s in range(2):
+        samples = [
+            {"__key__": f"{s:05d}{i:04d}", "jpg": jpeg((i * 20, 0, 0)), "txt": f"caption {i}".encode(),
+             "json": json.dumps({"url": f"http://x/{i}.jpg", "caption": f"caption {i}", "status": "success"}).encode()}
+            for i in range(6)
+        ]
+        write_tar(folder / f"{s:05d}.tar", samples)
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": 7, "successes": 6, "failed_to_download": 1}))
+        (folder / f"{s:05d}.parquet").write_bytes(b"PAR1 not read")
+    shards = expand_shards(str(folder))
+    assert [os.path.basename(p) for p in shards] == ["00000.tar", "00001.tar"]
+    assert count_samples(shards) == 12
+    check_fields(shards, need_text=True)
+    assert sorted(keys(loader(shards, batch_size=3))) == sorted(f"{s:05d}{i:04d}" for s in range(2) for i in range(6))
+
+
+def test_open_clip_trainer_reads_our_shards(tiny_shards, monkeypatch):
+    """open_clip's own loader, as its trainer calls it, on make_shards output (sizes.json gives the count).
+
+    open_clip pins webdataset<=0.2.86; with webdataset 1.x its grouping crashes on the end-of-shard marker
+    ``{}``, so — as users of open_clip's trainer with webdataset 1.x must — switch the marker off."""
+    import open_clip
+    from open_clip_train import data as oc_data
+    from webdataset.tariterators import tar_file_expander
+
+    monkeypatch.setattr(oc_data, "tar_file_expander", functools.partial(tar_file_expander, eof_value=None))
+    args = argparse.Namespace(
+        train_data=str(tiny_shards / "{00000..00003}.tar"), val_data=None, train_num_samples=None,
+        dataset_resampled=False, train_data_upsampling_factors=None, seed=0, batch_size=16, workers=0, world_size=1,
+    )
+    info = oc_data.get_wds_dataset(args, open_clip.image_transform(24, is_train=True), is_train=True,
+                                   tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    batches = list(info.dataloader)
+    assert info.dataloader.num_samples == 192 and len(batches) == 12
+    images, texts = batches[0]
+    assert images.shape == (16, 3, 24, 24) and texts.shape == (16, 77)

@@ -1,0 +1,287 @@
+"""data_tools.make_shards and data_tools.inspect: layouts, bad inputs, determinism, resume, CLI errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data_tools import inspect as inspect_tool
+from data_tools import make_shards
+from data_tools.make_shards import make_key
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def image_bytes(size=(40, 30), colour=(200, 30, 30), fmt="JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
+    """{key: {field: bytes}} over all shards, asserting no key appears twice."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted(out.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                key, field = member.name.split(".", 1)
+                sample = samples.setdefault(key, {})
+                assert field not in sample, f"duplicate {member.name}"
+                sample[field] = tar.extractfile(member).read()
+    return samples
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "data_tools.make_shards", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def messy_folder(tmp_path) -> Path:
+    """4 good samples in nested folders and one of every kind of bad input."""
+    root = tmp_path / "in"
+    write(root / "a/1.jpg", image_bytes())
+    write(root / "a/1.txt", "a red box\n")
+    write(root / "a/b/2.png", image_bytes((20, 20), (0, 0, 255), "PNG"))
+    write(root / "a/b/2.txt", "a blue square")
+    write(root / "3.webp", image_bytes((16, 24), (0, 255, 0), "WEBP"))
+    write(root / "3.txt", "a green bar")
+    write(root / "4.bmp", image_bytes((8, 8), (9, 9, 9), "BMP"))
+    write(root / "4.txt", "a dark tile")
+    write(root / "zero.jpg", b"")
+    write(root / "zero.txt", "empty file")
+    write(root / "trunc.jpg", image_bytes((64, 64))[:300])
+    write(root / "trunc.txt", "cut short")
+    write(root / "text.png", "this is not a picture")
+    write(root / "text.txt", "liar")
+    write(root / "nocap.jpg", image_bytes())
+    write(root / "badcap.jpg", image_bytes())
+    write(root / "badcap.txt", b"\xff\xfe\xfa caption in latin-1 \xe9")
+    write(root / "huge.png", image_bytes((100, 100), fmt="PNG"))  # over --max-pixels 5000 below
+    write(root / "huge.txt", "too big")
+    outside = write(tmp_path / "outside/secret.jpg", image_bytes())
+    os.symlink(outside, root / "link.jpg")
+    write(root / "link.txt", "points outside")
+    write(root / ".DS_Store", b"\x00\x01")  # hidden: ignored
+    return root
+
+
+def test_sidecar_layout_counts_every_bad_input_by_reason(messy_folder, tmp_path):
+    out = tmp_path / "out"
+    rc = make_shards.main([str(messy_folder), str(out), "--max-pixels", "5000", "--workers", "1", "--shard-size", "5"])
+    assert rc == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["skipped_reasons"] == {
+        "caption_not_utf8": 1, "corrupt_image": 1, "decompression_bomb": 1, "missing_caption": 1,
+        "not_an_image": 1, "symlink_outside_input": 1, "zero_byte": 1,
+    }
+    assert (stats["seen"], stats["written"], stats["skipped"]) == (11, 4, 7)
+    assert stats["seen"] == stats["written"] + stats["skipped"]
+    assert [s["name"] for s in stats["shards"]] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert sum(s["samples"] for s in stats["shards"]) == 4
+    assert json.loads((out / "sizes.json").read_text()) == {s["name"]: s["samples"] for s in stats["shards"]}
+
+    samples = read_shards(out)
+    by_source = {json.loads(s["json"])["source_path"]: (k, s) for k, s in samples.items()}
+    assert set(by_source) == {"a/1.jpg", "a/b/2.png", "3.webp", "4.bmp"}
+    for source, (key, sample) in by_source.items():
+        assert key == make_key(source) and "." not in key and "/" not in key
+        meta = json.loads(sample["json"])
+        assert meta["key"] == key and meta["caption"] == sample["txt"].decode()
+        image_field = next(f for f in ("jpg", "png", "webp") if f in sample)
+        assert set(sample) == {image_field, "json", "txt"}
+        assert Image.open(io.BytesIO(sample[image_field])).size == (meta["width"], meta["height"])
+    # originals are copied byte for byte; formats we do not store (BMP) are re-encoded losslessly as PNG
+    assert by_source["a/1.jpg"][1]["jpg"] == (messy_folder / "a/1.jpg").read_bytes()
+    assert by_source["a/b/2.png"][1]["png"] == (messy_folder / "a/b/2.png").read_bytes()
+    assert by_source["3.webp"][1]["webp"] == (messy_folder / "3.webp").read_bytes()
+    assert by_source["a/1.jpg"][1]["txt"] == b"a red box"
+    bmp = Image.open(io.BytesIO(by_source["4.bmp"][1]["png"]))
+    assert bmp.size == (8, 8) and bmp.convert("RGB").getpixel((0, 0)) == (9, 9, 9)
+
+
+def test_rerun_with_more_workers_gives_byte_identical_shards(messy_folder, tmp_path):
+    args = [str(messy_folder), "--max-pixels", "5000", "--shard-size", "3"]
+    assert make_shards.main([args[0], str(tmp_path / "one"), *args[1:], "--workers", "1"]) == 0
+    assert make_shards.main([args[0], str(tmp_path / "two"), *args[1:], "--workers", "2"]) == 0
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    with tarfile.open(tmp_path / "one/00000.tar") as tar:
+        assert {(m.mtime, m.uid, m.gid, m.uname) for m in tar.getmembers()} == {(0, 0, 0, "")}
+
+
+def test_captions_file_layouts_keep_extra_fields_and_index_labels(tmp_path):
+    root = tmp_path / "in"
+    write(root / "img/cat.jpg", image_bytes())
+    write(root / "img/dog.png", image_bytes(fmt="PNG"))
+    rows = [
+        ("img/cat.jpg", "a cat", "cat", "flickr"),
+        ("img/dog.png", "a dog", "dog", "web"),
+        ("img/cat.jpg", "a second caption for the cat", "cat", "flickr"),  # same file twice: two samples
+        ("img/missing.jpg", "gone", "cat", "x"),
+        ("../escape.jpg", "outside", "dog", "x"),
+        ("img/dog.png", "", "dog", "x"),  # empty caption
+    ]
+    csv_text = "filepath,caption,label,source\n" + "".join(",".join(r) + "\n" for r in rows)
+    files = {
+        "captions.csv": csv_text,
+        "captions.tsv": csv_text.replace(",", "\t"),
+        "captions.jsonl": "".join(
+            json.dumps(dict(zip(("filepath", "caption", "label", "source"), r))) + "\n" for r in rows
+        ),
+    }
+    for name, text in files.items():
+        cap = write(tmp_path / name, text)
+        out = tmp_path / f"out_{name}"
+        assert make_shards.main([str(root), str(out), "--captions", str(cap), "--workers", "1"]) == 0
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["layout"] == "captions" and stats["classes"] == ["cat", "dog"]
+        assert stats["skipped_reasons"] == {"missing_caption": 1, "missing_file": 1, "path_outside_input": 1}
+        metas = sorted((json.loads(s["json"]) for s in read_shards(out).values()), key=lambda m: m["caption"])
+        assert [(m["caption"], m["label"], m["label_index"], m["source"]) for m in metas] == [
+            ("a cat", "cat", 0, "flickr"),
+            ("a dog", "dog", 1, "web"),
+            ("a second caption for the cat", "cat", 0, "flickr"),
+        ]
+        assert metas[0]["key"] != metas[2]["key"]
+
+
+def test_class_folders_use_the_template_and_store_the_label(tmp_path):
+    root = tmp_path / "in"
+    for name in ("cats", "dogs", "hot_dogs"):
+        for i in range(2):
+            write(root / name / f"{i}.jpg", image_bytes())
+    write(root / "loose.jpg", image_bytes())  # not in a class folder
+    out = tmp_path / "out"
+    assert make_shards.main([str(root), str(out), "--class-template", "a photo of {}.", "--workers", "1"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["layout"] == "classes" and stats["classes"] == ["cats", "dogs", "hot_dogs"]
+    assert stats["skipped_reasons"] == {"no_class_folder": 1}
+    metas = {m["source_path"]: m for m in (json.loads(s["json"]) for s in read_shards(out).values())}
+    assert metas["hot_dogs/1.jpg"]["caption"] == "a photo of hot dogs."
+    assert (metas["hot_dogs/1.jpg"]["label"], metas["hot_dogs/1.jpg"]["label_index"]) == ("hot_dogs", 2)
+    assert metas["cats/0.jpg"]["label_index"] == 0
+
+
+def test_max_image_size_resizes_keeping_aspect_and_format_and_never_upscales(tmp_path):
+    root = tmp_path / "in"
+    write(root / "wide.jpg", image_bytes((80, 40)))
+    write(root / "tall.png", image_bytes((30, 90), fmt="PNG"))
+    small = write(root / "small.webp", image_bytes((20, 10), fmt="WEBP"))
+    for stem in ("wide", "tall", "small"):
+        write(root / f"{stem}.txt", stem)
+    out = tmp_path / "out"
+    assert make_shards.main([str(root), str(out), "--max-image-size", "32", "--workers", "1"]) == 0
+    samples = {json.loads(s["json"])["source_path"]: s for s in read_shards(out).values()}
+    wide, tall = samples["wide.jpg"], samples["tall.png"]
+    assert Image.open(io.BytesIO(wide["jpg"])).format == "JPEG"
+    assert Image.open(io.BytesIO(wide["jpg"])).size == (32, 16)
+    assert Image.open(io.BytesIO(tall["png"])).size == (11, 32)  # 30/90*32 = 10.7
+    assert json.loads(wide["json"])["original_width"] == 80
+    assert samples["small.webp"]["webp"] == small.read_bytes()  # not upscaled: original bytes
+
+
+def test_resume_after_kill_finishes_without_duplicates_or_losses(tmp_path):
+    root = tmp_path / "in"
+    noise = Image.effect_noise((128, 128), 80).convert("RGB")
+    buf = io.BytesIO()
+    noise.save(buf, format="JPEG", quality=90)
+    relpaths = [f"d{i % 7}/img_{i:04d}.jpg" for i in range(600)]
+    for rel in relpaths:
+        write(root / rel, buf.getvalue())
+        write(root / rel.replace(".jpg", ".txt"), f"noise number {rel}")
+    out = tmp_path / "out"
+    cmd = [str(root), str(out), "--shard-size", "20", "--max-image-size", "64", "--workers", "1"]
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_tools.make_shards", *cmd], cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while not (out / "00002.tar").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the converter and any pool workers
+    proc.wait()
+    assert not (out / "stats.json").exists(), "the run finished before it could be interrupted"
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert len(kept) >= 3
+
+    assert make_shards.main([*cmd, "--resume"]) == 0
+    for name, mtime in kept.items():
+        assert (out / name).stat().st_mtime_ns == mtime, f"complete shard {name} was rewritten"
+    assert not list(out.glob("*.tmp"))
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["seen"], stats["written"], stats["skipped"]) == (600, 600, 0)
+    assert len(stats["shards"]) == 30
+    keys = set(read_shards(out))  # read_shards asserts no duplicates
+    assert keys == {make_key(rel) for rel in relpaths}
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [("missing", "does not exist"), ("empty", "is empty"), ("unwritable", "not writable"), ("nocaptions", "no captions")],
+)
+def test_unusable_arguments_exit_2_with_one_line(tmp_path, case, expected):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    if case == "missing":
+        inp = tmp_path / "nope"
+    if case in ("unwritable", "nocaptions"):
+        write(inp / "x.jpg", image_bytes())
+        write(inp / "x.txt", "caption")
+    if case == "unwritable":
+        out = write(tmp_path / "a_file", "not a folder") / "out"
+    if case == "nocaptions":
+        (inp / "x.txt").unlink()
+    result = run_cli(str(inp), str(out))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_inspect_reports_counts_and_finds_corrupt_samples(messy_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert make_shards.main([str(messy_folder), str(out), "--max-pixels", "5000", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert inspect_tool.main([str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "samples       4" in report and "OK" in report
+    with tarfile.open(out / "00000.tar", "w") as tar:  # replace the shard by one with a broken image
+        for name, data in (("k.jpg", b"\xff\xd8 not really"), ("k.txt", b"caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert inspect_tool.main([str(out)]) == 1
+    report = capsys.readouterr().out
+    assert "k: jpg does not decode" in report
+    assert "00000.tar: has 1 samples, stats.json says 4" in report
+
+
+def test_shards_read_back_with_plain_webdataset(tiny_shards):
+    import webdataset as wds
+
+    stats = json.loads((tiny_shards / "stats.json").read_text())
+    urls = [str(tiny_shards / s["name"]) for s in stats["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "txt", "json"))
+    assert len(samples) == stats["written"] == 192
+    image, caption, meta = samples[0]
+    assert image.size == (32, 32) and caption == meta["caption"] and isinstance(meta["label_index"], int)
