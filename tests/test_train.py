@@ -1,0 +1,189 @@
+"""End-to-end training through the command line: run dir contents, learning, processes, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "clip_tiny_cpu.yaml")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def train_cmd(shards, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "mmcontrast.train", "--config", TINY, "--train-shards", str(shards), "--output-dir", str(out), *extra]
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def clip_run(tiny_shards, tmp_path_factory) -> Path:
+    """100 steps of the tiny CLIP on the tiny shapes (batch 32): the run every test here can read."""
+    out = tmp_path_factory.mktemp("run") / "clip"
+    r = run(train_cmd(tiny_shards, out, "--steps", "100", "--batch-size", "32", "--log-every", "10", "--checkpoint-every", "50"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_run_dir_has_the_contract_files(clip_run):
+    for name in ("config.yaml", "metrics.jsonl", "model.safetensors", "model_config.json", "open_clip_config.json"):
+        assert (clip_run / name).is_file(), name
+    assert (clip_run / "checkpoints" / "last" / "train_state.json").is_file()
+    assert (clip_run / "checkpoints" / "step_000100").is_dir() and (clip_run / "checkpoints" / "step_000050").is_dir()
+    rows = metrics(clip_run)
+    assert [r["step"] for r in rows] == list(range(10, 101, 10))
+    for key in ("step", "loss", "lr", "samples_per_s", "global_batch", "temperature", "epoch", "data_time_share", "skipped_samples"):
+        assert key in rows[0], key
+    assert rows[0]["global_batch"] == 32
+    assert all(0 < r["temperature"] < 1 for r in rows)
+
+
+def test_loss_falls_on_learnable_data(clip_run):
+    losses = [r["loss"] for r in metrics(clip_run)]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_weights_load_in_open_clip_and_reproduce_embeddings(clip_run):
+    import open_clip
+    from safetensors.torch import load_file
+
+    from mmcontrast import load
+
+    ours, preprocess, tokenizer = load(clip_run)
+    images = torch.randn(3, 3, 32, 32)
+    text = tokenizer(["a red circle", "a blue square", "a yellow triangle"])
+    with torch.no_grad():
+        want_img, want_txt = ours.encode_image(images), ours.encode_text(text)
+
+    cfg = json.loads((clip_run / "model_config.json").read_text())
+    open_clip.add_model_config(clip_run / "model_config.json")  # registers it as "model_config"
+    plain = open_clip.create_model("model_config")
+    plain.load_state_dict(load_file(str(clip_run / "model.safetensors")))
+    plain.eval()
+    assert cfg["embed_dim"] == 64
+    with torch.no_grad():
+        torch.testing.assert_close(plain.encode_image(images), want_img, rtol=0, atol=0)
+        torch.testing.assert_close(plain.encode_text(text), want_txt, rtol=0, atol=0)
+
+    local, _, _ = open_clip.create_model_and_transforms(f"local-dir:{clip_run}")
+    local_tok = open_clip.get_tokenizer(f"local-dir:{clip_run}")
+    local.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(local.encode_image(images), want_img, rtol=0, atol=0)
+        torch.testing.assert_close(local.encode_text(local_tok(["a red circle", "a blue square", "a yellow triangle"])), want_txt, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def two_shards_of_16(tiny_image_folder, tmp_path_factory) -> Path:
+    """32 samples in two shards of 16: one shard per process, or both in one batch of 32."""
+    from data_tools import make_shards
+
+    rows = (tiny_image_folder / "captions.jsonl").read_text().splitlines()[::6][:32]
+    folder = tmp_path_factory.mktemp("pairs")
+    captions = folder / "captions.jsonl"
+    captions.write_text("\n".join(rows) + "\n")
+    out = folder / "shards"
+    assert make_shards.main([str(tiny_image_folder), str(out), "--captions", str(captions), "--shard-size", "16", "--workers", "1"]) == 0
+    return out
+
+
+def test_two_processes_first_loss_equals_one_process_on_the_same_global_batch(two_shards_of_16, tmp_path):
+    common = ["--steps", "1", "--log-every", "1", "--workers", "1", "--set", "data.shuffle_buffer=0"]
+    one = run(train_cmd(two_shards_of_16, tmp_path / "one", "--batch-size", "32", *common))
+    assert one.returncode == 0, one.stderr[-3000:]
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    two = run([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "mmcontrast.train",
+               *train_cmd(two_shards_of_16, tmp_path / "two", "--batch-size", "16", *common)[3:]])  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    assert m2["global_batch"] == 32 == m1["global_batch"]
+    assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+    assert (tmp_path / "two" / "model.safetensors").is_file()
+
+
+def test_accum_steps_log_the_same_losses_as_the_big_batch(tiny_shards, tmp_path):
+    common = ["--steps", "4", "--log-every", "1", "--workers", "1"]
+    big = run(train_cmd(tiny_shards, tmp_path / "big", "--batch-size", "32", *common))
+    small = run(train_cmd(tiny_shards, tmp_path / "k4", "--batch-size", "8", "--accum-steps", "4", *common))
+    assert big.returncode == 0 and small.returncode == 0, (big.stderr + small.stderr)[-3000:]
+    a, b = metrics(tmp_path / "big"), metrics(tmp_path / "k4")
+    assert [r["global_batch"] for r in b] == [32] * 4
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+
+
+def test_resume_after_kill_continues_exactly(tiny_shards, tmp_path):
+    args = ["--steps", "30", "--batch-size", "16", "--log-every", "5", "--checkpoint-every", "10", "--workers", "1"]
+    straight = run(train_cmd(tiny_shards, tmp_path / "straight", *args))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(tiny_shards, out, *args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step_000010").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists(), "the run finished before it could be killed"
+
+    resumed = run(train_cmd(tiny_shards, out, *args, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [r["step"] for r in metrics(out)]
+    assert steps == [5, 10, 15, 20, 25, 30]
+    assert [r["loss"] for r in metrics(out)] == pytest.approx([r["loss"] for r in metrics(tmp_path / "straight")], rel=1e-4)
+    from mmcontrast import load
+
+    model, _, _ = load(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--set", "optim.nope=1"], "unknown config key"),
+        (["--set", "train.batch_size=abc"], "expects int"),
+        (["--model", "no-such-model"], "unknown model"),
+        (["--config", "configs/does_not_exist.yaml"], "does not exist"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(tiny_shards, tmp_path, extra, needle):
+    r = run(train_cmd(tiny_shards, tmp_path / "bad", "--steps", "1", *extra))
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_shards_and_missing_caption_field(tmp_path, tiny_image_folder):
+    r = run(train_cmd(tmp_path / "nowhere", tmp_path / "bad", "--steps", "1"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+
+    from data_tools import make_shards
+
+    image_only = tmp_path / "image_only"  # class folders → captions from the template; drop them again
+    assert make_shards.main([str(tiny_image_folder), str(image_only), "--shard-size", "200", "--workers", "1"]) == 0
+    import tarfile
+
+    src = image_only / "00000.tar"
+    dst = tmp_path / "nocaption" / "00000.tar"
+    dst.parent.mkdir()
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for member in tin.getmembers():
+            if not member.name.endswith(".txt"):
+                tout.addfile(member, tin.extractfile(member))
+    r = run(train_cmd(dst.parent, tmp_path / "bad2", "--steps", "1"))
+    assert r.returncode == 2 and "txt" in r.stderr and "jpg" in r.stderr and "Traceback" not in r.stderr, r.stderr
