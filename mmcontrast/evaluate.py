@@ -1,0 +1,486 @@
+"""Evaluating encoders: image pipelines, embeddings, zero-shot, retrieval, linear probe and kNN.
+
+Owns finding images on disk, decoding them in DataLoader worker processes (an unreadable image
+becomes an error entry, never a crash), running an encoder over them, and the metrics:
+
+* zero-shot top-1/top-5 (and mean per-class recall) from a ``ZeroShotClassifier``;
+* image→text and text→image recall@K over image–caption shards, several captions per image;
+* a linear probe (scikit-learn logistic regression on frozen features, C chosen on a validation
+  split of the training set, then refit on all of it);
+* a weighted kNN classifier (cosine, k=20, votes weighted by exp(sim/τ), τ=0.07: the protocol
+  of Wu et al. 2018 "InstDisc" and DINO).
+
+Every function works with CLIP models and image-only (SimCLR) encoders alike unless it needs
+text. Does not parse arguments or print: the CLI does that. Does not own the prompt ensemble
+(``zeroshot.py``) or shard writing (``data_tools``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from mmcontrast.data import IMAGE_FIELDS, TEXT_FIELD, expand_shards
+from mmcontrast.errors import UsageError
+from mmcontrast.zeroshot import ZeroShotClassifier
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+RECALL_KS = (1, 5, 10)
+KNN_K = 20
+KNN_TEMPERATURE = 0.07
+LINEAR_PROBE_CS = tuple(10.0**p for p in range(-2, 5))  # inverse L2 strengths tried on the validation split
+LINEAR_PROBE_VAL_FRACTION = 0.2
+_ROWS_PER_CHUNK = 1024  # rows of a similarity matrix held at once (retrieval, kNN)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` → CUDA when available, else CPU; asking for CUDA without it is a UsageError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use cpu or cuda (cuda:N for a given GPU)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given but torch sees no CUDA device; use --device cpu")
+    return resolved
+
+
+# ---------------------------------------------------------------- images on disk
+
+
+def discover_images(root: str | Path) -> list[Path]:
+    """Every image under ``root`` (recursive; jpg, jpeg, png, webp, bmp; any case), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"image folder {root} does not exist" if not root.exists() else f"{root} is not a folder of images")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return paths
+
+
+def folder_names(root: str | Path, paths: Sequence[Path]) -> list[str | None]:
+    """The first folder under ``root`` of each image (its class folder), ``None`` for images directly in root."""
+    root = Path(root)
+    names: list[str | None] = []
+    for path in paths:
+        parts = path.relative_to(root).parts
+        names.append(parts[0] if len(parts) > 1 else None)
+    return names
+
+
+def prompt_name(label: str) -> str:
+    """A folder or label name as it goes into prompts: underscores become spaces."""
+    return label.replace("_", " ").strip()
+
+
+def match_labels(names: Sequence[str | None], labels: Sequence[str]) -> list[int]:
+    """Index into ``labels`` of each folder name, -1 when it names none (underscores = spaces, any case)."""
+    index = {prompt_name(label).casefold(): i for i, label in enumerate(labels)}
+    return [index.get(prompt_name(name).casefold(), -1) if name else -1 for name in names]
+
+
+def class_folders(root: str | Path) -> tuple[list[Path], list[str]]:
+    """Images of a folder of class subfolders → (paths, class name per image). UsageError without subfolders."""
+    paths = discover_images(root)
+    names = folder_names(root, paths)
+    loose = [p for p, n in zip(paths, names) if n is None]
+    if loose:
+        raise UsageError(f"{root} must hold one subfolder per class; {len(loose)} images sit directly in it (e.g. {loose[0].name})")
+    return paths, [str(n) for n in names]
+
+
+class _ImageFiles(Dataset):
+    """Decodes and preprocesses one image; a failure is returned as a message, not raised."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Callable):
+        self.paths = list(paths)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            with Image.open(self.paths[i]) as image:
+                return i, self.preprocess(image.convert("RGB")), None
+        except Exception as err:  # any unreadable file (zero bytes, truncated, not an image) is reported
+            return i, None, f"{type(err).__name__}: {err}"
+
+
+def _collate_images(batch: list) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
+    ok = [(i, x) for i, x, _ in batch if x is not None]
+    errors = {i: e for i, x, e in batch if x is None}
+    images = torch.stack([x for _, x in ok]) if ok else None
+    return [i for i, _ in ok], images, errors
+
+
+def image_batches(paths: Sequence[Path], preprocess: Callable, batch_size: int = DEFAULT_BATCH_SIZE,
+                  workers: int = DEFAULT_WORKERS, pin_memory: bool = False) -> DataLoader:
+    """Batches ``(indices, images (b, 3, H, W) or None, {index: error})`` decoded in ``workers`` processes."""
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    n_batches = -(-len(paths) // batch_size)
+    workers = max(0, min(workers, n_batches))  # a worker per batch at most: spawning idle ones costs time
+    return DataLoader(
+        _ImageFiles(paths, preprocess), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate_images, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+    )
+
+
+@dataclass
+class EncodedImages:
+    """Features of the readable images among ``paths``."""
+
+    paths: list[Path]  # every image asked for, in order
+    features: torch.Tensor  # (len(ok), d) float32 on CPU, L2-normalised unless asked otherwise
+    ok: list[int]  # index into paths of each row of features
+    errors: dict[int, str] = field(default_factory=dict)  # index into paths -> why it could not be read
+
+
+@torch.inference_mode()
+def encode_images(model: nn.Module, preprocess: Callable, paths: Sequence[Path], batch_size: int = DEFAULT_BATCH_SIZE,
+                  workers: int = DEFAULT_WORKERS, normalize: bool = True, progress: bool = False,
+                  desc: str = "images") -> EncodedImages:
+    """Run ``model.encode_image`` over image files (CLIP or image-only encoders)."""
+    device = next(model.parameters()).device
+    ok: list[int] = []
+    errors: dict[int, str] = {}
+    chunks: list[torch.Tensor] = []
+    loader = image_batches(paths, preprocess, batch_size, workers, pin_memory=device.type == "cuda")
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+        for indices, images, batch_errors in loader:
+            errors.update(batch_errors)
+            if images is not None:
+                features = model.encode_image(images.to(device, non_blocking=True)).float()
+                chunks.append((nn.functional.normalize(features, dim=-1) if normalize else features).cpu())
+                ok.extend(indices)
+            bar.update(len(indices) + len(batch_errors))
+    features = torch.cat(chunks) if chunks else torch.empty(0, 0)
+    return EncodedImages(list(paths), features, ok, errors)
+
+
+# ---------------------------------------------------------------- zero-shot
+
+
+def zero_shot_classify(classifier: ZeroShotClassifier, preprocess: Callable, paths: Sequence[Path],
+                       batch_size: int = DEFAULT_BATCH_SIZE, workers: int = DEFAULT_WORKERS,
+                       progress: bool = False) -> tuple[EncodedImages, torch.Tensor]:
+    """Classify image files: (their features, ``(len(ok), n_labels)`` probabilities)."""
+    encoded = encode_images(classifier.model, preprocess, paths, batch_size, workers, progress=progress, desc="zero-shot")
+    if not encoded.ok:
+        return encoded, torch.empty(0, len(classifier.labels))
+    return encoded, classifier.logits(encoded.features).softmax(dim=-1)
+
+
+def classification_metrics(scores: torch.Tensor | np.ndarray, targets: Sequence[int], classnames: Sequence[str]) -> dict:
+    """Accuracy of ``(N, C)`` class scores against targets (-1 = unlabelled, ignored).
+
+    Returns ``top1``, ``top5`` (top-min(5, C)), ``mean_per_class_recall``, ``per_class`` (top-1 per
+    class) and ``n_labelled``.
+    """
+    scores = torch.as_tensor(np.asarray(scores, dtype=np.float32))
+    targets_t = torch.as_tensor(list(targets), dtype=torch.long)
+    keep = targets_t >= 0
+    scores, targets_t = scores[keep], targets_t[keep]
+    if len(targets_t) == 0:
+        return {"top1": None, "top5": None, "mean_per_class_recall": None, "per_class": {}, "n_labelled": 0}
+    ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (N, ≤5)
+    correct1 = ranked[:, 0] == targets_t
+    correct5 = (ranked == targets_t[:, None]).any(dim=1)
+    per_class = {classnames[c]: float(correct1[targets_t == c].float().mean()) for c in targets_t.unique().tolist()}
+    return {
+        "top1": float(correct1.float().mean()),
+        "top5": float(correct5.float().mean()),
+        "mean_per_class_recall": float(np.mean(list(per_class.values()))),
+        "per_class": per_class,
+        "n_labelled": int(len(targets_t)),
+    }
+
+
+PREDICTION_FORMATS = (".csv", ".jsonl")
+
+
+def zero_shot_rows(encoded: EncodedImages, probs: torch.Tensor, labels: Sequence[str], top_k: int = 1,
+                   targets: Sequence[int] | None = None) -> list[dict]:
+    """One dict per image, in order: ``path, label, score`` (+ ``top_k``, ``true_label``), or ``path, error``.
+
+    ``labels`` are the names to report (row order of ``probs``' columns); ``targets`` the index of
+    each image's true label or -1.
+    """
+    values, indices = probs.topk(min(top_k, len(labels)), dim=1)
+    best = {i: (values[row].tolist(), indices[row].tolist()) for row, i in enumerate(encoded.ok)}
+    rows = []
+    for i, path in enumerate(encoded.paths):
+        row: dict = {"path": str(path)}
+        if i in best:
+            scores, classes = best[i]
+            row.update(label=labels[classes[0]], score=round(scores[0], 6))
+            if top_k > 1:
+                row["top_k"] = [{"label": labels[c], "score": round(v, 6)} for v, c in zip(scores, classes)]
+        else:
+            row.update(label=None, score=None, error=encoded.errors[i])
+        if targets is not None and targets[i] >= 0:
+            row["true_label"] = labels[targets[i]]
+        rows.append(row)
+    return rows
+
+
+def write_predictions(rows: Sequence[dict], path: str | Path) -> Path:
+    """Write ``zero_shot_rows`` as CSV (top-k spread over ``label_2, score_2, …``) or JSONL, by suffix."""
+    import csv
+
+    path = Path(path)
+    if path.suffix.lower() not in PREDICTION_FORMATS:
+        raise UsageError(f"--output {path}: use a .csv or .jsonl file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".jsonl":
+        with path.open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        return path
+    k = max((len(row.get("top_k", [])) for row in rows), default=0)
+    columns = ["path", "label", "score", "true_label", "error"]
+    columns += [f"{name}_{r}" for r in range(2, k + 1) for name in ("label", "score")]
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            flat = dict(row)
+            for r, entry in enumerate(row.get("top_k", [])[1:], start=2):
+                flat[f"label_{r}"], flat[f"score_{r}"] = entry["label"], entry["score"]
+            writer.writerow(flat)
+    return path
+
+
+# ---------------------------------------------------------------- retrieval
+
+
+@torch.inference_mode()
+def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: Sequence[int] | torch.Tensor,
+                     ks: Sequence[int] = RECALL_KS) -> dict[str, dict[str, float]]:
+    """Recall@K both ways between N images and M captions, ``text_to_image[j]`` the image of caption j.
+
+    An image counts as found for image→text when any of its captions ranks in the top K; a caption
+    counts for text→image when its image ranks in the top K. Features: L2-normalised ``(N, d)``, ``(M, d)``.
+
+    Returns ``{"image_to_text": {"R@1": …}, "text_to_image": {"R@1": …}}``.
+    """
+    owner = torch.as_tensor(text_to_image, dtype=torch.long)
+    n_images, n_texts = image_features.shape[0], text_features.shape[0]
+    i2t_hits = {k: 0 for k in ks}
+    for start in range(0, n_images, _ROWS_PER_CHUNK):
+        sims = image_features[start : start + _ROWS_PER_CHUNK] @ text_features.T  # (c, M)
+        top = sims.topk(min(max(ks), n_texts), dim=1).indices
+        is_own = owner[top] == torch.arange(start, start + len(sims))[:, None]  # (c, k) caption belongs to the image
+        for k in ks:
+            i2t_hits[k] += int(is_own[:, :k].any(dim=1).sum())
+    t2i_hits = {k: 0 for k in ks}
+    for start in range(0, n_texts, _ROWS_PER_CHUNK):
+        sims = text_features[start : start + _ROWS_PER_CHUNK] @ image_features.T  # (c, N)
+        top = sims.topk(min(max(ks), n_images), dim=1).indices
+        is_own = top == owner[start : start + len(sims), None]
+        for k in ks:
+            t2i_hits[k] += int(is_own[:, :k].any(dim=1).sum())
+    return {
+        "image_to_text": {f"R@{k}": i2t_hits[k] / n_images for k in ks},
+        "text_to_image": {f"R@{k}": t2i_hits[k] / n_texts for k in ks},
+    }
+
+
+def sample_captions(sample: dict) -> list[str]:
+    """Captions of a webdataset sample: the json ``captions`` list when present, else each line of ``txt``."""
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError):
+            meta = None
+        if isinstance(meta, dict) and isinstance(meta.get("captions"), list):
+            return [str(c).strip() for c in meta["captions"] if str(c).strip()]
+    if TEXT_FIELD in sample:
+        text = sample[TEXT_FIELD]
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    return []
+
+
+def _decode_retrieval_sample(sample: dict, preprocess: Callable) -> dict:
+    image_key = next((k for k in IMAGE_FIELDS if k in sample), None)
+    captions = sample_captions(sample)
+    out = {"key": sample.get("__key__", ""), "image": None, "captions": captions, "error": None,
+           "fields": sorted(k for k in sample if not k.startswith("__"))}
+    if image_key is None or not captions:
+        out["error"] = "no image field" if image_key is None else "no caption"
+        return out
+    try:
+        with Image.open(io.BytesIO(sample[image_key])) as image:
+            out["image"] = preprocess(image.convert("RGB"))
+    except Exception as err:  # a corrupt image is counted, not fatal
+        out["error"] = f"{type(err).__name__}: {err}"
+    return out
+
+
+def _collate_samples(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+def iter_caption_samples(urls: Sequence[str], preprocess: Callable, batch_size: int = DEFAULT_BATCH_SIZE,
+                         workers: int = DEFAULT_WORKERS) -> Iterator[list[dict]]:
+    """Batches of decoded shard samples (dicts with key, image tensor or None, captions, error, fields)."""
+    import webdataset as wds
+
+    dataset = wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, empty_check=False,
+                             handler=wds.warn_and_continue).map(partial(_decode_retrieval_sample, preprocess=preprocess))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=min(workers, len(urls)), collate_fn=_collate_samples)
+    yield from loader
+
+
+@torch.inference_mode()
+def evaluate_retrieval(model: nn.Module, preprocess: Callable, tokenizer: Callable | None, shards: str,
+                       batch_size: int = DEFAULT_BATCH_SIZE, workers: int = DEFAULT_WORKERS,
+                       ks: Sequence[int] = RECALL_KS, progress: bool = False) -> dict:
+    """Image↔text recall@K of a CLIP model over image–caption shards (every caption of every image).
+
+    Returns the ``retrieval_recall`` dict plus ``n_images``, ``n_captions``, ``n_skipped`` and
+    ``skipped_reasons``. Shards where no sample has both an image and a caption are a UsageError
+    naming the fields found.
+    """
+    if tokenizer is None or not hasattr(model, "encode_text"):
+        raise UsageError("retrieval needs a text tower; this checkpoint is an image-only encoder")
+    device = next(model.parameters()).device
+    image_chunks: list[torch.Tensor] = []
+    captions: list[str] = []
+    owner: list[int] = []  # image index of each caption
+    skipped: dict[str, int] = {}
+    fields_seen: set[str] = set()
+    n_images = 0
+    with tqdm(desc="retrieval", unit="img", disable=not progress) as bar:
+        for batch in iter_caption_samples(expand_shards(shards), preprocess, batch_size, workers):
+            for sample in batch:
+                fields_seen.update(sample["fields"])
+                if sample["error"]:
+                    reason = sample["error"].split(":")[0]
+                    skipped[reason] = skipped.get(reason, 0) + 1
+            good = [sample for sample in batch if sample["image"] is not None]
+            if good:
+                images = torch.stack([sample["image"] for sample in good]).to(device)
+                image_chunks.append(nn.functional.normalize(model.encode_image(images).float(), dim=-1).cpu())
+                for sample in good:
+                    captions.extend(sample["captions"])
+                    owner.extend([n_images] * len(sample["captions"]))
+                    n_images += 1
+            bar.update(len(batch))
+    if n_images == 0:
+        raise UsageError(
+            f"no sample in {shards} has both an image ({'/'.join(IMAGE_FIELDS)}) and a caption (txt, or json 'captions'); "
+            f"fields found: {', '.join(sorted(fields_seen)) or 'none'}"
+        )
+    text_features = encode_texts(model, tokenizer, captions, batch_size)
+    result = retrieval_recall(torch.cat(image_chunks), text_features, owner, ks)
+    return {**result, "n_images": n_images, "n_captions": len(captions), "n_skipped": sum(skipped.values()),
+            "skipped_reasons": skipped}
+
+
+@torch.inference_mode()
+def encode_texts(model: nn.Module, tokenizer: Callable, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+    """``(M, d)`` L2-normalised text features on CPU."""
+    device = next(model.parameters()).device
+    chunks = [
+        nn.functional.normalize(model.encode_text(tokenizer(list(texts[i : i + batch_size])).to(device)).float(), dim=-1).cpu()
+        for i in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+# ---------------------------------------------------------------- linear probe and kNN
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, classnames: Sequence[str],
+                 cs: Sequence[float] = LINEAR_PROBE_CS, val_fraction: float = LINEAR_PROBE_VAL_FRACTION,
+                 seed: int = 0, max_iter: int = 1000) -> dict:
+    """Logistic regression on frozen features; C picked on a held-out split of train, then refit on all of train.
+
+    ``train_x``: ``(N, d)``, ``train_y``: ``(N,)`` class indices into ``classnames``. Returns
+    ``classification_metrics`` of the test set plus ``C`` and ``val_top1`` (per C tried).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(train_y)
+    stratify = train_y if counts[counts > 0].min() >= 2 else None
+    fit_x, val_x, fit_y, val_y = train_test_split(train_x, train_y, test_size=val_fraction, random_state=seed, stratify=stratify)
+
+    def fit(c: float, x: np.ndarray, y: np.ndarray) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
+
+    val_top1 = {c: float((fit(c, fit_x, fit_y).predict(val_x) == val_y).mean()) for c in cs}
+    best_c = max(cs, key=lambda c: (val_top1[c], -c))  # ties → the stronger regulariser
+    clf = fit(best_c, train_x, train_y)
+    scores = np.full((len(test_x), len(classnames)), -np.inf, dtype=np.float32)
+    scores[:, clf.classes_] = clf.predict_proba(test_x)
+    return {**classification_metrics(scores, test_y.tolist(), classnames), "C": best_c,
+            "val_top1": {f"{c:g}": v for c, v in val_top1.items()}}
+
+
+@torch.inference_mode()
+def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int,
+               k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> torch.Tensor:
+    """Weighted kNN votes ``(n_test, num_classes)``: the k most cosine-similar training features each vote exp(sim/τ).
+
+    Features L2-normalised ``(N, d)``; ``train_y`` class indices ``(N,)``. As DINO's ``knn_classifier``.
+    """
+    k = min(k, len(train_x))
+    votes = []
+    for start in range(0, len(test_x), _ROWS_PER_CHUNK):
+        sims, neighbours = (test_x[start : start + _ROWS_PER_CHUNK] @ train_x.T).topk(k, dim=1)  # (c, k)
+        weights = (sims / temperature).exp()
+        one_hot = torch.zeros(len(sims), k, num_classes).scatter_(2, train_y[neighbours][..., None], 1.0)  # (c, k, C)
+        votes.append((one_hot * weights[..., None]).sum(dim=1))
+    return torch.cat(votes)
+
+
+@dataclass
+class LabelledFeatures:
+    """Features of a folder of class subfolders (rows = readable images)."""
+
+    features: torch.Tensor  # (n, d) L2-normalised
+    labels: torch.Tensor  # (n,) index into the class list
+    errors: list[dict]  # [{"path", "error"}] of unreadable images
+
+
+def encode_class_folders(model: nn.Module, preprocess: Callable, train_dir: str | Path, test_dir: str | Path,
+                         batch_size: int = DEFAULT_BATCH_SIZE, workers: int = DEFAULT_WORKERS,
+                         progress: bool = False) -> tuple[LabelledFeatures, LabelledFeatures, list[str]]:
+    """Encode train and test class folders; classes are the train folders' names (sorted)."""
+    train_paths, train_names = class_folders(train_dir)
+    test_paths, test_names = class_folders(test_dir)
+    classnames = sorted(set(train_names))
+    unknown = sorted(set(test_names) - set(classnames))
+    if unknown:
+        raise UsageError(f"test classes {', '.join(unknown)} have no folder in {train_dir}; both need the same class subfolders")
+    index = {name: i for i, name in enumerate(classnames)}
+
+    def encode(paths: list[Path], names: list[str], root: str | Path, desc: str) -> LabelledFeatures:
+        encoded = encode_images(model, preprocess, paths, batch_size, workers, progress=progress, desc=desc)
+        if not encoded.ok:
+            raise UsageError(f"none of the {len(paths)} images under {root} could be read")
+        labels = torch.tensor([index[names[i]] for i in encoded.ok])
+        errors = [{"path": str(paths[i]), "error": e} for i, e in sorted(encoded.errors.items())]
+        return LabelledFeatures(encoded.features, labels, errors)
+
+    train = encode(train_paths, train_names, train_dir, "train")
+    return train, encode(test_paths, test_names, test_dir, "test"), classnames
