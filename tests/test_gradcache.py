@@ -123,3 +123,40 @@ def test_batchnorm_running_stats_updated_once_per_micro_batch():
     bn = task.model.head[1]
     step_gradients(_SingleProcess(), task, task.model, micro)
     assert int(bn.num_batches_tracked) == 4  # pass 3 only; pass 1 left the statistics untouched
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    task = _clip_task(0.0)
+    ddp = DDP(task.model)
+
+    class _DDPAccelerator(_SingleProcess):
+        num_processes = world
+
+        def no_sync(self, model):
+            return model.no_sync()
+
+    micro = _batches("clip", 64, 8)[rank * 4 : (rank + 1) * 4]  # this rank's half: 4 micro-batches of 8
+    torch.manual_seed(1)
+    loss = step_gradients(_DDPAccelerator(), task, ddp, micro)
+    torch.save({"loss": loss, "grads": _grads(task.model)}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_processes_with_k4_equal_one_process_on_the_concatenated_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    task = _clip_task(0.0)
+    task.model.train()
+    big = [{k: torch.cat([m[k] for m in _batches("clip", 64, 8)]) for k in ("image", "text")}]
+    loss, ref = _cached_grads(task, big, seed=1)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["loss"], loss, rtol=1e-10, atol=1e-10)
+        _assert_same(ref, got["grads"])  # DDP's average of the ranks' gradients is the full-batch gradient
