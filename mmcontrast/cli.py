@@ -61,6 +61,337 @@ def run_user_command(fn: Callable[[], int]) -> int:
 # --- subcommands (each registers itself with @subcommand; heavy imports inside handlers) ---
 
 
+# zero-shot, eval (zero-shot | retrieval | linear-probe | knn) and embed: thin wrappers over
+# mmcontrast.zeroshot / mmcontrast.evaluate. Results go to stdout; progress bars to stderr.
+
+
+def _model_arguments(p: argparse.ArgumentParser, text_needed: bool = False) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="C",
+                   help="run dir, model.safetensors (model_config.json beside it), or an open_clip model name with --pretrained"
+                   + ("" if text_needed else "; CLIP models and image-only (SimCLR) encoders"))
+    p.add_argument("--pretrained", metavar="LOCAL_FILE", help="weights for an open_clip model name (never downloaded)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+    p.add_argument("--workers", type=int, default=None, help="image-decoding processes (default min(4, CPUs))")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _template_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--templates", default="default", metavar="default|openai|FILE",
+                   help="prompt templates: 'default' (6 general), 'openai' (CLIP's 80 ImageNet ones) or a file, one per line with {}")
+
+
+def _json_output_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", metavar="FILE.json", help="also write the JSON result to this file")
+
+
+def _load_for_eval(args: argparse.Namespace):
+    """(model, preprocess, tokenizer) on the chosen device; a UsageError for any unusable argument."""
+    from pathlib import Path
+
+    from mmcontrast.evaluate import resolve_device
+    from mmcontrast.models import load
+
+    device = resolve_device(args.device)
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    loaded = load(args.checkpoint, pretrained=args.pretrained, device=str(device))
+    if not Path(args.checkpoint).exists() and not args.pretrained:
+        print(f"note: {args.checkpoint} is an open_clip model name without --pretrained, so its weights are random",
+              file=sys.stderr)
+    return loaded
+
+
+def _require_dir(path: str, flag: str) -> None:
+    """Fail at once on a missing folder, before the slow imports."""
+    from pathlib import Path
+
+    if not Path(path).is_dir():
+        raise UsageError(f"{flag} {path}: " + ("not a folder" if Path(path).exists() else "no such folder"))
+
+
+def _loader_options(args: argparse.Namespace) -> dict:
+    from mmcontrast.evaluate import DEFAULT_WORKERS
+
+    workers = DEFAULT_WORKERS if args.workers is None else args.workers
+    if workers < 0:
+        raise UsageError("--workers must be 0 (decode in this process) or more")
+    return {"batch_size": args.batch_size, "workers": workers, "progress": not args.quiet and sys.stderr.isatty()}
+
+
+def _emit_json(result: dict, output: str | None) -> int:
+    import json
+    from pathlib import Path
+
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+def _read_labels(args: argparse.Namespace) -> list[str]:
+    from pathlib import Path
+
+    if args.labels is None and args.labels_file is None:
+        raise UsageError("give the labels: --labels cat,dog or --labels-file FILE (one per line); "
+                         "`mmcontrast eval zero-shot` takes them from class folders")
+    labels = args.labels.split(",") if args.labels is not None else []
+    if args.labels_file:
+        if not Path(args.labels_file).is_file():
+            raise UsageError(f"labels file {args.labels_file} does not exist")
+        labels += [line for line in Path(args.labels_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = [label.strip() for label in labels]
+    if not any(labels):
+        raise UsageError("the label list is empty; give labels with --labels cat,dog or --labels-file FILE (one per line)")
+    return labels
+
+
+def _zero_shot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of images, searched recursively")
+    p.add_argument("--labels", metavar="A,B,...", help="comma-separated label names")
+    p.add_argument("--labels-file", metavar="FILE", help="labels, one per line (added to --labels)")
+    _model_arguments(p, text_needed=True)
+    _template_argument(p)
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help="labels shown per image (default 1)")
+    p.add_argument("--output", metavar="preds.csv|preds.jsonl", help="one row per image: path,label,score (+ top-k, error)")
+    p.add_argument("--plot", metavar="confusion.png", help="confusion matrix of images in label-named subfolders")
+
+
+def _print_prediction_table(rows: list[dict], root: str) -> None:
+    from pathlib import Path
+
+    def shown(path: str) -> str:
+        return str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path
+
+    width = min(max((len(shown(r["path"])) for r in rows), default=5), 60)
+    label_width = max([len(str(r["label"])) for r in rows if r["label"] is not None] + [5])
+    print(f"{'image':<{width}}  {'label':<{label_width}}  probability")
+    for row in rows:
+        name = shown(row["path"])
+        if row.get("error"):
+            print(f"{name:<{width}}  unreadable: {row['error']}")
+            continue
+        line = f"{name:<{width}}  {row['label']:<{label_width}}  {row['score']:.4f}"
+        if len(row.get("top_k", [])) > 1:
+            line += "   " + ", ".join(f"{e['label']} {e['score']:.4f}" for e in row["top_k"][1:])
+        print(line)
+
+
+@subcommand("zero-shot", "classify a folder of images among labels with a CLIP checkpoint", _zero_shot_arguments)
+def _zero_shot(args: argparse.Namespace) -> int:
+    labels = _read_labels(args)
+    _require_dir(args.images, "--images")
+    if args.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    from mmcontrast import evaluate as ev
+    from mmcontrast.zeroshot import ZeroShotClassifier, check_labels, load_templates
+
+    labels = check_labels(labels)
+    if args.output and not args.output.lower().endswith(ev.PREDICTION_FORMATS):
+        raise UsageError(f"--output {args.output}: use a .csv or .jsonl file name")
+    templates = load_templates(args.templates)
+    paths = ev.discover_images(args.images)
+    targets = ev.match_labels(ev.folder_names(args.images, paths), labels)
+    if args.plot and max(targets) < 0:
+        raise UsageError(f"--plot needs images in subfolders named after the labels; none of {args.images}'s subfolders is one")
+    options = _loader_options(args)
+    model, preprocess, tokenizer = _load_for_eval(args)
+    classifier = ZeroShotClassifier(model, tokenizer, [ev.prompt_name(label) for label in labels], templates)
+    encoded, probs = ev.zero_shot_classify(classifier, preprocess, paths, **options)
+    rows = ev.zero_shot_rows(encoded, probs, labels, args.top_k, targets)
+    _print_prediction_table(rows, args.images)
+    print(f"\n{len(paths)} images, {len(encoded.ok)} classified, {len(encoded.errors)} unreadable")
+    ok_targets = [targets[i] for i in encoded.ok]
+    if max(ok_targets, default=-1) >= 0:
+        metrics = ev.classification_metrics(probs, ok_targets, labels)
+        print(f"accuracy over {metrics['n_labelled']} images in label-named folders: "
+              f"top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}")
+        if args.plot:
+            from mmcontrast.plots import confusion_matrix_png
+
+            labelled = [(t, int(p)) for t, p in zip(ok_targets, probs.argmax(dim=1).tolist()) if t >= 0]
+            print(f"confusion matrix: {confusion_matrix_png(*zip(*labelled), labels, args.plot)}")
+    if args.output:
+        print(f"predictions: {ev.write_predictions(rows, args.output)}")
+    return 0
+
+
+# ---- eval: one parser, its own sub-commands
+
+EVAL_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def _eval_command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    def register(handler: Callable[[argparse.Namespace], int]):
+        EVAL_COMMANDS[name] = (help, add_arguments, handler)
+        return handler
+
+    return register
+
+
+def _errors_list(encoded) -> list[dict]:
+    return [{"path": str(encoded.paths[i]), "error": e} for i, e in sorted(encoded.errors.items())]
+
+
+def _eval_zero_shot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, metavar="DIR_OF_CLASS_FOLDERS", help="one subfolder per class; its name is the label")
+    _model_arguments(p, text_needed=True)
+    _template_argument(p)
+    p.add_argument("--plot", metavar="confusion.png", help="also draw the confusion matrix")
+    _json_output_argument(p)
+
+
+@_eval_command("zero-shot", "zero-shot accuracy on class folders (folder names are the labels)", _eval_zero_shot_arguments)
+def _eval_zero_shot(args: argparse.Namespace) -> int:
+    _require_dir(args.images, "--images")
+    from mmcontrast import evaluate as ev
+    from mmcontrast.zeroshot import ZeroShotClassifier, load_templates
+
+    templates = load_templates(args.templates)
+    paths, names = ev.class_folders(args.images)
+    classes = sorted(set(names))
+    targets = ev.match_labels(names, classes)
+    options = _loader_options(args)
+    model, preprocess, tokenizer = _load_for_eval(args)
+    classifier = ZeroShotClassifier(model, tokenizer, [ev.prompt_name(c) for c in classes], templates)
+    encoded, probs = ev.zero_shot_classify(classifier, preprocess, paths, **options)
+    ok_targets = [targets[i] for i in encoded.ok]
+    metrics = ev.classification_metrics(probs, ok_targets, classes) if encoded.ok else {"top1": None, "top5": None}
+    if args.plot and encoded.ok:
+        from mmcontrast.plots import confusion_matrix_png
+
+        metrics["plot"] = str(confusion_matrix_png(ok_targets, probs.argmax(dim=1).tolist(), classes, args.plot))
+    result = {**metrics, "n_images": len(paths), "n_classes": len(classes), "n_errors": len(encoded.errors),
+              "errors": _errors_list(encoded), "templates": args.templates, "checkpoint": args.checkpoint}
+    return _emit_json(result, args.output)
+
+
+def _eval_retrieval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", required=True, metavar="PATTERN",
+                   help="image-caption shards: brace pattern, directory or glob; captions from txt (one per line) "
+                   "or a json 'captions' list")
+    _model_arguments(p, text_needed=True)
+    _json_output_argument(p)
+
+
+@_eval_command("retrieval", "image-to-text and text-to-image recall@1/5/10 over caption shards", _eval_retrieval_arguments)
+def _eval_retrieval(args: argparse.Namespace) -> int:
+    from mmcontrast import evaluate as ev
+
+    options = _loader_options(args)
+    from mmcontrast.data import expand_shards
+
+    expand_shards(args.shards)  # a bad pattern fails before the model loads
+    model, preprocess, tokenizer = _load_for_eval(args)
+    result = ev.evaluate_retrieval(model, preprocess, tokenizer, args.shards, **options)
+    return _emit_json({**result, "checkpoint": args.checkpoint}, args.output)
+
+
+def _probe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", required=True, metavar="DIR", help="class subfolders of training images")
+    p.add_argument("--test", required=True, metavar="DIR", help="class subfolders of test images (same class names)")
+    _model_arguments(p)
+    _json_output_argument(p)
+
+
+def _linear_probe_arguments(p: argparse.ArgumentParser) -> None:
+    _probe_arguments(p)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of --train held out to choose C (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@_eval_command("linear-probe", "logistic regression on frozen image features (C chosen on a validation split)",
+               _linear_probe_arguments)
+def _eval_linear_probe(args: argparse.Namespace) -> int:
+    if not 0 < args.val_fraction < 1:
+        raise UsageError("--val-fraction must be between 0 and 1")
+    _require_dir(args.train, "--train")
+    _require_dir(args.test, "--test")
+    from mmcontrast import evaluate as ev
+
+    options = _loader_options(args)
+    model, preprocess, _ = _load_for_eval(args)
+    train, test, classes = ev.encode_class_folders(model, preprocess, args.train, args.test, **options)
+    result = ev.linear_probe(train.features.numpy(), train.labels.numpy(), test.features.numpy(), test.labels.numpy(),
+                             classes, val_fraction=args.val_fraction, seed=args.seed)
+    result.update(n_train=len(train.labels), n_test=len(test.labels), n_classes=len(classes),
+                  n_errors=len(train.errors) + len(test.errors), errors=train.errors + test.errors, checkpoint=args.checkpoint)
+    return _emit_json(result, args.output)
+
+
+def _knn_arguments(p: argparse.ArgumentParser) -> None:
+    _probe_arguments(p)
+    p.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos/T) (default 0.07)")
+
+
+@_eval_command("knn", "weighted k-nearest-neighbour classification on frozen image features", _knn_arguments)
+def _eval_knn(args: argparse.Namespace) -> int:
+    if args.k < 1 or args.temperature <= 0:
+        raise UsageError("--k must be at least 1 and --temperature positive")
+    _require_dir(args.train, "--train")
+    _require_dir(args.test, "--test")
+    from mmcontrast import evaluate as ev
+
+    options = _loader_options(args)
+    model, preprocess, _ = _load_for_eval(args)
+    train, test, classes = ev.encode_class_folders(model, preprocess, args.train, args.test, **options)
+    votes = ev.knn_scores(train.features, train.labels, test.features, len(classes), args.k, args.temperature)
+    result = ev.classification_metrics(votes, test.labels.tolist(), classes)
+    result.update(k=args.k, temperature=args.temperature, n_train=len(train.labels), n_test=len(test.labels),
+                  n_classes=len(classes), n_errors=len(train.errors) + len(test.errors),
+                  errors=train.errors + test.errors, checkpoint=args.checkpoint)
+    return _emit_json(result, args.output)
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    evaluations = p.add_subparsers(dest="evaluation", metavar="EVALUATION", required=True)
+    for name, (help_text, add_arguments, handler) in EVAL_COMMANDS.items():
+        sub = evaluations.add_parser(name, help=help_text, description=help_text + ". Prints one JSON object.")
+        add_arguments(sub)
+        sub.set_defaults(eval_handler=handler)
+
+
+@subcommand("eval", "evaluate a checkpoint: zero-shot | retrieval | linear-probe | knn (one JSON object)", _eval_arguments)
+def _eval(args: argparse.Namespace) -> int:
+    return args.eval_handler(args)
+
+
+def _embed_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of images, searched recursively")
+    p.add_argument("--output", required=True, metavar="emb.npy", help="(N, d) float32; the N paths go to emb.paths.txt beside it")
+    _model_arguments(p)
+    p.add_argument("--no-normalize", action="store_true", help="keep raw features (default: L2-normalised)")
+
+
+@subcommand("embed", "write image embeddings (N, d) to a .npy file and their paths beside it", _embed_arguments)
+def _embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if not args.output.endswith(".npy"):
+        raise UsageError(f"--output {args.output}: name the embeddings file NAME.npy (paths go to NAME.paths.txt)")
+    _require_dir(args.images, "--images")
+    import numpy as np
+
+    from mmcontrast import evaluate as ev
+
+    paths = ev.discover_images(args.images)
+    options = _loader_options(args)
+    model, preprocess, _ = _load_for_eval(args)
+    encoded = ev.encode_images(model, preprocess, paths, normalize=not args.no_normalize, desc="embed", **options)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, encoded.features.numpy().astype(np.float32))
+    paths_file = out.with_name(out.name[: -len(".npy")] + ".paths.txt")
+    paths_file.write_text("".join(f"{paths[i]}\n" for i in encoded.ok), encoding="utf-8")
+    result = {"embeddings": str(out), "paths": str(paths_file), "n_images": len(paths), "n_embedded": len(encoded.ok),
+              "dim": int(encoded.features.shape[1]) if encoded.ok else 0, "normalized": not args.no_normalize,
+              "n_errors": len(encoded.errors), "errors": _errors_list(encoded), "checkpoint": args.checkpoint}
+    return _emit_json(result, None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
