@@ -105,7 +105,10 @@ class LogConfig:
     eval_every: int = 0  # 0: off. In-loop eval on eval_images (zero-shot in clip mode, kNN in simclr)
     eval_images: str | None = None  # a folder of class subfolders
     eval_train_images: str | None = None  # kNN reference set in simclr mode (class subfolders)
-    diagnostics_every: int = 0  # 0: off. Representation health on a fixed held-out batch
+    diagnostics_every: int = 0  # 0: off. Representation health (mmcontrast.diagnostics) on a fixed batch
+    diagnostics_samples: int = 256  # size of that batch
+    min_rank_fraction: float = 0.05  # warn when the effective rank falls below this fraction of the dimension
+    min_std_ratio: float = 0.2  # warn when the embedding std falls below this multiple of 1/sqrt(d)
 
 
 @dataclass
@@ -253,6 +256,14 @@ def validate(cfg: Config) -> None:
             raise UsageError(f"{name} must be at least 1, got {value}")
     if cfg.mode == "simclr" and cfg.train.batch_size * cfg.train.accum_steps < 2:
         raise UsageError("simclr needs at least 2 samples per step (negatives come from the batch)")
+    for name in ("eval_every", "diagnostics_every"):
+        every = getattr(cfg.log, name)
+        if every < 0 or (every and every % cfg.log.every):
+            raise UsageError(f"log.{name} must be 0 (off) or a multiple of log.every ({cfg.log.every}), got {every}")
+    if cfg.log.eval_every and not cfg.log.eval_images:
+        raise UsageError("log.eval_every needs log.eval_images: a folder of class subfolders")
+    if cfg.log.eval_every and cfg.mode == "simclr" and not cfg.log.eval_train_images:
+        raise UsageError("log.eval_every in simclr mode runs kNN: it needs log.eval_train_images (class subfolders) too")
     if not cfg.train.output_dir:
         raise UsageError("say where the run goes: --output-dir runs/NAME")
     if not cfg.data.train_shards:

@@ -165,6 +165,7 @@ class Task:
     clip_mode: str = "plain"
     temperature: float = 0.1
     export: object = None  # callable(unwrapped_model, out_dir, weights: bool)
+    eval_transform: object = None  # deterministic preprocess for in-loop evaluation and diagnostics
 
     def inputs(self, batch: dict) -> tuple:
         return (batch["image"], batch["text"]) if self.mode == "clip" else (batch["view1"], batch["view2"])
@@ -206,7 +207,10 @@ def build_task(cfg: Config) -> Task:
             models.save_clip_run_files(model, bundle.model_cfg, out_dir, bundle.tokenizer, weights=weights)
 
         transform = bundle.preprocess_train if cfg.data.clip_augment else bundle.preprocess_val
-        return Task("clip", bundle.model, transform, bundle.tokenizer, loss_name, cfg.loss.clip_mode, export=export)
+        return Task(
+            "clip", bundle.model, transform, bundle.tokenizer, loss_name, cfg.loss.clip_mode, export=export,
+            eval_transform=bundle.preprocess_val,
+        )
 
     from mmcontrast.augment import simclr_transform
 
@@ -226,7 +230,10 @@ def build_task(cfg: Config) -> Task:
     def export(model: nn.Module, out_dir: Path, weights: bool) -> None:
         models.save_image_encoder_files(model.encoder, out_dir, weights=weights)
 
-    return Task("simclr", model, transform, None, loss_name, temperature=cfg.loss.temperature, export=export)
+    return Task(
+        "simclr", model, transform, None, loss_name, temperature=cfg.loss.temperature, export=export,
+        eval_transform=models.image_eval_transform(spec),
+    )
 
 
 # ---------------------------------------------------------------- one optimizer step
@@ -280,8 +287,10 @@ def _concat_labels(micro: Sequence[dict]) -> torch.Tensor | None:
     return torch.cat([m["label"] for m in micro])
 
 
-def step_gradients(accelerator, task: Task, model: nn.Module, micro: Sequence[dict]) -> torch.Tensor:
-    """Forward and backward for one optimizer step over K micro-batches; returns the detached loss.
+def step_gradients(accelerator, task: Task, model: nn.Module, micro: Sequence[dict]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Forward and backward for one optimizer step over K micro-batches.
+
+    Returns the detached loss and this process's two embedding tensors (K·n, d) for monitoring.
 
     K = 1 is the ordinary path. K > 1 computes exactly the gradient of one loss over all K
     micro-batches (every sample a negative for every other), at the activation memory of one.
@@ -291,7 +300,7 @@ def step_gradients(accelerator, task: Task, model: nn.Module, micro: Sequence[di
         outputs = model(*task.inputs(micro[0]))
         loss = task.loss(outputs, _concat_labels(micro))
         accelerator.backward(loss)
-        return loss.detach()
+        return loss.detach(), [o.detach() for o in outputs[: task.n_embeddings()]]
 
     # (1) embed without autograd; remember each micro-batch's RNG state for the replay in (3)
     cached, rng_states = [], []
@@ -322,7 +331,7 @@ def step_gradients(accelerator, task: Task, model: nn.Module, micro: Sequence[di
             for out, g in zip(outputs[n_emb:], scalar_grads):
                 surrogate = surrogate + (out.float() * (g if last else torch.zeros_like(g))).sum()
             accelerator.backward(surrogate)
-    return loss.detach()
+    return loss.detach(), [leaf.detach() for leaf in leaves]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -377,6 +386,73 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+# ---------------------------------------------------------------- monitoring
+
+
+def diagnostics_batch(shards: list[str], task: Task, cfg: Config) -> dict:
+    """A fixed batch for representation health, drawn once with its own seed and deterministic preprocessing."""
+    from mmcontrast import data
+
+    size = min(cfg.log.diagnostics_samples, data.count_samples(shards))
+    loader = data.make_loader(
+        shards, image_transform=task.eval_transform if task.mode == "clip" else task.image_transform,
+        tokenizer=task.tokenizer, views=1 if task.mode == "clip" else 2, batch_size=size, workers=0,
+        seed=cfg.train.seed + 1, shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise UsageError(f"log.diagnostics_samples={size} is more than one pass over the shards yields; lower it")
+    return batch
+
+
+@torch.no_grad()
+def representation_health(task: Task, model: nn.Module, batch: dict, cfg: Config, progress) -> dict:
+    """Alignment, uniformity, effective rank, std (mmcontrast.diagnostics) on the fixed batch, prefixed ``health/``."""
+    from mmcontrast.diagnostics import collapse_warnings, health
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    if task.mode == "clip":
+        x = model.encode_image(batch["image"].to(device), normalize=True)
+        y = model.encode_text(batch["text"].to(device), normalize=True)
+    else:  # the exported backbone's features, not the projection head's
+        x = model.encoder.encode_image(batch["view1"].to(device))
+        y = model.encoder.encode_image(batch["view2"].to(device))
+    model.train(was_training)
+    metrics = health(x, y, views=task.mode == "simclr")
+    for line in collapse_warnings(metrics, cfg.log.min_rank_fraction, cfg.log.min_std_ratio):
+        progress.write(f"warning: {line}", file=sys.stderr)
+    return {f"health/{k}": v for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def periodic_eval(task: Task, model: nn.Module, cfg: Config) -> dict:
+    """Zero-shot top-1 (clip) or kNN top-1 (simclr) on labelled class folders."""
+    from mmcontrast import evaluate
+
+    was_training = model.training
+    model.eval()
+    try:
+        if task.mode == "clip":
+            from mmcontrast.zeroshot import ZeroShotClassifier
+
+            paths, names = evaluate.class_folders(cfg.log.eval_images)
+            classes = sorted(set(names))
+            classifier = ZeroShotClassifier(model, task.tokenizer, [evaluate.prompt_name(c) for c in classes])
+            encoded, probs = evaluate.zero_shot_classify(classifier, task.eval_transform, paths, workers=0)
+            targets = [classes.index(names[i]) for i in encoded.ok]
+            result = evaluate.classification_metrics(probs, targets, classes)
+            return {"eval/zeroshot_top1": result["top1"], "eval/zeroshot_top5": result["top5"]}
+        train, test, classes = evaluate.encode_class_folders(
+            model.encoder, task.eval_transform, cfg.log.eval_train_images, cfg.log.eval_images, workers=0
+        )
+        scores = evaluate.knn_scores(train.features, train.labels, test.features, len(classes))
+        return {"eval/knn_top1": float((scores.argmax(dim=1) == test.labels).float().mean())}
+    finally:
+        model.train(was_training)
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -426,6 +502,7 @@ def train(cfg: Config) -> Path:
 
     from mmcontrast import data
     from mmcontrast.config import to_dict
+    from mmcontrast.diagnostics import batch_monitor
     from mmcontrast.optim import build_optimizer, lr_factor, set_lr
 
     output_dir = Path(cfg.train.output_dir)
@@ -501,6 +578,9 @@ def train(cfg: Config) -> Path:
         return micro if _all_ranks_have_data(accelerator, len(micro) == accum) else None
 
     max_scale = math.log(cfg.loss.max_logit_scale)
+    fixed_batch = None
+    if cfg.log.diagnostics_every and accelerator.is_main_process:
+        fixed_batch = diagnostics_batch(shards, task, cfg)
     progress = tqdm(total=total_steps, initial=state["step"], disable=not accelerator.is_main_process, desc="train", unit="step")
     it = loader_for(state["epoch"], state["micro_batches_in_epoch"])
     window = {"t0": time.perf_counter(), "data_time": 0.0, "steps": 0, "loss": 0.0}
@@ -522,7 +602,7 @@ def train(cfg: Config) -> Path:
 
         lr = set_lr(optimizer, cfg.optim.lr, lr_factor(state["step"], cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
         optimizer.zero_grad(set_to_none=True)
-        loss = step_gradients(accelerator, task, model, micro)
+        loss, embeddings = step_gradients(accelerator, task, model, micro)
         if not _all_ranks_finite(accelerator, loss):
             optimizer.zero_grad(set_to_none=True)
             state["nonfinite_steps"] += 1
@@ -558,10 +638,15 @@ def train(cfg: Config) -> Path:
                 "data_time_share": window["data_time"] / max(elapsed, 1e-9),
                 "skipped_samples": state["skipped_samples"],
             }
+            record.update(batch_monitor(*embeddings, views=cfg.mode == "simclr"))
             if hasattr(unwrapped, "logit_scale"):
                 record["temperature"] = float(1.0 / unwrapped.logit_scale.detach().exp())
             if getattr(unwrapped, "logit_bias", None) is not None:
                 record["logit_bias"] = float(unwrapped.logit_bias.detach())
+            if cfg.log.diagnostics_every and state["step"] % cfg.log.diagnostics_every == 0 and accelerator.is_main_process:
+                record.update(representation_health(task, unwrapped, fixed_batch, cfg, progress))
+            if cfg.log.eval_every and state["step"] % cfg.log.eval_every == 0 and accelerator.is_main_process:
+                record.update(periodic_eval(task, unwrapped, cfg))
             if accelerator.is_main_process:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")

@@ -73,7 +73,7 @@ def _reference_grads(task: Task, micro: list[dict], seed: int) -> tuple[torch.Te
 def _cached_grads(task: Task, micro: list[dict], seed: int) -> tuple[torch.Tensor, dict]:
     task.model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    loss = step_gradients(_SingleProcess(), task, task.model, micro)
+    loss, _ = step_gradients(_SingleProcess(), task, task.model, micro)
     return loss, _grads(task.model)
 
 
@@ -142,7 +142,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     micro = _batches("clip", 64, 8)[rank * 4 : (rank + 1) * 4]  # this rank's half: 4 micro-batches of 8
     torch.manual_seed(1)
-    loss = step_gradients(_DDPAccelerator(), task, ddp, micro)
+    loss, _ = step_gradients(_DDPAccelerator(), task, ddp, micro)
     torch.save({"loss": loss, "grads": _grads(task.model)}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
