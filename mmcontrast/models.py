@@ -16,10 +16,12 @@ Nothing here downloads weights: ``pretrained`` must be a local file.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import importlib.util
 import json
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,15 +151,39 @@ def create_clip(name: str, pretrained: str | None = None, aug_cfg: dict | None =
     key, cfg = resolve_model(name)
     _check_pretrained(pretrained)
     try:
-        model, preprocess_train, preprocess_val = oc.create_model_and_transforms(
-            key, pretrained=pretrained, aug_cfg=aug_cfg, weights_only=True, **(model_kwargs or {})
-        )
+        with _quiet_model_creation(random_init=pretrained is None):
+            model, preprocess_train, preprocess_val = oc.create_model_and_transforms(
+                key, pretrained=pretrained, aug_cfg=aug_cfg, weights_only=True, **(model_kwargs or {})
+            )
     except (RuntimeError, ValueError, KeyError) as err:
         if pretrained:
             raise UsageError(f"{pretrained} is not a checkpoint of model {key}: {str(err).splitlines()[0][:300]}") from None
         raise
     tokenizer = oc.get_tokenizer(key)
     return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, cfg, key)
+
+
+@contextlib.contextmanager
+def _quiet_model_creation(random_init: bool):
+    """Silence open_clip's "initialized randomly" warning (random init is what was asked for) and
+    transformers' load report for HF towers (it lists the unused pooler of sentence-transformer models)."""
+    root = logging.getLogger()
+    level = root.level
+    if random_init:
+        root.setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # transformers is optional for towers that do not use it
+        hf_logging = None
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        if hf_logging is not None:
+            hf_logging.set_verbosity(hf_level)
 
 
 def lock_towers(model: nn.Module, lock_image: bool, image_unlocked_groups: int, lock_text: bool, text_unlocked_layers: int) -> None:
