@@ -1,0 +1,98 @@
+"""Config schema: YAML, flags and --set overrides, type coercion, and user-facing errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mmcontrast.config import Config, apply_overrides, load_config, validate
+from mmcontrast.errors import UsageError
+from mmcontrast.optim import lr_factor, param_groups
+from mmcontrast.train import config_from_args
+
+
+def test_shipped_configs_load_and_validate(tmp_path):
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg = load_config(path)
+        cfg.train.output_dir, cfg.data.train_shards = str(tmp_path), "shards/"
+        if cfg.train.steps is None and cfg.train.epochs is None:
+            cfg.train.steps = 10
+        validate(cfg)
+
+
+def test_flags_and_overrides_are_typed(tmp_path):
+    cfg = config_from_args([
+        "--config", "configs/clip_tiny_cpu.yaml", "--train-shards", "s/", "--output-dir", str(tmp_path),
+        "--epochs", "3", "--lr", "2e-4", "--set", "optim.betas=[0.9, 0.95]", "--set", "optim.eps=1e-8",
+        "--set", "model.lock_text=true", "--set", "train.seed=7",
+    ])  # fmt: skip
+    assert cfg.train.epochs == 3 and cfg.train.steps is None  # --epochs replaces the config's steps
+    assert cfg.optim.lr == 2e-4 and cfg.optim.betas == [0.9, 0.95] and cfg.optim.eps == 1e-8
+    assert cfg.model.lock_text is True and cfg.train.seed == 7
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["optim.nope=1"], "unknown config key"),
+        (["nope=1"], "unknown config key"),
+        (["train.batch_size=1.5"], "expects int"),
+        (["train.resume=maybe"], "expects bool"),
+        (["optim"], "key.sub=value"),
+    ],
+)
+def test_bad_overrides_are_usage_errors(overrides, needle):
+    with pytest.raises(UsageError, match=needle):
+        apply_overrides(Config(), overrides)
+
+
+def test_unknown_yaml_key_names_the_valid_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(UsageError, match=r"optim\.learning_rate.*lr"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"mode": "byol"}, "mode must be"),
+        ({"loss.name": "nt_xent"}, "does not fit mode clip"),
+        ({"train.steps": None}, "how long to train"),
+        ({"train.epochs": 2}, "either --steps or --epochs"),
+        ({"train.output_dir": ""}, "--output-dir"),
+        ({"log.eval_every": 5}, "multiple of log.every"),
+        ({"log.eval_every": 10}, "needs log.eval_images"),
+    ],
+)
+def test_validate_rejects_inconsistent_configs(change, needle):
+    cfg = Config()
+    cfg.train.steps, cfg.train.output_dir, cfg.data.train_shards = 10, "runs/x", "shards/"
+    apply_overrides(cfg, [f"{k}={'null' if v is None else v}" for k, v in change.items()])
+    with pytest.raises(UsageError, match=needle):
+        validate(cfg)
+
+
+def test_schedule_warms_up_then_follows_a_cosine():
+    assert lr_factor(0, 10, 110) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 110) == pytest.approx(1.0)
+    assert lr_factor(60, 10, 110) == pytest.approx(0.5)
+    assert lr_factor(110, 10, 110) == pytest.approx(0.0)
+    assert lr_factor(35, 10, 110, min_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_no_weight_decay_on_biases_norms_embeddings_and_logit_scale():
+    from mmcontrast.models import create_clip
+
+    model = create_clip("mmc-tiny").model
+    decay, no_decay = param_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"logit_scale", "positional_embedding", "visual.class_embedding", "visual.positional_embedding"} <= no_decay_names
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert "token_embedding.weight" in {names[id(p)] for p in decay["params"]}
