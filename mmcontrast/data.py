@@ -50,6 +50,7 @@ TEXT_FIELD = "txt"
 STATS_FILE = "stats.json"  # written by data_tools.make_shards: {"shards": [{"name", "samples"}], "classes"?}
 PEEK_SAMPLES = 16  # how many samples check_fields looks at
 PEEK_SHARDS = 3
+READ_BUFFER = 1 << 20
 _REMOTE = re.compile(r"^(\w+://|pipe:)")
 _KEY_AND_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _WARNED: set[str] = set()  # kinds of skipped samples already logged in this process
@@ -114,9 +115,16 @@ def expand_shards(spec: str | os.PathLike | list) -> list[str]:
     return paths
 
 
-def _tar_samples(url: str, handler: Callable[[Exception], bool] = wds.handlers.reraise_exception) -> Iterator[dict]:
-    """The samples of one shard as dicts of bytes (webdataset's own reading and grouping)."""
-    return wds.tariterators.tarfile_samples([{"url": url}], handler=handler)
+def _read_samples(urls: Iterable[str], handler: Callable[[Exception], bool] = wds.handlers.reraise_exception) -> Iterator[dict]:
+    """The samples of the shards ``urls`` as dicts of bytes: webdataset's ``tarfile_samples``, opening each
+    shard with a 1 MiB read buffer instead of 8 KiB (a tenth less time per sample)."""
+    streams = wds.tariterators.url_opener(({"url": u} for u in urls), handler=handler, bufsize=READ_BUFFER)
+    files = wds.tariterators.tar_file_expander(streams, handler=handler)
+    return wds.tariterators.group_by_keys(files, handler=handler)
+
+
+def _tar_samples(url: str) -> Iterator[dict]:
+    return _read_samples([url])
 
 
 def check_fields(shards: list[str], need_text: bool, need_image: bool = True) -> None:
@@ -312,7 +320,8 @@ def _on_read_error(exn: Exception) -> bool:
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # avoids pillow's palette-transparency warning
-    return image.convert("RGB")  # also forces the full decode, so corrupt data fails here
+    image.load()  # the full decode: corrupt or truncated data fails here
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 @contextlib.contextmanager
@@ -321,7 +330,7 @@ def _seeded(seed: int, restore: bool):
     saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding (ms per call)
     try:
         yield
     finally:
@@ -340,13 +349,14 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: list[str], *, image_transform: Callable, tokenizer: Callable | None, views: int,
                  batch_size: int, seed: int, epoch: int, skip_batches: int, rank: int, world_size: int,
                  resampled: bool, shuffle: bool, shuffle_buffer: int, with_labels: bool,
-                 class_to_index: dict[str, int] | None, shard_counts: list[int] | None, drop_last: bool):
+                 class_to_index: dict[str, int] | None, shard_counts: list[int] | None, drop_last: bool,
+                 decode_size: int | None):
         super().__init__()
         self.shards, self.image_transform, self.tokenizer, self.views = shards, image_transform, tokenizer, views
         self.batch_size, self.seed, self.epoch, self.skip_batches = batch_size, seed, epoch, skip_batches
         self.rank, self.world_size, self.resampled, self.shuffle = rank, world_size, resampled, shuffle
         self.shuffle_buffer, self.with_labels, self.class_to_index = shuffle_buffer, with_labels, class_to_index
-        self.shard_counts, self.drop_last = shard_counts, drop_last
+        self.shard_counts, self.drop_last, self.decode_size = shard_counts, drop_last, decode_size
 
     # -- which samples, in which order
 
@@ -390,7 +400,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         # makes a resumed loader continue with the worker whose batch came next in the un-skipped one.
         worker = (worker + first) % workers
         urls, stride, offset = self._urls(worker, workers)
-        samples = wds.tariterators.tarfile_samples(({"url": u} for u in urls), handler=_on_read_error)
+        samples = _read_samples(urls, handler=_on_read_error)
         if stride > 1:
             samples = itertools.islice(samples, offset, None, stride)
         dropped: collections.Counter = collections.Counter()
@@ -412,7 +422,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = _to_rgb(Image.open(io.BytesIO(sample[field])))
+                image = Image.open(io.BytesIO(sample[field]))
+                if self.decode_size and image.format == "JPEG":
+                    # decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= decode_size
+                    image.draft("RGB", (self.decode_size, self.decode_size))
+                image = _to_rgb(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             return "decompression_bomb"
         except Exception:
@@ -489,6 +503,7 @@ def make_loader(
     with_labels: bool = False,
     shuffle: bool = True,
     drop_last: bool = True,
+    decode_size: int | None = None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over ``shards`` yielding dict batches of exactly ``batch_size`` samples.
 
@@ -509,6 +524,9 @@ def make_loader(
             ``label``, or a string ``label`` mapped to its index among the sorted class names.
         shuffle: False reads shards and samples in order (evaluation).
         drop_last: False also yields each worker's partial last batch.
+        decode_size: decode JPEGs at reduced scale (pillow's draft mode), keeping both sides at least this
+            many pixels: several times faster for images much larger than the model's input. None decodes
+            at full size. Use at least the model's image size (more for crops of a small part of the image).
 
     Batches: ``{"image" | "view1", "view2": (B, 3, H, W) float, "text": (B, L) long (with a tokenizer),
     "label": (B,) long (with_labels), "__key__": list[str], "skipped": int}`` where ``skipped`` counts the
@@ -532,7 +550,7 @@ def make_loader(
         list(shards), image_transform=image_transform, tokenizer=tokenizer, views=views, batch_size=batch_size,
         seed=seed, epoch=epoch, skip_batches=skip_batches, rank=rank, world_size=world_size, resampled=resampled,
         shuffle=shuffle, shuffle_buffer=shuffle_buffer, with_labels=with_labels, class_to_index=class_to_index,
-        shard_counts=counts, drop_last=drop_last,
+        shard_counts=counts, drop_last=drop_last, decode_size=decode_size,
     )
     # DataLoader draws its workers' base seed from this generator; without one it would take a number
     # from the trainer's global RNG every epoch. (Our samples are seeded explicitly, see _sample_seed.)

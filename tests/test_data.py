@@ -284,3 +284,15 @@ def test_open_clip_trainer_reads_our_shards(tiny_shards, monkeypatch):
     assert info.dataloader.num_samples == 192 and len(batches) == 12
     images, texts = batches[0]
     assert images.shape == (16, 3, 24, 24) and texts.shape == (16, 77)
+
+
+def image_size(img: Image.Image) -> torch.Tensor:
+    return torch.tensor(img.size)
+
+
+def test_decode_size_decodes_large_jpegs_at_reduced_scale(tmp_path):
+    shard = write_tar(tmp_path / "big/00000.tar", [{"__key__": "big", "jpg": jpeg(size=(512, 384)), "txt": b"big"}])
+    full = next(iter(loader([str(shard)], image_transform=image_size, batch_size=1)))
+    draft = next(iter(loader([str(shard)], image_transform=image_size, batch_size=1, decode_size=64)))
+    assert full["image"].tolist() == [[512, 384]]
+    assert draft["image"].tolist() == [[128, 96]]  # 1/4 scale: the smallest keeping both sides >= 64
