@@ -61,7 +61,9 @@ def test_unreadable_images_are_counted_listed_and_written(tiny, folder_with_brok
     clf = ZeroShotClassifier(model, tokenizer, [ev.prompt_name(c) for c in labels])
     paths = ev.discover_images(folder_with_broken_images)
     targets = ev.match_labels(ev.folder_names(folder_with_broken_images, paths), labels)
+    threads = torch.get_num_threads()
     encoded, probs = ev.zero_shot_classify(clf, preprocess, paths, batch_size=16, workers=2)
+    assert torch.get_num_threads() == threads  # the CPU thread balancing is undone
     assert len(paths) == 42 and len(encoded.ok) == 40 and probs.shape == (40, 4)
     broken = {paths[i].name: message for i, message in encoded.errors.items()}
     assert set(broken) == {"empty.jpg", "truncated.png"}
@@ -81,6 +83,18 @@ def test_unreadable_images_are_counted_listed_and_written(tiny, folder_with_brok
     assert all(len(r["top_k"]) == 3 for r in parsed if "error" not in r)
     with pytest.raises(UsageError, match=".csv or .jsonl"):
         ev.write_predictions(rows, tmp_path / "p.txt")
+
+
+def test_cpu_threads_make_room_for_decoders_only_while_decoding_is_the_bottleneck(monkeypatch):
+    monkeypatch.setattr(ev.os, "sched_getaffinity", lambda pid: set(range(8)))
+    threads = torch.get_num_threads()
+    with ev._CpuThreadBalance(torch.device("cpu"), workers=2) as balance:
+        balance.many, balance.few = 8, 6
+        balance.update(decode_seconds=1.0, compute_seconds=0.1)  # 0.5 s per worker > 0.1 s: decode-bound
+        assert torch.get_num_threads() == 6
+        balance.update(decode_seconds=1.0, compute_seconds=5.0)  # the model is now the bottleneck
+        assert torch.get_num_threads() == 8
+    assert torch.get_num_threads() == threads
 
 
 def test_classification_metrics_and_confusion_png(tmp_path):

@@ -1,0 +1,122 @@
+"""Images/s of the `mmcontrast zero-shot` code path, end to end, against a plain open_clip loop.
+
+Both sides classify the same generated JPEGs (64–128 px) with the same model, batch size and label
+embeddings; model loading is outside the timings. Runs alternate (plain, mmcontrast, plain, …) after
+one untimed warm-up of each, and the table shows the median of the timed runs.
+
+* plain: sorted file list, then per batch ``PIL.Image.open`` + open_clip's preprocess in this process,
+  ``encode_image`` under ``torch.no_grad``, cosine logits, softmax;
+* mmcontrast: ``discover_images`` + ``zero_shot_classify`` — what the CLI runs between loading the
+  model and printing (decode and preprocess in DataLoader worker processes, ``torch.inference_mode``).
+
+Models are random-init (throughput does not depend on the weights); nothing is downloaded.
+
+    python bench/zeroshot_throughput.py                       # mmc-tiny on 2,000 images, ViT-B-32 on 256
+    python bench/zeroshot_throughput.py --models mmc-tiny:2000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from mmcontrast import evaluate as ev
+from mmcontrast.models import create_clip
+from mmcontrast.zeroshot import ZeroShotClassifier
+
+LABELS = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange", "purple"]
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> None:
+    """``n`` JPEGs of random size 64–128 px: noise plus a few coloured shapes, in 10 subfolders."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = (int(s) for s in rng.integers(64, 129, size=2))
+        image = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(3):
+            x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+            draw.ellipse((x0, y0, x0 + w // 3, y0 + h // 3), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        sub = folder / LABELS[i % len(LABELS)]
+        sub.mkdir(parents=True, exist_ok=True)
+        image.save(sub / f"{i:05d}.jpg", quality=90)
+
+
+def plain_open_clip(model, preprocess, class_embeddings, scale, folder: Path, n: int, batch_size: int) -> int:
+    """The loop one writes with open_clip alone."""
+    paths = sorted(folder.rglob("*.jpg"))[:n]
+    done = 0
+    with torch.no_grad():
+        for start in range(0, len(paths), batch_size):
+            images = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths[start : start + batch_size]])
+            features = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+            probs = (scale * features @ class_embeddings.T).softmax(dim=-1)
+            done += len(probs)
+    return done
+
+
+def mmcontrast_zero_shot(classifier, preprocess, folder: Path, n: int, batch_size: int, workers: int) -> int:
+    paths = ev.discover_images(folder)[:n]
+    encoded, probs = ev.zero_shot_classify(classifier, preprocess, paths, batch_size=batch_size, workers=workers)
+    return len(probs)
+
+
+def images_per_s(fn, *args) -> float:
+    start = time.perf_counter()
+    n = fn(*args)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mmc-tiny:2000,ViT-B-32:256",
+                        help="comma-separated MODEL:N_IMAGES (open_clip names or configs/models names)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=ev.DEFAULT_WORKERS, help="mmcontrast's decode processes")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each side, alternating")
+    parser.add_argument("--images", type=Path, help="reuse this folder of generated images")
+    args = parser.parse_args()
+    models = [(name, int(count)) for name, count in (spec.rsplit(":", 1) for spec in args.models.split(","))]
+
+    folder = args.images or Path(tempfile.mkdtemp(prefix="zeroshot-bench-"))
+    needed = max(count for _, count in models)
+    if len(list(folder.rglob("*.jpg"))) < needed:
+        print(f"writing {needed} JPEGs to {folder} …", file=sys.stderr)
+        write_images(folder, needed)
+
+    rows = []
+    for name, count in models:
+        torch.manual_seed(0)
+        bundle = create_clip(name)
+        model, preprocess = bundle.model.eval(), bundle.preprocess_val
+        classifier = ZeroShotClassifier(model, bundle.tokenizer, LABELS)
+        plain_args = (model, preprocess, classifier.class_embeddings, classifier.logit_scale, folder, count, args.batch_size)
+        ours_args = (classifier, preprocess, folder, count, args.batch_size, args.workers)
+        warm = min(count, 2 * args.batch_size)  # untimed: page cache, allocator, worker start-up paths
+        plain_open_clip(*plain_args[:-2], warm, args.batch_size)
+        mmcontrast_zero_shot(*ours_args[:3], warm, args.batch_size, args.workers)
+        plain, ours = [], []
+        for _ in range(args.repeats):
+            plain.append(images_per_s(plain_open_clip, *plain_args))
+            ours.append(images_per_s(mmcontrast_zero_shot, *ours_args))
+            print(f"{name}: plain {plain[-1]:.1f} img/s, mmcontrast {ours[-1]:.1f} img/s", file=sys.stderr)
+        rows.append((name, count, statistics.median(plain), statistics.median(ours)))
+
+    print(f"\nCPU threads: torch {torch.get_num_threads()}, decode workers {args.workers}, batch {args.batch_size}, "
+          f"median of {args.repeats} alternating runs, device cpu\n")
+    print("| model | images | plain open_clip (img/s) | mmcontrast zero-shot (img/s) | speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    for name, count, plain_rate, ours_rate in rows:
+        print(f"| {name} | {count} | {plain_rate:.1f} | {ours_rate:.1f} | {ours_rate / plain_rate:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
