@@ -18,6 +18,7 @@ Models are random-init (throughput does not depend on the weights); nothing is d
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -110,7 +111,8 @@ def main() -> None:
             print(f"{name}: plain {plain[-1]:.1f} img/s, mmcontrast {ours[-1]:.1f} img/s", file=sys.stderr)
         rows.append((name, count, statistics.median(plain), statistics.median(ours)))
 
-    print(f"\nCPU threads: torch {torch.get_num_threads()}, decode workers {args.workers}, batch {args.batch_size}, "
+    print(f"\n{len(os.sched_getaffinity(0))} CPUs (load average {os.getloadavg()[0]:.1f}), torch threads "
+          f"{torch.get_num_threads()}, decode workers {args.workers}, batch {args.batch_size}, "
           f"median of {args.repeats} alternating runs, device cpu\n")
     print("| model | images | plain open_clip (img/s) | mmcontrast zero-shot (img/s) | speed-up |")
     print("|---|---:|---:|---:|---:|")

@@ -71,7 +71,7 @@ def _model_arguments(p: argparse.ArgumentParser, text_needed: bool = False) -> N
                    + ("" if text_needed else "; CLIP models and image-only (SimCLR) encoders"))
     p.add_argument("--pretrained", metavar="LOCAL_FILE", help="weights for an open_clip model name (never downloaded)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 128)")
     p.add_argument("--workers", type=int, default=None, help="image-decoding processes (default min(4, CPUs))")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -93,8 +93,6 @@ def _load_for_eval(args: argparse.Namespace):
     from mmcontrast.models import load
 
     device = resolve_device(args.device)
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
     loaded = load(args.checkpoint, pretrained=args.pretrained, device=str(device))
     if not Path(args.checkpoint).exists() and not args.pretrained:
         print(f"note: {args.checkpoint} is an open_clip model name without --pretrained, so its weights are random",
@@ -111,12 +109,13 @@ def _require_dir(path: str, flag: str) -> None:
 
 
 def _loader_options(args: argparse.Namespace) -> dict:
-    from mmcontrast.evaluate import DEFAULT_WORKERS
+    from mmcontrast.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 
     workers = DEFAULT_WORKERS if args.workers is None else args.workers
-    if workers < 0:
-        raise UsageError("--workers must be 0 (decode in this process) or more")
-    return {"batch_size": args.batch_size, "workers": workers, "progress": not args.quiet and sys.stderr.isatty()}
+    batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
+    if workers < 0 or batch_size < 1:
+        raise UsageError("--workers must be 0 (decode in this process) or more, and --batch-size at least 1")
+    return {"batch_size": batch_size, "workers": workers, "progress": not args.quiet and sys.stderr.isatty()}
 
 
 def _emit_json(result: dict, output: str | None) -> int:
@@ -298,24 +297,26 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
 
 def _linear_probe_arguments(p: argparse.ArgumentParser) -> None:
     _probe_arguments(p)
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of --train held out to choose C (default 0.2)")
+    p.add_argument("--val-fraction", type=float, help="share of --train held out to choose C (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
 
 
 @_eval_command("linear-probe", "logistic regression on frozen image features (C chosen on a validation split)",
                _linear_probe_arguments)
 def _eval_linear_probe(args: argparse.Namespace) -> int:
-    if not 0 < args.val_fraction < 1:
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         raise UsageError("--val-fraction must be between 0 and 1")
     _require_dir(args.train, "--train")
     _require_dir(args.test, "--test")
     from mmcontrast import evaluate as ev
 
+    val_fraction = ev.LINEAR_PROBE_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+
     options = _loader_options(args)
     model, preprocess, _ = _load_for_eval(args)
     train, test, classes = ev.encode_class_folders(model, preprocess, args.train, args.test, **options)
     result = ev.linear_probe(train.features.numpy(), train.labels.numpy(), test.features.numpy(), test.labels.numpy(),
-                             classes, val_fraction=args.val_fraction, seed=args.seed)
+                             classes, val_fraction=val_fraction, seed=args.seed)
     result.update(n_train=len(train.labels), n_test=len(test.labels), n_classes=len(classes),
                   n_errors=len(train.errors) + len(test.errors), errors=train.errors + test.errors, checkpoint=args.checkpoint)
     return _emit_json(result, args.output)
@@ -323,24 +324,27 @@ def _eval_linear_probe(args: argparse.Namespace) -> int:
 
 def _knn_arguments(p: argparse.ArgumentParser) -> None:
     _probe_arguments(p)
-    p.add_argument("--k", type=int, default=20, help="neighbours (default 20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos/T) (default 0.07)")
+    p.add_argument("--k", type=int, help="neighbours (default 20)")
+    p.add_argument("--temperature", type=float, help="votes weigh exp(cosine/temperature) (default 0.07)")
 
 
 @_eval_command("knn", "weighted k-nearest-neighbour classification on frozen image features", _knn_arguments)
 def _eval_knn(args: argparse.Namespace) -> int:
-    if args.k < 1 or args.temperature <= 0:
+    if (args.k is not None and args.k < 1) or (args.temperature is not None and args.temperature <= 0):
         raise UsageError("--k must be at least 1 and --temperature positive")
     _require_dir(args.train, "--train")
     _require_dir(args.test, "--test")
     from mmcontrast import evaluate as ev
 
+    k = ev.KNN_K if args.k is None else args.k
+    temperature = ev.KNN_TEMPERATURE if args.temperature is None else args.temperature
+
     options = _loader_options(args)
     model, preprocess, _ = _load_for_eval(args)
     train, test, classes = ev.encode_class_folders(model, preprocess, args.train, args.test, **options)
-    votes = ev.knn_scores(train.features, train.labels, test.features, len(classes), args.k, args.temperature)
+    votes = ev.knn_scores(train.features, train.labels, test.features, len(classes), k, temperature)
     result = ev.classification_metrics(votes, test.labels.tolist(), classes)
-    result.update(k=args.k, temperature=args.temperature, n_train=len(train.labels), n_test=len(test.labels),
+    result.update(k=k, temperature=temperature, n_train=len(train.labels), n_test=len(test.labels),
                   n_classes=len(classes), n_errors=len(train.errors) + len(test.errors),
                   errors=train.errors + test.errors, checkpoint=args.checkpoint)
     return _emit_json(result, args.output)

@@ -17,6 +17,7 @@ text. Does not parse arguments or print: the CLI does that. Does not own the pro
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -38,9 +39,14 @@ from mmcontrast.data import IMAGE_FIELDS, TEXT_FIELD, expand_shards
 from mmcontrast.errors import UsageError
 from mmcontrast.zeroshot import ZeroShotClassifier
 
+
+def _available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_BATCH_SIZE = 128
-DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+DEFAULT_WORKERS = min(4, _available_cpus())
 RECALL_KS = (1, 5, 10)
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
@@ -167,7 +173,7 @@ class _CpuThreadBalance:
         self.active = device.type == "cpu" and workers > 0
         self.workers = workers
         self.before = self.many = torch.get_num_threads()
-        self.few = max(1, min(self.many, len(os.sched_getaffinity(0)) - workers))
+        self.few = max(1, min(self.many, _available_cpus() - workers))
         self.decode = self.compute = 0.0
 
     def update(self, decode_seconds: float, compute_seconds: float) -> None:
@@ -289,8 +295,6 @@ def zero_shot_rows(encoded: EncodedImages, probs: torch.Tensor, labels: Sequence
 
 def write_predictions(rows: Sequence[dict], path: str | Path) -> Path:
     """Write ``zero_shot_rows`` as CSV (top-k spread over ``label_2, score_2, …``) or JSONL, by suffix."""
-    import csv
-
     path = Path(path)
     if path.suffix.lower() not in PREDICTION_FORMATS:
         raise UsageError(f"--output {path}: use a .csv or .jsonl file name")
