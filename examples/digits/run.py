@@ -65,7 +65,7 @@ def run(cmd: list[str], capture: bool = False) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(ROOT / "examples" / "digits"), help="where data, shards and the run go")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
 
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         *(["--resume"] if (run_dir / "checkpoints" / "last").exists() else []),
     ])  # fmt: skip
     out = run([py, "-m", "mmcontrast.cli", "eval", "zero-shot", "--images", str(data_dir / "test"), "--checkpoint", str(run_dir)], capture=True)
-    result = json.loads(out.strip().splitlines()[-1])
-    print(out.strip())
+    result = json.loads(out)
+    print(json.dumps({k: v for k, v in result.items() if k != "per_class"}, indent=2))
     print(f"\nzero-shot top-1 on {result.get('n_images', '?')} held-out digits: {result['top1']:.1%} (chance: 10%)")
     return 0
 
