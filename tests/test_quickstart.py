@@ -21,4 +21,4 @@ def test_digits_quickstart_learns_zero_shot(tmp_path):
     match = re.search(r"zero-shot top-1 on (\d+) held-out digits: ([0-9.]+)%", r.stdout)
     assert match, r.stdout[-2000:]
     assert int(match.group(1)) == 359
-    assert float(match.group(2)) >= 50.0  # chance is 10%; the full 400-step quickstart reaches ~97%
+    assert float(match.group(2)) >= 60.0  # chance is 10%; 150 steps gave 90% here, the full 400-step quickstart ~97%
