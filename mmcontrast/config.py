@@ -228,6 +228,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that the schema cannot express; each failure is a UsageError."""
+    if not cfg.train.output_dir:
+        raise UsageError("say where the run goes: --output-dir runs/NAME")
+    if not cfg.data.train_shards:
+        raise UsageError('say what to train on: --train-shards "DIR/{00000..00007}.tar" (a brace pattern, directory or glob)')
     if cfg.mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if cfg.loss.clip_mode not in ("plain", "local", "chunked"):
@@ -264,10 +268,6 @@ def validate(cfg: Config) -> None:
         raise UsageError("log.eval_every needs log.eval_images: a folder of class subfolders")
     if cfg.log.eval_every and cfg.mode == "simclr" and not cfg.log.eval_train_images:
         raise UsageError("log.eval_every in simclr mode runs kNN: it needs log.eval_train_images (class subfolders) too")
-    if not cfg.train.output_dir:
-        raise UsageError("say where the run goes: --output-dir runs/NAME")
-    if not cfg.data.train_shards:
-        raise UsageError('say what to train on: --train-shards "DIR/{00000..00007}.tar" (a brace pattern, directory or glob)')
 
 
 def to_dict(cfg: Config) -> dict:
