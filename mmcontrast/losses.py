@@ -21,6 +21,8 @@ Modes of ``clip_loss`` (all give the same value and parameter gradients):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -37,11 +39,47 @@ def _block_rows(n_rows: int, n_cols: int, chunk_elements: int) -> int:
     return max(1, min(n_rows, chunk_elements // max(n_cols, 1)))
 
 
+def _scaled_logits(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """scale · rows @ colsᵀ written into ``out`` (c, N); scaling the (c, d) side saves a pass over (c, N)."""
+    return torch.mm(rows * scale, cols.T, out=out)
+
+
+def _exp_floor(x: torch.Tensor, scale: torch.Tensor, n_cols: int) -> float | None:
+    """The exponent to clamp at before ``exp_`` on the CPU, or None to leave exponents alone.
+
+    The CPU's exp is about 5x slower for arguments whose result is below the smallest normal
+    number, and a large logit_scale puts most of a tile there. Every exponent in this module is
+    taken relative to a maximum or a log-sum-exp, so each sum also holds a term of at least 1/N:
+    raising the tiny terms to e·``finfo.tiny`` moves a sum by at most 3·N·tiny, far below rounding
+    (which rules out float16, whose tiny is large). Unit-norm features keep every exponent above
+    −(2·scale + log N), so at ordinary scales there is nothing to clamp and no extra pass.
+    """
+    if x.device.type != "cpu":
+        return None
+    info = torch.finfo(x.dtype)
+    floor = math.log(info.tiny) + 1  # one nat of margin: exp(float32(log tiny)) is already subnormal
+    if n_cols * info.tiny > 1e-6 * info.eps or 2 * abs(float(scale)) + math.log(n_cols) < -floor:
+        return None
+    return floor
+
+
+def _exp_(x: torch.Tensor, floor: float | None) -> torch.Tensor:
+    return (x if floor is None else x.clamp_min_(floor)).exp_()
+
+
+def _logsumexp_rows(logits: torch.Tensor, work: torch.Tensor, floor: float | None) -> torch.Tensor:
+    """Row log-sum-exp of ``logits`` (c, N), using ``work`` (c, N) as scratch; ``logits`` is kept."""
+    row_max = logits.amax(dim=1, keepdim=True)
+    total = _exp_(torch.sub(logits, row_max, out=work), floor).sum(dim=1)
+    return total.log_().add_(row_max.squeeze(1))
+
+
 class _ChunkedSymmetricInfoNCE(torch.autograd.Function):
     """Symmetric InfoNCE over all N pairs, tiled in row blocks.
 
     Forward keeps only the row and column log-sum-exps (two vectors of N); backward recomputes
-    every tile, so peak extra memory is a few (block, N) tiles.
+    every tile. Two (block, N) buffers are allocated once and reused by every tile, and the
+    exponentials are taken in place, so peak extra memory is 2 · block · N elements.
     """
 
     @staticmethod
@@ -50,12 +88,15 @@ class _ChunkedSymmetricInfoNCE(torch.autograd.Function):
         n = a.shape[0]
         row_lse = a.new_empty(n)
         col_max = a.new_full((n,), float("-inf"))
-        col_sum = a.new_zeros(n)
+        col_sum = a.new_zeros(n)  # Σ_i exp(logits[i, j] − col_max[j]) over the tiles seen so far
+        tile, work = a.new_empty(block, n), a.new_empty(block, n)
+        floor = _exp_floor(a, scale, n)
         for i0 in range(0, n, block):
-            logits = (a[i0 : i0 + block] @ b.T).mul_(scale)  # (c, N)
-            row_lse[i0 : i0 + block] = torch.logsumexp(logits, dim=1)
+            c = min(block, n - i0)
+            logits = _scaled_logits(a[i0 : i0 + c], b, scale, out=tile[:c])  # (c, N)
+            row_lse[i0 : i0 + c] = _logsumexp_rows(logits, work[:c], floor)
             new_max = torch.maximum(col_max, logits.amax(dim=0))
-            col_sum = col_sum * torch.exp(col_max - new_max) + torch.exp(logits - new_max).sum(dim=0)
+            col_sum.mul_(torch.exp(col_max - new_max)).add_(_exp_(logits.sub_(new_max), floor).sum(dim=0))
             col_max = new_max
         col_lse = col_max + torch.log(col_sum)
         diag = (a * b).sum(dim=1) * scale
@@ -71,22 +112,25 @@ class _ChunkedSymmetricInfoNCE(torch.autograd.Function):
         grad_a = torch.empty_like(a)
         grad_b = torch.zeros_like(b)
         grad_s = torch.zeros((), dtype=a.dtype, device=a.device)
-        coef = grad_out / (2 * n)
+        tile, work = a.new_empty(block, n), a.new_empty(block, n)
+        floor = _exp_floor(a, scale, n)
         for i0 in range(0, n, block):
             a_blk = a[i0 : i0 + block]
             c = a_blk.shape[0]
-            sim = a_blk @ b.T  # (c, N)
-            logits = sim * scale
-            # dL/dlogits = (softmax over the row + softmax over the column - 2·identity) / 2N
-            g = torch.exp(logits - row_lse[i0 : i0 + c, None]).add_(torch.exp(logits - col_lse[None, :]))
-            idx = torch.arange(c, device=a.device)
-            g[idx, idx + i0] -= 2
-            g.mul_(coef)
-            grad_a[i0 : i0 + c] = (g @ b).mul_(scale)
-            grad_b.addmm_(g.T, a_blk)
-            grad_s += (g * sim).sum()
-        grad_b.mul_(scale)
-        return grad_a, grad_b, grad_s.reshape(scale.shape).to(scale.dtype), None
+            logits = _scaled_logits(a_blk, b, scale, out=tile[:c])  # (c, N)
+            # 2N · dL/dlogits = softmax over the row + softmax over the column − 2·identity
+            row_softmax = _exp_(torch.sub(logits, row_lse[i0 : i0 + c, None], out=work[:c]), floor)
+            g = _exp_(logits.sub_(col_lse), floor).add_(row_softmax)
+            g.diagonal(i0).sub_(2)
+            g_b = g @ b  # (c, d)
+            grad_a[i0 : i0 + c] = g_b
+            grad_s += (a_blk * g_b).sum()  # Σ g ∘ (a bᵀ) without another (c, N) pass
+            if ctx.needs_input_grad[1]:
+                grad_b.addmm_(g.T, a_blk)
+        coef = grad_out / (2 * n)
+        grad_a.mul_(coef * scale)
+        grad_b.mul_(coef * scale)
+        return grad_a, grad_b, (grad_s * coef).reshape(scale.shape).to(scale.dtype), None
 
 
 class _ChunkedRowCrossEntropy(torch.autograd.Function):
@@ -98,10 +142,14 @@ class _ChunkedRowCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, scale, offset, block):  # type: ignore[override]
-        m = q.shape[0]
+        m, n_cols = q.shape[0], k.shape[0]
         lse = q.new_empty(m)
+        tile, work = q.new_empty(block, n_cols), q.new_empty(block, n_cols)
+        floor = _exp_floor(q, scale, n_cols)
         for i0 in range(0, m, block):
-            lse[i0 : i0 + block] = torch.logsumexp((q[i0 : i0 + block] @ k.T).mul_(scale), dim=1)
+            c = min(block, m - i0)
+            logits = _scaled_logits(q[i0 : i0 + c], k, scale, out=tile[:c])  # (c, N)
+            lse[i0 : i0 + c] = _logsumexp_rows(logits, work[:c], floor)
         pos = (q * k[offset : offset + m]).sum(dim=1) * scale
         ctx.save_for_backward(q, k, scale, lse)
         ctx.offset, ctx.block = offset, block
@@ -114,20 +162,28 @@ class _ChunkedRowCrossEntropy(torch.autograd.Function):
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros_like(k)
         grad_s = torch.zeros((), dtype=q.dtype, device=q.device)
-        coef = grad_out / m
+        tile = q.new_empty(block, k.shape[0])
+        floor = _exp_floor(q, scale, k.shape[0])
         for i0 in range(0, m, block):
             q_blk = q[i0 : i0 + block]
             c = q_blk.shape[0]
-            sim = q_blk @ k.T  # (c, N)
-            g = torch.exp(sim * scale - lse[i0 : i0 + c, None])
-            idx = torch.arange(c, device=q.device)
-            g[idx, idx + offset + i0] -= 1
-            g.mul_(coef)
-            grad_q[i0 : i0 + c] = (g @ k).mul_(scale)
-            grad_k.addmm_(g.T, q_blk)
-            grad_s += (g * sim).sum()
-        grad_k.mul_(scale)
-        return grad_q, grad_k, grad_s.reshape(scale.shape).to(scale.dtype), None, None
+            logits = _scaled_logits(q_blk, k, scale, out=tile[:c])  # (c, N)
+            g = _exp_(logits.sub_(lse[i0 : i0 + c, None]), floor)  # m · dL/dlogits = softmax − identity
+            g.diagonal(offset + i0).sub_(1)
+            g_k = g @ k  # (c, d)
+            grad_q[i0 : i0 + c] = g_k
+            grad_s += (q_blk * g_k).sum()
+            if ctx.needs_input_grad[1]:
+                grad_k.addmm_(g.T, q_blk)
+        coef = grad_out / m
+        grad_q.mul_(coef * scale)
+        grad_k.mul_(coef * scale)
+        return grad_q, grad_k, (grad_s * coef).reshape(scale.shape).to(scale.dtype), None, None
+
+
+def _check_pairs(a: torch.Tensor, b: torch.Tensor, names: str) -> None:
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"{names} must be paired (n, d) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def _as_scalar_tensor(x: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -162,6 +218,7 @@ def clip_loss(
     """
     if mode not in CLIP_LOSS_MODES:
         raise ValueError(f"clip_loss mode must be one of {CLIP_LOSS_MODES}, got {mode!r}")
+    _check_pairs(image_features, text_features, "image_features and text_features")
     scale = _as_scalar_tensor(logit_scale, image_features)
     n = image_features.shape[0]
     all_img = all_gather_with_grad(image_features)  # (N, d)
@@ -196,6 +253,7 @@ def siglip_loss(
     Each process scores its own images against every process's captions; the sum over pairs is
     divided by the local batch, so the mean over ranks is the single-process loss.
     """
+    _check_pairs(image_features, text_features, "image_features and text_features")
     scale = _as_scalar_tensor(logit_scale, image_features)
     bias = _as_scalar_tensor(logit_bias, image_features)
     n = image_features.shape[0]
@@ -218,6 +276,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -
     Each view's positive is its twin; the other 2N − 2 views are negatives and its own similarity
     is masked out. Returns the mean over all 2N anchors (this rank's share when distributed).
     """
+    _check_pairs(z1, z2, "z1 and z2")
     n = z1.shape[0]
     local = F.normalize(torch.cat([z1, z2]), dim=-1)  # (2n, d): views 1 then views 2
     everyone = all_gather_with_grad(local)  # (2N, d), rank-major blocks of 2n
