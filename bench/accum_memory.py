@@ -5,8 +5,9 @@
 Each configuration (batch 1024 K=1, batch 128 K=8, batch 64 K=16) runs in its own process: the tiny
 model, synthetic inputs, AdamW, ``mmcontrast.train.step_gradients`` (the trainer's own step) for one
 warm-up step and ``--steps`` timed ones. Step memory is the growth of the process's peak RSS over
-its RSS once model and inputs exist (activations, gradients and optimiser state; the interpreter and
-libraries, the same for all rows, would only dilute the ratio); samples/s is global batch × steps / time. Prints one table.
+its RSS once model, optimiser state and inputs exist (a 2-sample step creates the optimiser state
+first): activations, gradients and temporaries — what gradient caching changes. The interpreter,
+libraries and optimiser state are the same in every row and would only dilute the ratio; samples/s is global batch × steps / time. Prints one table.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def worker(batch: int, k: int, model_name: str, steps: int, mode: str) -> dict:
         step_gradients(Single(), task, model, micro)
         opt.step()
 
-    base = _rss_mib()  # model, inputs and interpreter; optimiser state comes with the first step
-    one_step(data[0])  # warm-up
+    one_step([{key: v[:2] for key, v in micro_batches()[0].items()}])  # optimiser state, at 2 samples
+    base = _rss_mib()  # model, optimiser state, inputs and interpreter: the same in every row
+    one_step(data[0])  # warm-up at full size
     start = time.perf_counter()
     for micro in data[1:]:
         one_step(micro)
