@@ -522,6 +522,10 @@ def train(cfg: Config) -> Path:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     set_seed(cfg.train.seed)
+    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # decoding workers need cores too: compute threads spinning on them slow both down
+        cores = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
+        torch.set_num_threads(max(1, cores - cfg.data.workers))
     task = build_task(cfg)
     with_labels = task.loss_name == "supcon"
 
