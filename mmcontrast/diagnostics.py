@@ -13,16 +13,21 @@ two views in SimCLR mode):
 * ``modality_gap`` — distance between the image and text centroids (Liang et al., 2022), CLIP mode.
 * ``positive_accuracy`` / ``positive_rank`` — is the positive the nearest of all candidates in the batch.
 
-``health`` bundles them; ``collapse_warnings`` turns them into warning lines. Does not own where the
-embeddings come from (the trainer's fixed batch, or ``mmcontrast diagnose`` over shards).
+``health`` bundles them; ``collapse_warnings`` turns them into warning lines; ``embed_shard_pairs``
+embeds positive pairs from shards for any checkpoint (``mmcontrast diagnose``). The trainer's fixed
+batch is the trainer's.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from mmcontrast.errors import UsageError
 
 
 def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> float:
@@ -38,6 +43,8 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> float:
 def effective_rank(x: torch.Tensor) -> float:
     """exp(H(p)) with p the singular values of x (n, d) normalised to sum 1 (Roy & Vetterli)."""
     s = torch.linalg.svdvals(x.double())
+    if s.sum() <= 0:  # all-zero embeddings: nothing is spanned
+        return 0.0
     p = s / s.sum()
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
@@ -61,31 +68,44 @@ def modality_gap(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x.mean(dim=0) - y.mean(dim=0)).norm())
 
 
-def _positive_ranks(x: torch.Tensor, y: torch.Tensor, views: bool) -> torch.Tensor:
-    """1-based rank of each anchor's positive among its candidates.
+TIE_TOLERANCE = 1e-6  # cosine similarities closer than this count as equal (collapsed embeddings tie everywhere)
+
+
+def _positive_ranks(x: torch.Tensor, y: torch.Tensor, views: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per anchor: (candidates more similar than its positive, candidates tied with it), both (m,).
 
     ``views=False`` (CLIP): candidates of x_i are all y_j. ``views=True`` (SimCLR): the 2n−1 other
     views, the positive of view i being its twin.
     """
-    if not views:
+    if views:
+        n = x.shape[0]
+        z = torch.cat([x, y])  # (2n, d)
+        sim = z @ z.T
+        sim.fill_diagonal_(float("-inf"))
+        idx = torch.arange(2 * n, device=z.device)
+        pos = sim[idx, (idx + n) % (2 * n)][:, None]
+    else:
         sim = x @ y.T  # (n, n)
         pos = sim.diagonal()[:, None]
-        return (sim > pos).sum(dim=1) + 1
-    n = x.shape[0]
-    z = torch.cat([x, y])  # (2n, d)
-    sim = z @ z.T
-    sim.fill_diagonal_(float("-inf"))
-    idx = torch.arange(2 * n, device=z.device)
-    pos = sim[idx, (idx + n) % (2 * n)][:, None]
-    return (sim > pos).sum(dim=1) + 1
+    greater = (sim > pos + TIE_TOLERANCE).sum(dim=1)
+    ties = ((sim - pos).abs() <= TIE_TOLERANCE).sum(dim=1) - 1  # the positive itself is not a tie
+    return greater, ties
 
 
 def positive_accuracy(x: torch.Tensor, y: torch.Tensor, views: bool) -> float:
-    return float((_positive_ranks(x, y, views) == 1).float().mean())
+    """Share of anchors whose positive is the most similar candidate; x, y (n, d) L2-normalised.
+
+    Ties are broken at random, in expectation: a positive tied with t others counts 1/(t+1), so
+    collapsed embeddings score chance (1/n in CLIP mode), not 1.
+    """
+    greater, ties = _positive_ranks(x, y, views)
+    return float(((greater == 0).double() / (ties + 1)).mean())
 
 
 def positive_rank(x: torch.Tensor, y: torch.Tensor, views: bool) -> float:
-    return float(_positive_ranks(x, y, views).float().mean())
+    """Mean 1-based rank of the positive among the candidates (ties share the mean of their ranks); 1 is best."""
+    greater, ties = _positive_ranks(x, y, views)
+    return float((1 + greater + ties / 2).double().mean())
 
 
 def batch_monitor(x: torch.Tensor, y: torch.Tensor, views: bool) -> dict[str, float]:
@@ -94,53 +114,124 @@ def batch_monitor(x: torch.Tensor, y: torch.Tensor, views: bool) -> dict[str, fl
     return {"positive_accuracy": positive_accuracy(x, y, views), "embedding_std": embedding_std(torch.cat([x, y]))}
 
 
-def health(x: torch.Tensor, y: torch.Tensor, views: bool, top_k: int = 10) -> dict[str, float]:
-    """All metrics for paired embeddings x, y (n, d) (normalised here); ``views`` as in ``positive_accuracy``.
+def _spread(x: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """Uniformity, effective rank and std of one set of normalised embeddings x (m, d), with their ratios."""
+    d = x.shape[1]
+    erank, std = effective_rank(x), embedding_std(x)
+    return {
+        f"{prefix}uniformity": uniformity(x),
+        f"{prefix}effective_rank": erank,
+        f"{prefix}effective_rank_fraction": erank / min(d, x.shape[0]),
+        f"{prefix}embedding_std": std,
+        f"{prefix}embedding_std_ratio": std * math.sqrt(d),
+    }
 
-    Keys: alignment, uniformity, effective_rank (and its fraction of d), top_k_variance_share,
-    embedding_std (and its ratio to 1/√d), positive_accuracy, positive_rank, and in CLIP mode
-    modality_gap plus per-modality uniformity and effective rank.
+
+def health(x: torch.Tensor, y: torch.Tensor, views: bool, top_k: int = 10) -> dict[str, float]:
+    """All metrics for paired embeddings x, y (n, d), n ≥ 2 (normalised here); ``views`` as in ``positive_accuracy``.
+
+    Keys: alignment, uniformity, effective_rank (and its fraction of min(d, 2n)), top{k}_variance_share,
+    embedding_std (and its ratio to 1/√d), positive_accuracy, positive_rank — all over x and y pooled —
+    and in CLIP mode modality_gap plus ``image_``/``text_`` uniformity, effective rank (fraction),
+    embedding std (ratio) per tower: pooled numbers hide a collapsed tower behind the modality gap.
     """
     x, y = F.normalize(x.float(), dim=1), F.normalize(y.float(), dim=1)
-    both = torch.cat([x, y])
-    d = x.shape[1]
-    erank = effective_rank(both)
-    std = embedding_std(both)
+    both = torch.cat([x, y])  # (2n, d)
     out = {
         "alignment": alignment(x, y),
-        "uniformity": uniformity(both),
-        "effective_rank": erank,
-        "effective_rank_fraction": erank / min(d, both.shape[0]),
+        **_spread(both),
         f"top{top_k}_variance_share": top_k_variance_share(both, top_k),
-        "embedding_std": std,
-        "embedding_std_ratio": std * math.sqrt(d),
         "positive_accuracy": positive_accuracy(x, y, views),
         "positive_rank": positive_rank(x, y, views),
     }
     if not views:
-        out.update(
-            modality_gap=modality_gap(x, y),
-            image_uniformity=uniformity(x),
-            text_uniformity=uniformity(y),
-            image_effective_rank=effective_rank(x),
-            text_effective_rank=effective_rank(y),
-        )
+        out["modality_gap"] = modality_gap(x, y)
+        out.update(_spread(x, "image_"))
+        out.update(_spread(y, "text_"))
     return out
 
 
 def collapse_warnings(metrics: dict[str, float], min_rank_fraction: float, min_std_ratio: float) -> list[str]:
-    """Warning lines when the effective rank or the embedding std fall below their thresholds."""
+    """Warning lines when the effective rank or the embedding std fall below their thresholds.
+
+    ``metrics`` is ``health()``'s dict. In CLIP mode each tower is checked on its own (``image_``/``text_``
+    keys); otherwise the pooled embeddings are.
+    """
+    prefixes = [p for p in ("image_", "text_") if f"{p}effective_rank_fraction" in metrics] or [""]
     lines = []
-    frac = metrics.get("effective_rank_fraction")
-    if frac is not None and frac < min_rank_fraction:
-        lines.append(
-            f"dimensional collapse: effective rank {metrics['effective_rank']:.1f} is {frac:.1%} of the dimension "
-            f"(threshold {min_rank_fraction:.0%}); try a lower learning rate, a larger batch, or a higher temperature"
-        )
-    ratio = metrics.get("embedding_std_ratio")
-    if ratio is not None and ratio < min_std_ratio:
-        lines.append(
-            f"embedding collapse: per-dimension std is {ratio:.2f}/sqrt(d) (threshold {min_std_ratio:.2f}/sqrt(d)); "
-            "embeddings are converging to a point"
-        )
+    for prefix in prefixes:
+        what = f"{prefix[:-1]} embeddings" if prefix else "embeddings"
+        frac = metrics.get(f"{prefix}effective_rank_fraction")
+        if frac is not None and frac < min_rank_fraction:
+            lines.append(
+                f"dimensional collapse of the {what}: effective rank {metrics[f'{prefix}effective_rank']:.1f} is {frac:.1%} "
+                f"of the dimension (threshold {min_rank_fraction:.0%}); try a lower learning rate, a larger batch, "
+                "or a higher temperature"
+            )
+        ratio = metrics.get(f"{prefix}embedding_std_ratio")
+        if ratio is not None and ratio < min_std_ratio:
+            lines.append(
+                f"collapse of the {what}: per-dimension std is {ratio:.2f}/sqrt(d) (threshold {min_std_ratio:.2f}/sqrt(d)); "
+                "they are converging to a point"
+            )
     return lines
+
+
+# ---------------------------------------------------------------- embeddings of any checkpoint over shards
+
+
+def preprocess_geometry(preprocess: Callable) -> tuple[int, list[float], list[float]]:
+    """(image size, mean, std) of a torchvision ``Compose`` preprocess (open_clip's, or an image encoder's)."""
+    size, mean, std = None, None, None
+    for t in getattr(preprocess, "transforms", []):
+        name = type(t).__name__
+        if name == "Normalize":
+            mean, std = list(t.mean), list(t.std)
+        elif name == "CenterCrop" or (name == "Resize" and size is None):
+            size = t.size if isinstance(t.size, int) else t.size[0]
+    if size is None or mean is None:
+        raise UsageError(f"cannot read the image size and normalisation from this checkpoint's preprocess: {preprocess}")
+    return int(size), mean, std
+
+
+@torch.inference_mode()
+def embed_shard_pairs(model: nn.Module, preprocess: Callable, tokenizer: Callable | None, shards: list[str],
+                      samples: int = 512, views: bool = False, batch_size: int = 128, workers: int = 0,
+                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Embed up to ``samples`` positive pairs from image–caption (or image-only) shards.
+
+    Pairs are (image, caption) through the model's two towers, or with ``views`` (and always for an
+    image-only encoder, ``tokenizer=None``) two SimCLR views of each image (``augment.simclr_transform``
+    at the preprocess's size and normalisation), seeded by ``seed``. Samples are a seeded shuffle of
+    the shards. Returns x, y: (n, d) float32 on CPU, not normalised, and whether they are two views
+    (``health``'s ``views``).
+    """
+    from mmcontrast import data
+    from mmcontrast.augment import simclr_transform
+
+    views = views or tokenizer is None or not hasattr(model, "encode_text")
+    data.check_fields(shards, need_text=not views)
+    if views:
+        transform, tokenizer = simclr_transform(*preprocess_geometry(preprocess)), None
+    else:
+        transform = preprocess
+    loader = data.make_loader(shards, image_transform=transform, tokenizer=tokenizer, views=2 if views else 1,
+                              batch_size=min(batch_size, samples), workers=workers, seed=seed, drop_last=False)
+    device = next(model.parameters()).device
+    xs, ys, n = [], [], 0
+    for batch in loader:
+        take = min(samples - n, len(batch["__key__"]))
+        if views:
+            x = model.encode_image(batch["view1"][:take].to(device))
+            y = model.encode_image(batch["view2"][:take].to(device))
+        else:
+            x = model.encode_image(batch["image"][:take].to(device))
+            y = model.encode_text(batch["text"][:take].to(device))
+        xs.append(x.float().cpu())
+        ys.append(y.float().cpu())
+        n += take
+        if n >= samples:
+            break
+    if n < 2:
+        raise UsageError(f"the shards gave {n} usable sample(s); representation health needs at least 2")
+    return torch.cat(xs), torch.cat(ys), views

@@ -7,12 +7,31 @@ compute the numbers it draws: callers pass them in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 MAX_ANNOTATED_CLASSES = 30  # above this, cell values are unreadable and left out
+LOG_AXIS_SPAN = 10.0
+
+# Panels of the training-curves figure: (title, y-axis scale, [(metrics.jsonl key, legend label)]).
+# A panel is drawn when at least one of its keys is in the records; ``eval/*`` keys join the last panel.
+# A "log" axis is used only when the values span at least LOG_AXIS_SPAN (a learned temperature can).
+RUN_PANELS = (
+    ("loss", "linear", [("loss", "train loss")]),
+    ("temperature", "log", [("temperature", "1 / logit_scale")]),
+    ("learning rate", "linear", [("lr", "lr")]),
+    ("throughput (samples/s)", "linear", [("samples_per_s", "samples/s")]),
+    ("alignment / uniformity", "linear", [("health/alignment", "alignment (↓)"), ("health/uniformity", "uniformity (↓)")]),
+    ("effective rank", "linear", [("health/effective_rank", "pooled"), ("health/image_effective_rank", "image"),
+                                  ("health/text_effective_rank", "text")]),
+    ("embedding std (healthy ≈ 1/√d)", "linear", [("embedding_std", "step batch"), ("health/embedding_std", "fixed batch"),
+                                                   ("health/image_embedding_std", "image"), ("health/text_embedding_std", "text")]),
+    ("modality gap", "linear", [("health/modality_gap", "‖mean image − mean text‖")]),
+    ("positive accuracy", "linear", [("positive_accuracy", "step batch"), ("health/positive_accuracy", "fixed batch")]),
+    ("eval accuracy", "linear", []),
+)
 
 
 def _new_figure(width: float, height: float):
@@ -22,6 +41,14 @@ def _new_figure(width: float, height: float):
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (parent folders made); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
 
 
 def confusion_matrix_png(true_labels: Sequence[int], predicted: Sequence[int], classnames: Sequence[str],
@@ -49,7 +76,50 @@ def confusion_matrix_png(true_labels: Sequence[int], predicted: Sequence[int], c
         for (row, col), value in np.ndenumerate(values):
             text = f"{value:.2f}" if normalize else str(value)
             ax.text(col, row, text, ha="center", va="center", fontsize=8, color="white" if value > threshold else "black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
+
+
+def _series(records: Sequence[Mapping], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the records that have a finite number under ``key``."""
+    points = [(r["step"], r[key]) for r in records
+              if isinstance(r.get(key), (int, float)) and "step" in r and np.isfinite(r[key])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def run_curves_png(records: Sequence[Mapping], path: str | Path, title: str | None = None) -> Path:
+    """Write one PNG of a run's metrics (``metrics.jsonl`` rows, each with ``step``) against step.
+
+    One panel per entry of ``RUN_PANELS`` whose keys appear; ``eval/*`` keys go to the eval panel.
+    Returns the path. Raises ValueError when no panel has data.
+    """
+    eval_keys = sorted({k for r in records for k in r if k.startswith("eval/")})
+    panels = []
+    for name, scale, lines in RUN_PANELS:
+        lines = list(lines) + ([(k, k.removeprefix("eval/")) for k in eval_keys] if name == "eval accuracy" else [])
+        series = [(label, *_series(records, key)) for key, label in lines]
+        series = [s for s in series if s[1]]
+        if series:
+            panels.append((name, scale, series))
+    if not panels:
+        raise ValueError("no plottable metrics in the records")
+    cols = min(4 if len(panels) > 9 else 3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = _new_figure(3.6 * cols, 2.5 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (name, scale, series) in zip(axes, panels):
+        for label, steps, values in series:
+            ax.plot(steps, values, label=label, marker="o" if len(steps) < 30 else None, markersize=3)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        values = [v for _, _, vs in series for v in vs]
+        if scale == "log" and min(values) > 0 and max(values) >= LOG_AXIS_SPAN * min(values):
+            ax.set_yscale("log")
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
