@@ -406,7 +406,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 def _plot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of mmcontrast.train (reads its metrics.jsonl)")
-    p.add_argument("--output", metavar="run.png", help="PNG to write (default RUN_DIR/run.png)")
+    p.add_argument("--output", metavar="run.png", help="image to write (default RUN_DIR/run.png); a .svg or .pdf name gives that format")
     p.add_argument("--title", help="figure title (default: the run directory's name)")
 
 

@@ -44,10 +44,11 @@ def _new_figure(width: float, height: float):
 
 
 def _save(fig, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG at ``path`` (parent folders made); returns the path."""
+    """Write ``fig`` at ``path`` (parent folders made): PNG, or the format its suffix names (.svg, .pdf). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    suffix = path.suffix.lower().lstrip(".")
+    fig.savefig(path, format=suffix if suffix in fig.canvas.get_supported_filetypes() else "png")
     return path
 
 
