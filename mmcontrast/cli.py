@@ -415,7 +415,7 @@ def _read_metrics(run_dir: str) -> list[dict]:
     import json
     from pathlib import Path
 
-    from mmcontrast.train import METRICS_FILE
+    from mmcontrast.config import METRICS_FILE
 
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():

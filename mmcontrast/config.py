@@ -21,6 +21,11 @@ from mmcontrast.errors import UsageError
 
 MODES = ("clip", "simclr")
 
+# Files of a run directory written by the trainer (model files are named in models.py).
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+TRAIN_STATE_FILE = "train_state.json"
+
 
 @dataclass
 class ModelConfig:
@@ -108,7 +113,7 @@ class LogConfig:
     diagnostics_every: int = 0  # 0: off. Representation health (mmcontrast.diagnostics) on a fixed batch
     diagnostics_samples: int = 256  # size of that batch
     min_rank_fraction: float = 0.05  # warn when the effective rank falls below this fraction of the dimension
-    min_std_ratio: float = 0.2  # warn when the embedding std falls below this multiple of 1/sqrt(d)
+    min_std_ratio: float = 0.1  # warn when the embedding std falls below this multiple of 1/sqrt(d)
 
 
 @dataclass

@@ -35,13 +35,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmcontrast.config import Config, apply_overrides, dump_yaml, load_config, set_value, validate
+from mmcontrast.config import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    TRAIN_STATE_FILE,
+    Config,
+    apply_overrides,
+    dump_yaml,
+    load_config,
+    set_value,
+    validate,
+)
 from mmcontrast.errors import TrainingError, UsageError
-
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-TRAIN_STATE_FILE = "train_state.json"
-
 
 # ---------------------------------------------------------------- command line
 
@@ -406,7 +411,7 @@ def diagnostics_batch(shards: list[str], task: Task, cfg: Config) -> dict:
 
 
 @torch.no_grad()
-def representation_health(task: Task, model: nn.Module, batch: dict, cfg: Config, progress) -> dict:
+def representation_health(task: Task, model: nn.Module, batch: dict, cfg: Config, step: int, progress) -> dict:
     """Alignment, uniformity, effective rank, std (mmcontrast.diagnostics) on the fixed batch, prefixed ``health/``."""
     from mmcontrast.diagnostics import collapse_warnings, health
 
@@ -421,8 +426,9 @@ def representation_health(task: Task, model: nn.Module, batch: dict, cfg: Config
         y = model.encoder.encode_image(batch["view2"].to(device))
     model.train(was_training)
     metrics = health(x, y, views=task.mode == "simclr")
-    for line in collapse_warnings(metrics, cfg.log.min_rank_fraction, cfg.log.min_std_ratio):
-        progress.write(f"warning: {line}", file=sys.stderr)
+    if step > cfg.optim.warmup_steps:  # a freshly initialised tower can look collapsed; judge after warmup
+        for line in collapse_warnings(metrics, cfg.log.min_rank_fraction, cfg.log.min_std_ratio):
+            progress.write(f"warning: step {step}: {line}", file=sys.stderr)
     return {f"health/{k}": v for k, v in metrics.items()}
 
 
@@ -648,7 +654,7 @@ def train(cfg: Config) -> Path:
             if getattr(unwrapped, "logit_bias", None) is not None:
                 record["logit_bias"] = float(unwrapped.logit_bias.detach())
             if cfg.log.diagnostics_every and state["step"] % cfg.log.diagnostics_every == 0 and accelerator.is_main_process:
-                record.update(representation_health(task, unwrapped, fixed_batch, cfg, progress))
+                record.update(representation_health(task, unwrapped, fixed_batch, cfg, state["step"], progress))
             if cfg.log.eval_every and state["step"] % cfg.log.eval_every == 0 and accelerator.is_main_process:
                 record.update(periodic_eval(task, unwrapped, cfg))
             if accelerator.is_main_process:
