@@ -428,7 +428,7 @@ def representation_health(task: Task, model: nn.Module, batch: dict, cfg: Config
     metrics = health(x, y, views=task.mode == "simclr")
     if step > cfg.optim.warmup_steps:  # a freshly initialised tower can look collapsed; judge after warmup
         for line in collapse_warnings(metrics, cfg.log.min_rank_fraction, cfg.log.min_std_ratio):
-            progress.write(f"warning: step {step}: {line}", file=sys.stderr)
+            progress.write(f"warning: {line} (step {step})", file=sys.stderr)
     return {f"health/{k}": v for k, v in metrics.items()}
 
 
