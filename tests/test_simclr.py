@@ -1,0 +1,182 @@
+"""SimCLR mode end to end: two views, the exported backbone, the CIFAR stem, LARS, SupCon, and learning on digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "simclr_tiny_cpu.yaml")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def train_cmd(shards, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "mmcontrast.train", "--config", TINY, "--train-shards", str(shards), "--output-dir", str(out),
+            "--workers", "0", *extra]  # fmt: skip
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- views
+
+
+def test_two_views_of_a_sample_differ_and_repeat_with_the_seed(tiny_shards):
+    from mmcontrast.augment import simclr_transform
+    from mmcontrast.data import expand_shards, make_loader
+
+    transform = simclr_transform(32, [0.5] * 3, [0.5] * 3, crop_scale=(0.2, 1.0), blur_p=0.0)
+
+    def first_batch() -> dict:
+        loader = make_loader(expand_shards(str(tiny_shards)), image_transform=transform, tokenizer=None, views=2,
+                             batch_size=16, workers=0, seed=3)  # fmt: skip
+        return next(iter(loader))
+
+    batch = first_batch()
+    v1, v2 = batch["view1"], batch["view2"]  # (16, 3, 32, 32) each
+    assert v1.shape == v2.shape == (16, 3, 32, 32)
+    assert "text" not in batch, "simclr batches carry no captions"
+    differences = (v1 - v2).abs().flatten(1).amax(dim=1)
+    assert (differences > 0.05).all(), differences  # every sample's two views differ, not just some
+    again = first_batch()
+    assert torch.equal(again["view1"], v1) and torch.equal(again["view2"], v2)
+
+
+# ---------------------------------------------------------------- a short run and its exported encoder
+
+
+@pytest.fixture(scope="module")
+def simclr_run(tiny_shards, tiny_image_folder, tmp_path_factory) -> Path:
+    """6 steps of the tiny SimCLR config with health diagnostics and in-loop kNN every 3 steps."""
+    out = tmp_path_factory.mktemp("simclr") / "run"
+    r = run(train_cmd(tiny_shards, out, "--steps", "6", "--batch-size", "16", "--log-every", "3",
+                      "--set", "log.diagnostics_every=3", "--set", "log.diagnostics_samples=32", "--set", "log.eval_every=3",
+                      "--set", f"log.eval_images={tiny_image_folder}", "--set", f"log.eval_train_images={tiny_image_folder}"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_metrics_carry_the_simclr_monitors(simclr_run):
+    rows = metrics(simclr_run)
+    assert [r["step"] for r in rows] == [3, 6]
+    for row in rows:
+        for key in ("loss", "lr", "global_batch", "positive_accuracy", "embedding_std", "health/effective_rank",
+                    "health/alignment", "eval/knn_top1"):  # fmt: skip
+            assert key in row, key
+        assert row["global_batch"] == 16 and "temperature" not in row
+        assert 0 <= row["positive_accuracy"] <= 1 and 0 < row["embedding_std"] < 1
+        assert 0 <= row["eval/knn_top1"] <= 1
+
+
+def test_export_is_the_backbone_alone_and_matches_the_trained_encoder(simclr_run):
+    from safetensors.torch import load_file
+
+    from mmcontrast import load
+    from mmcontrast.models import IMAGE_ENCODER_KEY
+
+    exported = load_file(str(simclr_run / "model.safetensors"))
+    assert exported and all(k.startswith("backbone.") for k in exported), sorted(exported)[:5]
+    assert not any("head" in k.split(".")[0] for k in exported)
+    spec = json.loads((simclr_run / "model_config.json").read_text())[IMAGE_ENCODER_KEY]
+    assert spec["source"] == "open_clip" and spec["name"] == "mmc-tiny"
+
+    # the last checkpoint holds encoder + head; the export is exactly its encoder part
+    full = load_file(str(simclr_run / "checkpoints" / "last" / "model.safetensors"))
+    assert any(k.startswith("head.") for k in full)
+    encoder_part = {k.removeprefix("encoder."): v for k, v in full.items() if k.startswith("encoder.")}
+    assert encoder_part.keys() == exported.keys()
+    assert all(torch.equal(encoder_part[k], exported[k]) for k in exported)
+
+    model, preprocess, tokenizer = load(simclr_run)
+    assert tokenizer is None and not model.training
+    with torch.no_grad():
+        features = model.encode_image(torch.randn(2, 3, 32, 32))
+    assert features.shape == (2, 64) and torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("evaluation", ["knn", "linear-probe"])
+def test_exported_encoder_runs_in_mmcontrast_eval(simclr_run, tiny_image_folder, evaluation):
+    r = run([sys.executable, "-m", "mmcontrast.cli", "eval", evaluation, "--train", str(tiny_image_folder),
+             "--test", str(tiny_image_folder), "--checkpoint", str(simclr_run), "--workers", "0", "--quiet"])  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert result["n_classes"] == 12 and result["n_test"] == 192
+    assert 0 <= result["top1"] <= 1
+
+
+def test_supcon_trains_on_labelled_shards(tiny_shards, tmp_path):
+    r = run(train_cmd(tiny_shards, tmp_path / "supcon", "--steps", "2", "--batch-size", "16", "--log-every", "1",
+                      "--set", "loss.name=supcon"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(tmp_path / "supcon")
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
+    assert (tmp_path / "supcon" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- encoders
+
+
+def test_cifar_stem_resnet18_has_a_3x3_stride_1_stem_and_no_max_pool():
+    from mmcontrast.models import ImageEncoder, image_encoder_spec
+
+    torch.manual_seed(0)
+    plain = ImageEncoder(image_encoder_spec("timm:resnet18", {}, cifar_stem=False, image_size=32)).backbone
+    assert plain.conv1.kernel_size == (7, 7) and plain.conv1.stride == (2, 2) and isinstance(plain.maxpool, nn.MaxPool2d)
+
+    encoder = ImageEncoder(image_encoder_spec("timm:resnet18", {}, cifar_stem=True, image_size=32))
+    conv1 = encoder.backbone.conv1
+    assert conv1.kernel_size == (3, 3) and conv1.stride == (1, 1) and conv1.padding == (1, 1) and conv1.in_channels == 3
+    assert isinstance(encoder.backbone.maxpool, nn.Identity)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in encoder.modules())
+    assert encoder.output_dim == 512
+    encoder.eval()
+    with torch.no_grad():
+        assert encoder.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+# ---------------------------------------------------------------- LARS
+
+
+def test_lars_adapts_and_decays_weights_but_not_biases_or_norms():
+    """One step (and the momentum of a second) against numbers worked out by hand."""
+    from mmcontrast.optim import build_optimizer
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))  # ‖W‖ = 5
+        model[0].bias.copy_(torch.tensor([1.0, -1.0]))
+    grads = {
+        "0.weight": torch.tensor([[-1.5, 6.0], [-8.0, -2.0]]),  # + wd·W = [[0, 6], [-8, 0]]: ‖g‖ = 10
+        "0.bias": torch.tensor([0.5, 0.25]),
+        "1.weight": torch.tensor([0.1, -0.2]),
+        "1.bias": torch.tensor([1.0, 1.0]),
+    }
+    optimizer = build_optimizer(model, "lars", lr=2.0, weight_decay=0.5, betas=[0.9, 0.98], eps=1e-6, momentum=0.9)
+
+    def step() -> None:
+        for name, param in model.named_parameters():
+            param.grad = grads[name].clone()
+        optimizer.step()
+
+    step()
+    # W: trust = 0.001 · 5 / 10 = 5e-4; W ← W − lr · trust · g = W − 1e-3 · [[0, 6], [-8, 0]]
+    torch.testing.assert_close(model[0].weight, torch.tensor([[3.0, -0.006], [0.008, 4.0]]))
+    # bias and BatchNorm gain/shift: plain SGD, b ← b − lr · grad (no decay, no trust ratio)
+    torch.testing.assert_close(model[0].bias, torch.tensor([0.0, -1.5]))
+    torch.testing.assert_close(model[1].weight, torch.tensor([0.8, 1.4]))
+    torch.testing.assert_close(model[1].bias, torch.tensor([-2.0, -2.0]))
+    step()  # momentum: buffer = 0.9 · grad + grad = 1.9 · grad
+    torch.testing.assert_close(model[0].bias, torch.tensor([0.0 - 2 * 1.9 * 0.5, -1.5 - 2 * 1.9 * 0.25]))
