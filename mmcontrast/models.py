@@ -263,6 +263,11 @@ def image_encoder_spec(name: str, timm_kwargs: dict, cifar_stem: bool, image_siz
     key, cfg = resolve_model(name)
     size = cfg["vision_cfg"].get("image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size
+    if image_size and image_size != size:  # a ViT's position embedding fixes its input size
+        raise UsageError(
+            f"data.augment.image_size={image_size} but the {key} vision tower takes {size} px images; "
+            f"leave data.augment.image_size unset or give a model config with image_size {image_size}"
+        )
     vision_only = {"embed_dim": cfg["embed_dim"], "vision_cfg": cfg["vision_cfg"], "quick_gelu": cfg.get("quick_gelu", False)}
     return {
         "source": "open_clip",

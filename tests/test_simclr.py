@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +180,56 @@ def test_lars_adapts_and_decays_weights_but_not_biases_or_norms():
     torch.testing.assert_close(model[1].bias, torch.tensor([-2.0, -2.0]))
     step()  # momentum: buffer = 0.9 · grad + grad = 1.9 · grad
     torch.testing.assert_close(model[0].bias, torch.tensor([0.0 - 2 * 1.9 * 0.5, -1.5 - 2 * 1.9 * 0.25]))
+
+
+# ---------------------------------------------------------------- encoders that cannot work
+
+
+def test_an_image_size_the_vit_cannot_take_is_a_usage_error():
+    from mmcontrast import UsageError
+    from mmcontrast.models import image_encoder_spec
+
+    assert image_encoder_spec("mmc-tiny", {}, cifar_stem=False, image_size=32)["image_size"] == 32
+    with pytest.raises(UsageError, match="takes 32 px"):
+        image_encoder_spec("mmc-tiny", {}, cifar_stem=False, image_size=48)
+
+
+# ---------------------------------------------------------------- learning (examples/digits_simclr, shortened)
+
+LEARNING_STEPS = 120
+MARGIN = 0.10  # placeholder
+
+
+def _digits_example():
+    spec = importlib.util.spec_from_file_location("digits_simclr", ROOT / "examples" / "digits_simclr" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _probe_top1(checkpoint: Path, data: Path) -> float:
+    """What `mmcontrast eval linear-probe` computes, in-process."""
+    from mmcontrast import evaluate, load
+
+    model, preprocess, _ = load(checkpoint)
+    train, test, classes = evaluate.encode_class_folders(model, preprocess, data / "train", data / "test", workers=0)
+    result = evaluate.linear_probe(train.features.numpy(), train.labels.numpy(), test.features.numpy(), test.labels.numpy(), classes)
+    return result["top1"]
+
+
+def test_simclr_features_beat_a_random_encoder_on_digits(tmp_path):
+    from data_tools import make_shards
+
+    example = _digits_example()
+    data, shards, run_dir = tmp_path / "data", tmp_path / "shards", tmp_path / "run"
+    assert example.write_digits(data) == (1438, 359)
+    assert make_shards.main([str(data / "train"), str(shards), "--class-template", "a photo of a {}.", "--shard-size", "500",
+                             "--workers", "1"]) == 0  # fmt: skip
+    r = run([sys.executable, "-m", "mmcontrast.train", "--config", example.CONFIG, "--train-shards", str(shards),
+             "--output-dir", str(run_dir), "--steps", str(LEARNING_STEPS), "--seed", "0", *example.RECIPE])  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    example.save_random_encoder(run_dir, tmp_path / "random")
+
+    simclr, random_init = _probe_top1(run_dir, data), _probe_top1(tmp_path / "random", data)
+    print(f"linear probe on 359 held-out digits: SimCLR {simclr:.1%}, random init {random_init:.1%}")
+    assert simclr >= random_init + MARGIN, (simclr, random_init)
