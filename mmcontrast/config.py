@@ -41,6 +41,7 @@ class ModelConfig:
     proj_hidden_dim: int = 512  # simclr projection head (2-layer MLP with BN), dropped on export
     proj_dim: int = 128
     proj_batchnorm: bool = True  # BN in the head (SimCLR); off makes gradient caching bit-exact
+    sync_batchnorm: bool = True  # several processes: BatchNorm statistics over the global batch (SimCLR's global BN)
 
 
 @dataclass

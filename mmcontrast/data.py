@@ -12,9 +12,12 @@ split by rank and, within a rank, by DataLoader worker (``order[rank::world_size
 When there are fewer shards than readers, readers share shards and keep every n-th sample instead, so a
 plain epoch never duplicates or drops a sample (up to each worker's partial last batch). Each worker's
 samples pass a shuffle buffer seeded with ``(seed, epoch, rank, worker)``, and each sample's random
-augmentation is seeded with ``(seed, epoch, rank, worker, position)``. The stream is therefore a pure
-function of those, independent of ``batch_size`` — which is what exact resume (``skip_batches``) and
-gradient caching rely on. ``resampled=True`` instead draws shards with replacement, forever.
+augmentation is seeded with ``(seed, epoch, shard file name, sample key)``: a sample gets the same views
+whatever the number of processes, workers or the batch size, so a run on 2 processes sees exactly the
+pixels a 1-process run sees. The stream is a pure function of those, independent of ``batch_size`` —
+which is what exact resume (``skip_batches``) and gradient caching rely on. ``resampled=True`` instead
+draws shards with replacement, forever; a sample can then recur, so its augmentation seed is
+``(seed, epoch, rank, worker, position)``.
 """
 
 from __future__ import annotations
@@ -456,7 +459,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                  in_worker: bool) -> Iterator[dict]:
         batch = []
         for sample in samples:
-            seed = _sample_seed(self.seed, self.epoch, self.rank, worker, position)
+            if self.resampled:  # a sample can recur: seed by its place in this reader's stream
+                seed = _sample_seed(self.seed, self.epoch, self.rank, worker, position)
+            else:  # by identity: the same views on any number of processes and workers
+                seed = _sample_seed(self.seed, self.epoch, os.path.basename(str(sample.get("__url__", ""))), sample.get("__key__"))
             position += 1
             item = self._decode(sample, seed, in_worker)
             if isinstance(item, str):

@@ -71,25 +71,27 @@ def modality_gap(x: torch.Tensor, y: torch.Tensor) -> float:
 TIE_TOLERANCE = 1e-6  # cosine similarities closer than this count as equal (collapsed embeddings tie everywhere)
 
 
-def _positive_ranks(x: torch.Tensor, y: torch.Tensor, views: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _positive_ranks(x: torch.Tensor, y: torch.Tensor, views: bool, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Per anchor: (candidates more similar than its positive, candidates tied with it), both (m,).
 
     ``views=False`` (CLIP): candidates of x_i are all y_j. ``views=True`` (SimCLR): the 2n−1 other
-    views, the positive of view i being its twin.
+    views, the positive of view i being its twin. Anchors go ``rows`` at a time, so a global batch of
+    32k costs a (4096, 32k) block, not the whole similarity matrix.
     """
-    if views:
-        n = x.shape[0]
-        z = torch.cat([x, y])  # (2n, d)
-        sim = z @ z.T
-        sim.fill_diagonal_(float("-inf"))
-        idx = torch.arange(2 * n, device=z.device)
-        pos = sim[idx, (idx + n) % (2 * n)][:, None]
-    else:
-        sim = x @ y.T  # (n, n)
-        pos = sim.diagonal()[:, None]
-    greater = (sim > pos + TIE_TOLERANCE).sum(dim=1)
-    ties = ((sim - pos).abs() <= TIE_TOLERANCE).sum(dim=1) - 1  # the positive itself is not a tie
-    return greater, ties
+    n = x.shape[0]
+    anchors, candidates = (torch.cat([x, y]), torch.cat([x, y])) if views else (x, y)
+    m = anchors.shape[0]
+    twin = (torch.arange(m, device=x.device) + n) % m if views else torch.arange(m, device=x.device)
+    greater, ties = [], []
+    for start in range(0, m, rows):
+        idx = torch.arange(start, min(start + rows, m), device=x.device)
+        sim = anchors[idx] @ candidates.T  # (r, candidates)
+        if views:
+            sim[torch.arange(len(idx), device=x.device), idx] = float("-inf")  # a view is not its own candidate
+        pos = sim.gather(1, twin[idx, None])
+        greater.append((sim > pos + TIE_TOLERANCE).sum(dim=1))
+        ties.append(((sim - pos).abs() <= TIE_TOLERANCE).sum(dim=1) - 1)  # the positive itself is not a tie
+    return torch.cat(greater), torch.cat(ties)
 
 
 def positive_accuracy(x: torch.Tensor, y: torch.Tensor, views: bool) -> float:

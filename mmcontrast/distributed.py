@@ -1,8 +1,9 @@
 """Cross-process gathers that carry gradients, for contrastive losses over the global batch.
 
 Owns: ``all_gather_with_grad`` (an autograd Function around a single-tensor all-gather, whose
-backward is a sum reduce-scatter) and small helpers for rank and world size. Does not own process
-start-up: Accelerate (or the caller) initialises ``torch.distributed``.
+backward is a sum reduce-scatter), ``GlobalBatchNorm`` (BatchNorm statistics over the global batch,
+on any device) and small helpers for rank and world size. Does not own process start-up: Accelerate
+(or the caller) initialises ``torch.distributed``.
 
 Every process must pass tensors of the same shape. A mismatch (an uneven last batch) would make the
 collective hang or return garbage, so each gather first exchanges the shapes (two integers, one
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 # torch renamed the single-tensor collectives (the old names warn); older releases have only those.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -91,4 +93,91 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
     _all_gather_single(out, x)
+    return out
+
+
+# ---------------------------------------------------------------- global BatchNorm
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum a tensor over ranks; the backward sums the gradients the same way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch, across every process.
+
+    SimCLR's "global BN" (Chen et al., 2020, section 2.2): with per-process statistics the two views
+    of an image, which sit on the same process, share a mean and variance the other negatives do not,
+    and the model can use that to find its positive instead of learning features. Here each process
+    sums ``x - shift`` and ``(x - shift)²`` per channel (``shift`` = the running mean, the same on
+    every rank, which keeps the one-pass variance accurate), one differentiable all-reduce of 2C+1
+    numbers makes them global, and the gradient flows back through that sum to every process.
+    ``torch.nn.SyncBatchNorm`` does the same with fused kernels but only for GPU tensors; the trainer
+    uses it on CUDA and this module elsewhere (gloo on the CPU). Outside training, or with one process,
+    this is exactly ``nn.BatchNorm{1,2,3}d``.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        c = x.shape[1]
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        dims = [0, *range(2, x.dim())]
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least
+        shift = self.running_mean.detach().to(xf.dtype) if self.running_mean is not None else xf.new_zeros(c)
+        d = xf - shift.view(shape)
+        count = xf.new_full((1,), float(x.numel() // c))
+        totals = _AllReduceSum.apply(torch.cat([d.sum(dims), (d * d).sum(dims), count]))
+        n = totals[-1].detach()
+        mean_d = totals[:c] / n
+        var = (totals[c : 2 * c] / n - mean_d * mean_d).clamp_min(0)  # biased, as BatchNorm normalises
+        y = (d - mean_d.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.to(xf.dtype).view(shape) + self.bias.to(xf.dtype).view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var.detach() * (n / (n - 1).clamp_min(1))
+                self.running_mean.lerp_((mean_d.detach() + shift).to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        return y.to(x.dtype)
+
+
+def convert_global_batchnorm(module: nn.Module, device_type: str = "cpu") -> nn.Module:
+    """Every BatchNorm in ``module`` with global-batch statistics: ``torch.nn.SyncBatchNorm`` on CUDA,
+    ``GlobalBatchNorm`` elsewhere. Parameters, buffers and state-dict keys are kept, so checkpoints and
+    exported weights are those of the plain model. Returns the (possibly new) root module."""
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (GlobalBatchNorm, nn.SyncBatchNorm)):
+        out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                out.weight = module.weight
+                out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, convert_global_batchnorm(child, device_type))
     return out

@@ -536,6 +536,10 @@ def train(cfg: Config) -> Path:
     with_labels = task.loss_name == "supcon"
 
     world = accelerator.num_processes
+    if world > 1 and cfg.model.sync_batchnorm:  # per-process statistics would let positives find each other
+        from mmcontrast.distributed import convert_global_batchnorm
+
+        task.model = convert_global_batchnorm(task.model, accelerator.device.type)
     batch, accum = cfg.train.batch_size, cfg.train.accum_steps
     global_batch = batch * world * accum
     samples_per_epoch = data.count_samples(shards)
@@ -648,7 +652,10 @@ def train(cfg: Config) -> Path:
                 "data_time_share": window["data_time"] / max(elapsed, 1e-9),
                 "skipped_samples": state["skipped_samples"],
             }
-            record.update(batch_monitor(*embeddings, views=cfg.mode == "simclr"))
+            # over the global batch, the candidates the loss saw (rank-major, so pairs stay aligned)
+            embeddings = [accelerator.gather(e.contiguous()) for e in embeddings] if world > 1 else embeddings
+            if accelerator.is_main_process:
+                record.update(batch_monitor(*embeddings, views=cfg.mode == "simclr"))
             if hasattr(unwrapped, "logit_scale"):
                 record["temperature"] = float(1.0 / unwrapped.logit_scale.detach().exp())
             if getattr(unwrapped, "logit_bias", None) is not None:

@@ -75,6 +75,20 @@ def tiny_shards(tiny_image_folder, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def two_shards_of_16(tiny_image_folder, tmp_path_factory) -> Path:
+    """32 samples in two shards of 16: one shard per process, or both in one batch of 32."""
+    from data_tools import make_shards
+
+    rows = (tiny_image_folder / "captions.jsonl").read_text().splitlines()[::6][:32]
+    folder = tmp_path_factory.mktemp("pairs")
+    captions = folder / "captions.jsonl"
+    captions.write_text("\n".join(rows) + "\n")
+    out = folder / "shards"
+    assert make_shards.main([str(tiny_image_folder), str(out), "--captions", str(captions), "--shard-size", "16", "--workers", "1"]) == 0
+    return out
+
+
 # ---------------------------------------------------------------- a tiny CLIP that has learned 4 colours
 # (zero-shot / evaluation tests). Classes are solid colour squares with noise; the captions are the
 # default zero-shot templates filled with the class name, so zero-shot prompts match what it saw.

@@ -215,3 +215,27 @@ def test_diagnose_an_image_only_encoder_uses_two_views_and_warns(collapsed_run, 
     assert result["effective_rank"] == pytest.approx(1.0, abs=0.01)
     assert "warning: dimensional collapse" in captured.err
     assert main(["diagnose", "--checkpoint", str(run_dir), "--shards", str(tiny_shards), "--samples", "1"]) == 2
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_positive_ranks_in_row_blocks_equal_the_whole_matrix(views):
+    from mmcontrast.diagnostics import _positive_ranks
+
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(11, 4, generator=g), dim=1)
+    y = F.normalize(torch.randn(11, 4, generator=g), dim=1)
+    y[3] = x[3]  # a perfect pair, and a duplicate candidate (ties)
+    x[5] = x[6]
+    whole = _positive_ranks(x, y, views)
+    for rows in (1, 3, 7):
+        blocks = _positive_ranks(x, y, views, rows=rows)
+        assert torch.equal(blocks[0], whole[0]) and torch.equal(blocks[1], whole[1])
+    # the naive definition, for the whole matrix
+    anchors, candidates = (torch.cat([x, y]), torch.cat([x, y])) if views else (x, y)
+    for i in range(anchors.shape[0]):
+        twin = (i + 11) % 22 if views else i
+        others = [j for j in range(candidates.shape[0]) if j != twin and not (views and j == i)]
+        pos = float(anchors[i] @ candidates[twin])
+        sims = [float(anchors[i] @ candidates[j]) for j in others]
+        assert int(whole[0][i]) == sum(s > pos + 1e-6 for s in sims)
+        assert int(whole[1][i]) == sum(abs(s - pos) <= 1e-6 for s in sims)

@@ -55,6 +55,9 @@ def global_inputs() -> dict[str, torch.Tensor]:
         "views": randn(n, 2, DIM),
         "view_labels": torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 3]),
         "x_image": randn(n, 7),  # inputs of the tiny DDP encoders
+        # two views for the BatchNorm encoder, off-centre so the running-mean shift matters
+        "bn_view1": randn(n, 2, 3, 3) * 2 + 5,
+        "bn_view2": randn(n, 2, 3, 3) * 2 + 5,
         "x_text": randn(n, 4),
     }
 
@@ -122,6 +125,38 @@ def train_step_grads(model: nn.Module, inputs: dict[str, torch.Tensor], rows: sl
     return {"loss": loss.detach(), **{name: p.grad.clone() for name, p in module.named_parameters()}}
 
 
+class TinyBnEncoder(nn.Module):
+    """Conv–BN2d–ReLU–Linear–BN1d: a SimCLR-style encoder whose BatchNorms see both views together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(27, DIM), nn.BatchNorm1d(DIM)
+        )
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor):
+        z = self.net(torch.cat([view1, view2]))
+        return z[: view1.shape[0]], z[view1.shape[0] :]
+
+
+def tiny_bn_encoder() -> TinyBnEncoder:
+    torch.manual_seed(0)
+    return TinyBnEncoder().double()
+
+
+def bn_step(model: nn.Module, inputs: dict[str, torch.Tensor], rows: slice):
+    """Two training steps' forward/backward of NT-Xent (gradients of the first, BN buffers after both)."""
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    z1, z2 = model(inputs["bn_view1"][rows], inputs["bn_view2"][rows])
+    loss = nt_xent_loss(z1, z2, temperature=0.2)
+    loss.backward()
+    out = {"loss": loss.detach(), **{name: p.grad.clone() for name, p in module.named_parameters()}}
+    with torch.no_grad():  # a second forward: running statistics move from non-zero values (the shift)
+        model(inputs["bn_view1"][rows] * 0.5, inputs["bn_view2"][rows] - 1)
+    out.update({name: b.clone() for name, b in module.named_buffers()})
+    return out
+
+
 def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -138,6 +173,11 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
         for mode in CLIP_LOSS_MODES:
             ddp = nn.parallel.DistributedDataParallel(tiny_clip())
             results[f"ddp-{mode}"] = train_step_grads(ddp, inputs, rows, mode)
+        from mmcontrast.distributed import convert_global_batchnorm
+
+        global_bn = nn.parallel.DistributedDataParallel(convert_global_batchnorm(tiny_bn_encoder()))
+        results["bn-global"] = bn_step(global_bn, inputs, rows)
+        results["bn-local"] = bn_step(nn.parallel.DistributedDataParallel(tiny_bn_encoder()), inputs, rows)
         # Uneven batches: every rank must get the same clear error, not a hang or garbage.
         uneven = inputs["img"][: N_LOCAL + rank]
         try:
@@ -198,3 +238,34 @@ def test_uneven_batches_raise_the_same_clear_error_on_every_rank(ranks: list[dic
     messages = [r["uneven"] for r in ranks]
     assert messages[0] == messages[1]
     assert "same batch" in messages[0] and "[5, 6]" in messages[0] and "drop_last" in messages[0]
+
+
+def test_global_batchnorm_on_two_ranks_is_batchnorm_on_the_concatenated_batch(ranks: list[dict]) -> None:
+    single = bn_step(tiny_bn_encoder(), global_inputs(), slice(None))
+    per_rank = [r["bn-global"] for r in ranks]
+    torch.testing.assert_close(torch.stack([r["loss"] for r in per_rank]).mean(), single["loss"], **TOL)
+    for got in per_rank:
+        assert got.keys() == single.keys()  # the same state-dict names as the plain model
+        for key in single.keys() - {"loss"}:  # every parameter gradient, running mean/var, batch count
+            torch.testing.assert_close(got[key], single[key], **TOL, msg=key)
+    # what the conversion is for: per-process statistics give another loss and other gradients
+    local = [r["bn-local"] for r in ranks]
+    assert abs(torch.stack([r["loss"] for r in local]).mean() - single["loss"]) > 1e-3
+    assert not torch.allclose(local[0]["net.1.running_mean"], single["net.1.running_mean"])
+
+
+def test_global_batchnorm_is_plain_batchnorm_in_one_process_and_in_eval() -> None:
+    from mmcontrast.distributed import GlobalBatchNorm, convert_global_batchnorm
+
+    plain = tiny_bn_encoder()
+    converted = convert_global_batchnorm(tiny_bn_encoder())
+    assert sum(isinstance(m, GlobalBatchNorm) for m in converted.modules()) == 2
+    assert not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in converted.modules())
+    inputs = global_inputs()
+    want, got = bn_step(plain, inputs, slice(None)), bn_step(converted, inputs, slice(None))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], **TOL, msg=key)
+    plain.eval()
+    converted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(inputs["bn_view1"], inputs["bn_view2"]), plain(inputs["bn_view1"], inputs["bn_view2"]))

@@ -87,20 +87,6 @@ def test_weights_load_in_open_clip_and_reproduce_embeddings(clip_run):
         torch.testing.assert_close(local.encode_text(local_tok(["a red circle", "a blue square", "a yellow triangle"])), want_txt, rtol=0, atol=0)
 
 
-@pytest.fixture(scope="module")
-def two_shards_of_16(tiny_image_folder, tmp_path_factory) -> Path:
-    """32 samples in two shards of 16: one shard per process, or both in one batch of 32."""
-    from data_tools import make_shards
-
-    rows = (tiny_image_folder / "captions.jsonl").read_text().splitlines()[::6][:32]
-    folder = tmp_path_factory.mktemp("pairs")
-    captions = folder / "captions.jsonl"
-    captions.write_text("\n".join(rows) + "\n")
-    out = folder / "shards"
-    assert make_shards.main([str(tiny_image_folder), str(out), "--captions", str(captions), "--shard-size", "16", "--workers", "1"]) == 0
-    return out
-
-
 def test_two_processes_first_loss_equals_one_process_on_the_same_global_batch(two_shards_of_16, tmp_path):
     common = ["--steps", "1", "--log-every", "1", "--workers", "1", "--set", "data.shuffle_buffer=0"]
     one = run(train_cmd(two_shards_of_16, tmp_path / "one", "--batch-size", "32", *common))
