@@ -154,6 +154,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if hint is float:
             return float(value)
         if hint is str:
+            if isinstance(value, bool):  # YAML 1.1 reads `no`/`off` as false: `mixed_precision: no` means "no"
+                return "yes" if value else "no"
             return str(value)
         if hint is list or origin is list:
             return list(value) if isinstance(value, (list, tuple)) else [value]

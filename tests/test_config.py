@@ -36,6 +36,16 @@ def test_flags_and_overrides_are_typed(tmp_path):
     assert cfg.model.lock_text is True and cfg.train.seed == 7
 
 
+def test_yaml_no_is_the_string_no_where_a_string_is_expected(tmp_path):
+    """YAML 1.1 reads a bare `no` as false; `mixed_precision: no` must still mean Accelerate's "no"."""
+    cfg = Config()
+    apply_overrides(cfg, ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+
+
 @pytest.mark.parametrize(
     "overrides,needle",
     [
