@@ -16,50 +16,31 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from digits_common import ROOT, digit_images, run  # noqa: E402
+
 CAPTIONS = ["a photo of the number {}", "the digit {}", "a handwritten {}", "{}", "a picture of a {}", "a photo of a {}."]
 
 
 def write_digits(out: Path, test_fraction: float = 0.2, seed: int = 0) -> tuple[int, int]:
     """Digits → ``out/train`` (image + caption files) and ``out/test/<word>/`` (class folders)."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    rng = random.Random(seed)
-    order = list(range(len(digits.images)))
-    rng.shuffle(order)
-    n_test = int(len(order) * test_fraction)
+    rng = random.Random(seed)  # shuffles the split, then draws the captions
+    counts = [0, 0]
     for split in ("train", "test"):
         (out / split).mkdir(parents=True, exist_ok=True)
-    for rank, i in enumerate(order):
-        pixels = (digits.images[i] / 16.0 * 255).astype(np.uint8)
-        image = Image.fromarray(pixels).resize((32, 32), Image.BILINEAR).convert("RGB")
-        word = WORDS[digits.target[i]]
-        if rank < n_test:
+    for i, word, held_out, image in digit_images(rng, test_fraction):
+        if held_out:
             folder = out / "test" / word
             folder.mkdir(exist_ok=True)
             image.save(folder / f"{i:04d}.png")
         else:
             image.save(out / "train" / f"{i:04d}.png")
             (out / "train" / f"{i:04d}.txt").write_text(rng.choice(CAPTIONS).format(word))
-    return len(order) - n_test, n_test
-
-
-def run(cmd: list[str], capture: bool = False) -> str:
-    shown = " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")
-    print(f"\n$ {shown}", flush=True)
-    result = subprocess.run(cmd, cwd=ROOT, check=False, text=True, stdout=subprocess.PIPE if capture else None)
-    if result.returncode != 0:
-        sys.exit(f"step failed with exit code {result.returncode}: {shown}")
-    return result.stdout or ""
+        counts[held_out] += 1
+    return counts[0], counts[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,46 +18,28 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from digits_common import ROOT, digit_images, run  # noqa: E402
+
 CONFIG = "configs/simclr_tiny_cpu.yaml"
-# On top of the config, tuned on a validation part of the training split (docs/simclr.md): digits are
+# On top of the config, chosen on a validation part of the training split (docs/simclr.md): digits are
 # not mirror-symmetric, and crops under 60% of a digit lose what tells a 1 from a 7.
 RECIPE = ["--set", "data.augment.hflip=0", "--set", "data.augment.crop_scale=[0.6,1.0]"]
 STEPS = 600
 
 
-def write_digits(out: Path, test_fraction: float = 0.2, seed: int = 0, size: int = 32) -> tuple[int, int]:
-    """Digits → ``out/train/<word>/NNNN.png`` and ``out/test/<word>/NNNN.png`` (RGB, ``size`` px)."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    order = list(range(len(digits.images)))
-    random.Random(seed).shuffle(order)
-    n_test = int(len(order) * test_fraction)
-    for rank, i in enumerate(order):
-        pixels = (digits.images[i] / 16.0 * 255).astype(np.uint8)
-        image = Image.fromarray(pixels).resize((size, size), Image.BILINEAR).convert("RGB")
-        folder = out / ("test" if rank < n_test else "train") / WORDS[digits.target[i]]
+def write_digits(out: Path, test_fraction: float = 0.2, seed: int = 0) -> tuple[int, int]:
+    """Digits → ``out/train/<word>/NNNN.png`` and ``out/test/<word>/NNNN.png`` (RGB, 32 px)."""
+    counts = [0, 0]
+    for i, word, held_out, image in digit_images(random.Random(seed), test_fraction):
+        folder = out / ("test" if held_out else "train") / word
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{i:04d}.png")
-    return len(order) - n_test, n_test
-
-
-def run(cmd: list[str], capture: bool = False) -> str:
-    shown = " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")
-    print(f"\n$ {shown}", flush=True)
-    result = subprocess.run(cmd, cwd=ROOT, check=False, text=True, stdout=subprocess.PIPE if capture else None)
-    if result.returncode != 0:
-        sys.exit(f"step failed with exit code {result.returncode}: {shown}")
-    return result.stdout or ""
+        counts[held_out] += 1
+    return counts[0], counts[1]
 
 
 def save_random_encoder(run_dir: Path, out: Path, seed: int = 0) -> int:
