@@ -360,6 +360,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size, self.resampled, self.shuffle = rank, world_size, resampled, shuffle
         self.shuffle_buffer, self.with_labels, self.class_to_index = shuffle_buffer, with_labels, class_to_index
         self.shard_counts, self.drop_last, self.decode_size = shard_counts, drop_last, decode_size
+        # a transform with sample() and finish() (augment.SimclrTransform) runs in two stages
+        self.two_stage = callable(getattr(image_transform, "sample", None)) and callable(getattr(image_transform, "finish", None))
 
     # -- which samples, in which order
 
@@ -448,7 +450,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                 return "missing_label"
             out["label"] = label
         with _seeded(seed, restore=not in_worker):
-            out["views"] = [self.image_transform(image) for _ in range(self.views)]
+            if self.two_stage:  # per image here, the rest per batch in _collate (augment.SimclrTransform)
+                out["views"] = [self.image_transform.sample(image) for _ in range(self.views)]
+            else:
+                out["views"] = [self.image_transform(image) for _ in range(self.views)]
         return out
 
     def _label(self, sample: dict) -> int | None:
@@ -479,11 +484,17 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _collate(self, batch: list[dict], dropped: collections.Counter) -> dict:
         out = {"__key__": [b["key"] for b in batch], "skipped": sum(dropped.values())}
         dropped.clear()
+        stacked = []
+        for v in range(self.views):
+            if self.two_stage:
+                crops, params = zip(*(b["views"][v] for b in batch))
+                stacked.append(self.image_transform.finish(torch.stack(crops), torch.stack(params)))
+            else:
+                stacked.append(torch.stack([b["views"][v] for b in batch]))  # (B, 3, H, W)
         if self.views == 1:
-            out["image"] = torch.stack([b["views"][0] for b in batch])  # (B, 3, H, W)
+            out["image"] = stacked[0]
         else:
-            for v in range(self.views):
-                out[f"view{v + 1}"] = torch.stack([b["views"][v] for b in batch])
+            out.update({f"view{v + 1}": x for v, x in enumerate(stacked)})
         if self.tokenizer is not None:
             out["text"] = self.tokenizer([b["caption"] for b in batch])  # (B, L) token ids
         if self.with_labels:
@@ -516,6 +527,8 @@ def make_loader(
     Args:
         shards: shard paths (``expand_shards`` output; a pattern string is expanded).
         image_transform: ``PIL.Image (RGB) -> Tensor (3, H, W)``; random transforms are seeded per sample.
+            One with ``sample(image) -> (uint8 crop, params)`` and ``finish(crops, params) -> batch`` methods
+            (``augment.SimclrTransform``) runs per image, then per batch in the worker's collate.
         tokenizer: ``list[str] -> LongTensor (n, L)`` (open_clip's tokenizer); None for image-only runs.
         views: transformed copies per image: 1 gives ``"image"``, 2 gives ``"view1"``/``"view2"`` (SimCLR).
         batch_size: samples per batch (per process); each worker drops its partial last batch.
