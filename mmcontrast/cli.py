@@ -8,6 +8,7 @@ open_clip) are imported inside the handlers so ``mmcontrast --help`` answers at 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable, Sequence
 
@@ -15,14 +16,15 @@ from mmcontrast import __version__
 from mmcontrast.errors import UsageError
 
 # name -> (help, function adding arguments, handler(args) -> exit code). Subcommands register here.
-SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+Registry = dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]]
+SUBCOMMANDS: Registry = {}
 
 
-def subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    """Decorator registering ``handler(args) -> int`` as ``mmcontrast NAME``."""
+def subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None], registry: Registry = SUBCOMMANDS):
+    """Decorator registering ``handler(args) -> int`` as ``mmcontrast NAME`` (or in another ``registry``)."""
 
     def register(handler: Callable[[argparse.Namespace], int]):
-        SUBCOMMANDS[name] = (help, add_arguments, handler)
+        registry[name] = (help, add_arguments, handler)
         return handler
 
     return register
@@ -224,15 +226,8 @@ def _zero_shot(args: argparse.Namespace) -> int:
 
 # ---- eval: one parser, its own sub-commands
 
-EVAL_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def _eval_command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
-    def register(handler: Callable[[argparse.Namespace], int]):
-        EVAL_COMMANDS[name] = (help, add_arguments, handler)
-        return handler
-
-    return register
+EVAL_COMMANDS: Registry = {}
+_eval_command = functools.partial(subcommand, registry=EVAL_COMMANDS)
 
 
 def _errors_list(encoded) -> list[dict]:

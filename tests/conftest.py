@@ -89,6 +89,36 @@ def two_shards_of_16(tiny_image_folder, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def first_step_on_one_and_two_processes(two_shards_of_16):
+    """``run(config, tmp_path, port) -> (metrics row of 1 process × 32, of 2 processes × 16, the 2-process run dir)``:
+    one training step of ``config`` on ``two_shards_of_16``, once with ``python -m`` and once with
+    ``accelerate launch --cpu --num_processes 2`` (one shard per process, or both in one batch)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+
+    def first_row(launcher: list[str], config: str, out: Path, batch_size: int) -> dict:
+        cmd = [*launcher, "-m", "mmcontrast.train", "--config", config, "--train-shards", str(two_shards_of_16),
+               "--output-dir", str(out), "--batch-size", str(batch_size), "--steps", "1", "--log-every", "1",
+               "--workers", "1", "--set", "data.shuffle_buffer=0"]  # fmt: skip
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+    def run(config: str, tmp_path: Path, port: int) -> tuple[dict, dict, Path]:
+        one = first_row([sys.executable], config, tmp_path / "one", 32)
+        two = first_row([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                         "no", "--dynamo_backend", "no", "--main_process_port", str(port)], config, tmp_path / "two", 16)  # fmt: skip
+        return one, two, tmp_path / "two"
+
+    return run
+
+
 # ---------------------------------------------------------------- a tiny CLIP that has learned 4 colours
 # (zero-shot / evaluation tests). Classes are solid colour squares with noise; the captions are the
 # default zero-shot templates filled with the class name, so zero-shot prompts match what it saw.

@@ -117,18 +117,10 @@ def test_exported_encoder_runs_in_mmcontrast_eval(simclr_run, tiny_image_folder,
     assert 0 <= result["top1"] <= 1
 
 
-def test_two_processes_first_loss_equals_one_process_on_the_same_global_batch(two_shards_of_16, tmp_path):
+def test_two_processes_first_loss_equals_one_process_on_the_same_global_batch(first_step_on_one_and_two_processes, tmp_path):
     """The views (seeded by sample, not by process), the gathered NT-Xent and the head's BatchNorm (global
     over both processes) make 2 processes × 16 exactly 1 process × 32."""
-    common = ["--steps", "1", "--log-every", "1", "--workers", "1", "--set", "data.shuffle_buffer=0"]
-    one = run(train_cmd(two_shards_of_16, tmp_path / "one", "--batch-size", "32", *common))
-    assert one.returncode == 0, one.stderr[-3000:]
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    two = run([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", "29518", "-m", "mmcontrast.train",
-               *train_cmd(two_shards_of_16, tmp_path / "two", "--batch-size", "16", *common)[3:]])  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    m1, m2 = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    m1, m2, _ = first_step_on_one_and_two_processes(TINY, tmp_path, port=29518)
     assert m2["global_batch"] == 32 == m1["global_batch"]
     assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
     assert m2["positive_accuracy"] == pytest.approx(m1["positive_accuracy"])

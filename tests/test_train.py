@@ -87,19 +87,11 @@ def test_weights_load_in_open_clip_and_reproduce_embeddings(clip_run):
         torch.testing.assert_close(local.encode_text(local_tok(["a red circle", "a blue square", "a yellow triangle"])), want_txt, rtol=0, atol=0)
 
 
-def test_two_processes_first_loss_equals_one_process_on_the_same_global_batch(two_shards_of_16, tmp_path):
-    common = ["--steps", "1", "--log-every", "1", "--workers", "1", "--set", "data.shuffle_buffer=0"]
-    one = run(train_cmd(two_shards_of_16, tmp_path / "one", "--batch-size", "32", *common))
-    assert one.returncode == 0, one.stderr[-3000:]
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    two = run([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "mmcontrast.train",
-               *train_cmd(two_shards_of_16, tmp_path / "two", "--batch-size", "16", *common)[3:]])  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    m1, m2 = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+def test_two_processes_first_loss_equals_one_process_on_the_same_global_batch(first_step_on_one_and_two_processes, tmp_path):
+    m1, m2, two = first_step_on_one_and_two_processes(TINY, tmp_path, port=29517)
     assert m2["global_batch"] == 32 == m1["global_batch"]
     assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
-    assert (tmp_path / "two" / "model.safetensors").is_file()
+    assert (two / "model.safetensors").is_file()
 
 
 def test_accum_steps_log_the_same_losses_as_the_big_batch(tiny_shards, tmp_path):
