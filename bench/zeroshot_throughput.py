@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mmcontrast import evaluate as ev
+from mmcontrast.cli import _CpuThreadBalance
 from mmcontrast.models import create_clip
 from mmcontrast.zeroshot import ZeroShotClassifier
 
@@ -66,7 +67,13 @@ def plain_open_clip(model, preprocess, class_embeddings, scale, folder: Path, n:
 
 def mmcontrast_zero_shot(classifier, preprocess, folder: Path, n: int, batch_size: int, workers: int) -> int:
     paths = ev.discover_images(folder)[:n]
-    encoded, probs = ev.zero_shot_classify(classifier, preprocess, paths, batch_size=batch_size, workers=workers)
+    threads = torch.get_num_threads()
+    balance = _CpuThreadBalance(torch.device("cpu"), workers)  # what `mmcontrast zero-shot` does on the CPU
+    try:
+        encoded, probs = ev.zero_shot_classify(classifier, preprocess, paths, batch_size=batch_size, workers=workers,
+                                               on_batch=balance.update)
+    finally:
+        torch.set_num_threads(threads)
     return len(probs)
 
 

@@ -14,7 +14,6 @@ import glob
 import io
 import json
 import os
-import re
 import statistics
 import sys
 import tarfile
@@ -23,10 +22,10 @@ from collections import Counter
 import braceexpand
 from PIL import Image
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+from data_tools.formats import IMAGE_FIELDS, TEXT_FIELD, local_folder_counts, split_member_name
+
 SIZE_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)  # upper bounds of the longer-side histogram
 MAX_LISTED_PROBLEMS = 20
-KEY_AND_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key up to the first dot
 
 
 def find_shards(spec: str) -> list[str]:
@@ -47,10 +46,10 @@ def _samples(path: str):
     sample = None
     with tarfile.open(path, "r|*") as tar:
         for member in tar:
-            match = KEY_AND_FIELD.match(member.name) if member.isreg() else None
-            if match is None:
+            parts = split_member_name(member.name) if member.isreg() else None
+            if parts is None:
                 continue
-            key, field = match.group(1), match.group(2).lower()
+            key, field = parts[0], parts[1].lower()
             if sample is not None and (key != sample["__key__"] or field in sample):
                 yield sample
                 sample = None
@@ -75,9 +74,9 @@ def _check_sample(sample: dict, decode: bool, report: dict) -> str | None:
             img.load()
     except Exception as e:
         return f"{image_field} does not decode ({type(e).__name__}: {e})"
-    if "txt" in sample:
+    if TEXT_FIELD in sample:
         try:
-            caption = sample["txt"].decode("utf-8")
+            caption = sample[TEXT_FIELD].decode("utf-8")
         except UnicodeDecodeError:
             return "txt is not UTF-8"
         report["caption_chars"].append(len(caption))
@@ -96,12 +95,7 @@ def _expected_counts(shards: list[str]) -> dict[str, int]:
     """Per-shard sample counts promised by make_shards' stats.json files beside the shards."""
     expected = {}
     for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in shards}):
-        try:
-            with open(os.path.join(folder, "stats.json"), encoding="utf-8") as f:
-                listed = json.load(f).get("shards", [])
-            expected.update({os.path.join(folder, s["name"]): int(s["samples"]) for s in listed})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
+        expected.update({os.path.join(folder, name): n for name, n in local_folder_counts(folder).items()})
     return expected
 
 

@@ -44,13 +44,12 @@ from multiprocessing import Pool
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from data_tools.formats import IMAGE_EXTENSIONS, SIZES_FILE, STATS_FILE, is_image_file, shard_stats_path
+
 STORED_EXTENSION = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # other formats are re-encoded as PNG
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
 DEFAULT_CLASS_TEMPLATE = "a photo of a {}."
 DEFAULT_SHARD_SIZE = 1000
-STATS_FILE = "stats.json"
-SIZES_FILE = "sizes.json"  # {shard name: samples}, the file open_clip's trainer reads for the dataset size
 TAR_MTIME = 0  # fixed tar header fields (time, owner, mode) make shards byte-identical across runs
 TAR_MODE = 0o444
 OUR_FILES = re.compile(r"^(\d{5})(\.tar|\.tar\.tmp|_stats\.json|_stats\.json\.tmp)$")
@@ -113,10 +112,6 @@ def _list_files(root: str) -> list[str]:
                 rel = name if rel_dir == "." else os.path.join(rel_dir, name)
                 found.append(rel.replace(os.sep, "/"))
     return sorted(found)
-
-
-def _is_image(relpath: str) -> bool:
-    return relpath.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _read_captions_file(path: str) -> list[dict]:
@@ -185,7 +180,7 @@ def find_items(
             raise ArgumentError("--layout captions needs --captions FILE")
         return _captions_items(root, captions)
     files = _list_files(root)
-    images = [p for p in files if _is_image(p)]
+    images = [p for p in files if is_image_file(p)]
     if not images:
         what = "is empty" if not files else f"has {len(files)} files but no images ({', '.join(IMAGE_EXTENSIONS)})"
         raise ArgumentError(f"INPUT {root} {what}; point it at a folder of images")
@@ -413,7 +408,8 @@ def _write_json_atomic(path: str, obj) -> None:
 
 
 def _shard_paths(output_dir: str, shard: int) -> tuple[str, str]:
-    return os.path.join(output_dir, f"{shard:05d}.tar"), os.path.join(output_dir, f"{shard:05d}_stats.json")
+    tar = os.path.join(output_dir, f"{shard:05d}.tar")
+    return tar, shard_stats_path(tar)
 
 
 def _completed_shard(output_dir: str, shard: int, run: dict) -> dict | None:

@@ -25,6 +25,8 @@ MODES = ("clip", "simclr")
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 TRAIN_STATE_FILE = "train_state.json"
+CHECKPOINTS_DIR = "checkpoints"  # RUN_DIR/checkpoints/step_NNNNNN/ and the symlink RUN_DIR/checkpoints/last
+LAST_CHECKPOINT = "last"
 
 
 @dataclass
@@ -70,7 +72,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     name: str = "auto"  # clip mode: clip | siglip; simclr mode: nt_xent | supcon; auto picks the first
-    clip_mode: str = "plain"  # plain | local | chunked (see mmcontrast.losses)
+    clip_mode: str = "plain"  # one of mmcontrast.losses.CLIP_LOSS_MODES: plain | local | chunked
     temperature: float = 0.1  # fixed τ of nt_xent / supcon
     init_temperature: float = 0.07  # learnable τ of clip: logit_scale starts at log(1/0.07)
     max_logit_scale: float = 100.0  # clamp of exp(logit_scale), as CLIP does
@@ -242,8 +244,11 @@ def validate(cfg: Config) -> None:
         raise UsageError('say what to train on: --train-shards "DIR/{00000..00007}.tar" (a brace pattern, directory or glob)')
     if cfg.mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
-    if cfg.loss.clip_mode not in ("plain", "local", "chunked"):
-        raise UsageError(f"loss.clip_mode must be plain, local or chunked, got {cfg.loss.clip_mode!r}")
+    # deferred: validation is the only reason config needs torch
+    from mmcontrast.losses import CLIP_LOSS_MODES
+
+    if cfg.loss.clip_mode not in CLIP_LOSS_MODES:
+        raise UsageError(f"loss.clip_mode must be one of {', '.join(CLIP_LOSS_MODES)}, got {cfg.loss.clip_mode!r}")
     valid_losses = {"clip": ("auto", "clip", "siglip"), "simclr": ("auto", "nt_xent", "supcon")}[cfg.mode]
     if cfg.loss.name not in valid_losses:
         raise UsageError(f"loss.name {cfg.loss.name!r} does not fit mode {cfg.mode}; use one of {', '.join(valid_losses)}")

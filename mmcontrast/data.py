@@ -1,11 +1,10 @@
-"""Streaming webdataset pipelines for training: shard lists, field checks, sample counts and the loader.
+"""Streaming webdataset pipelines for training: ``make_loader`` and the arithmetic of who reads what.
 
-Owns: turning a shard spec into paths (``expand_shards``), checking that shards carry the fields a run
-needs (``check_fields``), counting samples (``count_samples``), and ``make_loader``: a torch DataLoader
-whose workers read their share of the shards, shuffle deterministically, skip the batches a resumed run
-already consumed, decode, transform, tokenize and batch, and skip (and count) corrupt samples.
-Does not own: augmentations (``augment.py``), the model's preprocess and tokenizer (passed in), writing
-shards (``data_tools.make_shards``).
+Owns: a torch DataLoader whose workers read their share of the shards, shuffle deterministically, skip
+the batches a resumed run already consumed, decode, transform, tokenize and batch, and skip (and count)
+corrupt samples. Does not own: shard lists, field checks and counts (``mmcontrast.shards``),
+augmentations (``augment.py``), the model's preprocess and tokenizer (passed in), writing shards
+(``data_tools.make_shards``).
 
 Reading order. Shards are shuffled with ``(seed, epoch)`` — the same permutation on every rank — then
 split by rank and, within a rank, by DataLoader worker (``order[rank::world_size][worker::workers]``).
@@ -24,235 +23,35 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import glob
 import hashlib
 import io
 import itertools
-import json
 import logging
 import math
 import os
 import random
-import re
-import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
-import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
+from data_tools.formats import IMAGE_FIELDS, TEXT_FIELD, to_rgb
 from mmcontrast.errors import UsageError
+from mmcontrast.shards import (
+    class_names,
+    expand_shards,
+    has_fields,
+    read_samples,
+    sample_label,
+    shard_sample_counts,
+)
 
 log = logging.getLogger(__name__)
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
-TEXT_FIELD = "txt"
-STATS_FILE = "stats.json"  # written by data_tools.make_shards: {"shards": [{"name", "samples"}], "classes"?}
-PEEK_SAMPLES = 16  # how many samples check_fields looks at
-PEEK_SHARDS = 3
-READ_BUFFER = 1 << 20
-_REMOTE = re.compile(r"^(\w+://|pipe:)")
-_KEY_AND_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _WARNED: set[str] = set()  # kinds of skipped samples already logged in this process
-
-
-# ---------------------------------------------------------------- shard lists, fields, counts
-
-
-def _check_braces(spec: str) -> None:
-    depth = 0
-    for ch in spec:
-        depth += {"{": 1, "}": -1}.get(ch, 0)
-        if depth < 0:
-            break
-    if depth != 0:
-        raise UsageError(f"malformed shard pattern {spec!r}: unbalanced braces; write it like 'DIR/{{00000..00007}}.tar'")
-
-
-def expand_shards(spec: str | os.PathLike | list) -> list[str]:
-    """Shard paths from a brace pattern (``"dir/{00000..00007}.tar"``), a directory (its ``*.tar``, sorted),
-    a glob (``"dir/*.tar"``), a list file (``.txt``, one path or pattern per line, relative to the file),
-    or a list of any of these. URLs (``http://``, ``s3://``, ``pipe:``) are passed on unchecked.
-
-    Raises ``UsageError`` when the pattern is malformed or names shards that do not exist.
-
-    >>> expand_shards("shards/{00000..00001}.tar")
-    ['shards/00000.tar', 'shards/00001.tar']
-    """
-    if isinstance(spec, (list, tuple)):
-        paths = [p for s in spec for p in expand_shards(s)]
-        if not paths:
-            raise UsageError("the list of shards is empty; pass at least one shard, folder or pattern")
-        return paths
-    spec = os.fspath(spec).strip()
-    hint = "pass a brace pattern like 'DIR/{00000..00007}.tar', a folder of .tar files, a glob or a list file"
-    if not spec:
-        raise UsageError(f"the shard pattern is empty; {hint}")
-    _check_braces(spec)
-    if _REMOTE.match(spec):
-        return list(braceexpand.braceexpand(spec))
-    if os.path.isdir(spec):
-        tars = sorted(glob.glob(os.path.join(spec, "*.tar")))
-        if not tars:
-            raise UsageError(f"folder {spec} has no .tar shards; make them with `python -m data_tools.make_shards`")
-        return tars
-    if spec.endswith(".txt") and os.path.isfile(spec):
-        base = os.path.dirname(spec)
-        with open(spec, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-        return expand_shards([ln if _REMOTE.match(ln) else os.path.join(base, ln) for ln in lines])
-    paths = []
-    for pattern in braceexpand.braceexpand(spec):
-        paths.extend(sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if not paths:
-        raise UsageError(f"no shards match {spec!r}; {hint}")
-    if missing:
-        raise UsageError(
-            f"{len(missing)} of {len(paths)} shards of {spec!r} do not exist (first: {missing[0]}); "
-            f"check the folder and the pattern's range, or {hint}"
-        )
-    return paths
-
-
-def _read_samples(urls: Iterable[str], handler: Callable[[Exception], bool] = wds.handlers.reraise_exception) -> Iterator[dict]:
-    """The samples of the shards ``urls`` as dicts of bytes: webdataset's ``tarfile_samples``, opening each
-    shard with a 1 MiB read buffer instead of 8 KiB (a tenth less time per sample)."""
-    streams = wds.tariterators.url_opener(({"url": u} for u in urls), handler=handler, bufsize=READ_BUFFER)
-    files = wds.tariterators.tar_file_expander(streams, handler=handler)
-    return wds.tariterators.group_by_keys(files, handler=handler)
-
-
-def _tar_samples(url: str) -> Iterator[dict]:
-    return _read_samples([url])
-
-
-def check_fields(shards: list[str], need_text: bool, need_image: bool = True) -> None:
-    """Check that the first samples of the first shards carry the fields a run needs.
-
-    Needs an image field (jpg/jpeg/png/webp) when ``need_image`` and a caption (txt) when ``need_text``,
-    together in at least one sample. Raises ``UsageError`` naming the fields it found otherwise.
-    """
-    need = (["an image (jpg, jpeg, png or webp)"] if need_image else []) + (["a caption (txt)"] if need_text else [])
-    found: collections.Counter = collections.Counter()
-    looked = 0
-    for shard in shards[:PEEK_SHARDS]:
-        try:
-            for sample in itertools.islice(_tar_samples(shard), PEEK_SAMPLES):
-                fields = {k for k in sample if not k.startswith("__")}
-                found.update(fields)
-                looked += 1
-                if (not need_image or fields & set(IMAGE_FIELDS)) and (not need_text or TEXT_FIELD in fields):
-                    return
-        except Exception as e:  # not a tar, truncated, unreadable
-            raise UsageError(f"shard {shard} cannot be read as a tar file ({type(e).__name__}: {e})") from e
-        if looked >= PEEK_SAMPLES:
-            break
-    fields = ", ".join(f"{k} ({v}x)" for k, v in sorted(found.items())) or "none"
-    fix = (
-        " Image-text (clip) runs need KEY.txt captions beside the images: make the shards with captions, "
-        "or train image-only with --mode simclr." if need_text and set(found) & set(IMAGE_FIELDS) else
-        " Make shards with `python -m data_tools.make_shards`."
-    )
-    raise UsageError(
-        f"no sample in the first {looked} samples of {shards[0]} has {' and '.join(need)}; fields found: {fields}.{fix}"
-    )
-
-
-def _stats_counts(folder: str, cache: dict) -> dict[str, int]:
-    """{shard name: samples} from make_shards' stats.json in ``folder`` (empty when absent)."""
-    if folder not in cache:
-        cache[folder] = {}
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-            with open(os.path.join(folder, STATS_FILE), encoding="utf-8") as f:
-                cache[folder] = {s["name"]: int(s["samples"]) for s in json.load(f)["shards"]}
-    return cache[folder]
-
-
-def _img2dataset_count(shard: str) -> int | None:
-    """``successes`` from img2dataset's per-shard ``NNNNN_stats.json`` beside ``NNNNN.tar``."""
-    stats = shard[: -len(".tar")] + "_stats.json" if shard.endswith(".tar") else None
-    if stats is None or not os.path.isfile(stats):
-        return None
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        with open(stats, encoding="utf-8") as f:
-            return int(json.load(f)["successes"])
-    return None
-
-
-def _scan_count(shard: str) -> int:
-    """Samples with an image field, from the tar headers alone (seeks over the data, decodes nothing)."""
-    keys = set()
-    with tarfile.open(shard, "r:") as tar:
-        for member in tar:
-            match = _KEY_AND_FIELD.match(member.name) if member.isreg() else None
-            if match and match.group(2).lower() in IMAGE_FIELDS:
-                keys.add(match.group(1))
-    return len(keys)
-
-
-def shard_sample_counts(shards: list[str]) -> list[int]:
-    """Samples per shard: make_shards' ``stats.json``, else img2dataset's ``NNNNN_stats.json``, else a scan."""
-    cache: dict = {}
-    counts = []
-    for shard in shards:
-        n = _stats_counts(os.path.dirname(os.path.abspath(shard)), cache).get(os.path.basename(shard))
-        if n is None:
-            n = _img2dataset_count(shard)
-        if n is None:
-            if _REMOTE.match(shard):
-                raise UsageError(f"cannot count the samples of remote shard {shard}; give the count in the config")
-            n = _scan_count(shard)
-        counts.append(n)
-    return counts
-
-
-def count_samples(shards: list[str]) -> int:
-    """Total samples in ``shards`` (see ``shard_sample_counts`` for where the counts come from)."""
-    return sum(shard_sample_counts(shards))
-
-
-def _sample_label(sample: dict) -> tuple[int | None, str | None]:
-    """(integer label, None) or (None, string label) from a sample's json; (None, None) when it has none."""
-    try:
-        meta = json.loads(sample["json"])
-    except (KeyError, ValueError):
-        return None, None
-    if not isinstance(meta, dict):
-        return None, None
-    index, label = meta.get("label_index"), meta.get("label")
-    if isinstance(index, int) and not isinstance(index, bool):
-        return index, None
-    if isinstance(label, int) and not isinstance(label, bool):
-        return label, None
-    return None, label if isinstance(label, str) else None
-
-
-def class_names(shards: list[str]) -> list[str] | None:
-    """The class names string labels are indexed into, sorted; None when labels are integers already.
-
-    From make_shards' stats.json (``classes``) when present, else by reading every sample's json.
-    Raises ``UsageError`` when the first sample has no label.
-    """
-    first = next(iter(_tar_samples(shards[0])), {})
-    index, label = _sample_label(first)
-    if index is None and label is None:
-        raise UsageError(
-            f"labels were asked for but the first sample of {shards[0]} has no json 'label' or 'label_index'; "
-            "make the shards from class folders or a captions file with a label column"
-        )
-    if index is not None:
-        return None
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        with open(os.path.join(os.path.dirname(os.path.abspath(shards[0])), STATS_FILE), encoding="utf-8") as f:
-            classes = json.load(f).get("classes")
-        if classes:
-            return list(classes)
-    names = {label for shard in shards for sample in _tar_samples(shard) if (label := _sample_label(sample)[1])}
-    return sorted(names)
 
 
 # ---------------------------------------------------------------- splitting and resume arithmetic
@@ -320,13 +119,6 @@ def _on_read_error(exn: Exception) -> bool:
     return True  # go on with the next shard
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # avoids pillow's palette-transparency warning
-    image.load()  # the full decode: corrupt or truncated data fails here
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 @contextlib.contextmanager
 def _seeded(seed: int, restore: bool):
     """Seed python, numpy and torch RNGs (augmentations use all three); restore them after if asked."""
@@ -390,8 +182,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _usable(self, samples: Iterable[dict], dropped: collections.Counter) -> Iterator[dict]:
         for sample in samples:
-            has_image = any(f in sample for f in IMAGE_FIELDS)
-            if has_image and (self.tokenizer is None or TEXT_FIELD in sample):
+            if has_fields(sample, need_image=True, need_text=self.tokenizer is not None):
                 yield sample
             else:
                 dropped["missing_field"] += 1
@@ -405,7 +196,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         # makes a resumed loader continue with the worker whose batch came next in the un-skipped one.
         worker = (worker + first) % workers
         urls, stride, offset = self._urls(worker, workers)
-        samples = _read_samples(urls, handler=_on_read_error)
+        samples = read_samples(urls, handler=_on_read_error)
         if stride > 1:
             samples = itertools.islice(samples, offset, None, stride)
         dropped: collections.Counter = collections.Counter()
@@ -431,7 +222,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if self.decode_size and image.format == "JPEG":
                     # decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= decode_size
                     image.draft("RGB", (self.decode_size, self.decode_size))
-                image = _to_rgb(image)
+                image = to_rgb(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             return "decompression_bomb"
         except Exception:
@@ -457,7 +248,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         return out
 
     def _label(self, sample: dict) -> int | None:
-        index, name = _sample_label(sample)
+        index, name = sample_label(sample)
         return index if index is not None else (self.class_to_index or {}).get(name)
 
     def _batches(self, samples: Iterator[dict], position: int, worker: int, dropped: collections.Counter,

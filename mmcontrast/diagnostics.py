@@ -13,9 +13,9 @@ two views in SimCLR mode):
 * ``modality_gap`` — distance between the image and text centroids (Liang et al., 2022), CLIP mode.
 * ``positive_accuracy`` / ``positive_rank`` — is the positive the nearest of all candidates in the batch.
 
-``health`` bundles them; ``collapse_warnings`` turns them into warning lines; ``embed_shard_pairs``
-embeds positive pairs from shards for any checkpoint (``mmcontrast diagnose``). The trainer's fixed
-batch is the trainer's.
+``health`` bundles them; ``collapse_warnings`` turns them into warning lines; ``fixed_batch`` and
+``batch_health`` measure them during training on a batch drawn once; ``embed_shard_pairs`` embeds positive
+pairs from shards for any checkpoint (``mmcontrast diagnose``).
 """
 
 from __future__ import annotations
@@ -179,6 +179,40 @@ def collapse_warnings(metrics: dict[str, float], min_rank_fraction: float, min_s
     return lines
 
 
+# ---------------------------------------------------------------- the trainer's fixed batch
+
+
+def fixed_batch(shards: list[str], transform: Callable, tokenizer: Callable | None, views: int, samples: int,
+                seed: int, shuffle_buffer: int) -> dict:
+    """One batch of up to ``samples`` samples for representation health, drawn once with its own seed.
+
+    The same samples (and, for views, the same augmentations) every time it is measured, so the curve
+    shows the model changing, not the batch. Raises ``UsageError`` when the shards yield no full batch.
+    """
+    from mmcontrast.data import make_loader
+    from mmcontrast.shards import count_samples
+
+    size = min(samples, count_samples(shards))
+    loader = make_loader(shards, image_transform=transform, tokenizer=tokenizer, views=views, batch_size=size, workers=0,
+                         seed=seed, shuffle_buffer=shuffle_buffer)
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise UsageError(f"log.diagnostics_samples={size} is more than one pass over the shards yields; lower it")
+    return batch
+
+
+def batch_health(embed_pair: Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]], model: nn.Module,
+                 batch: dict, views: bool) -> dict[str, float]:
+    """``health`` of the pair ``embed_pair(model, batch)`` computes, with the model in eval mode."""
+    from mmcontrast.models import evaluating
+
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with evaluating(model):
+        x, y = embed_pair(model, batch)
+    return health(x, y, views=views)
+
+
 # ---------------------------------------------------------------- embeddings of any checkpoint over shards
 
 
@@ -210,9 +244,10 @@ def embed_shard_pairs(model: nn.Module, preprocess: Callable, tokenizer: Callabl
     """
     from mmcontrast import data
     from mmcontrast.augment import simclr_transform
+    from mmcontrast.shards import check_fields
 
     views = views or tokenizer is None or not hasattr(model, "encode_text")
-    data.check_fields(shards, need_text=not views)
+    check_fields(shards, need_text=not views)
     if views:
         transform, tokenizer = simclr_transform(*preprocess_geometry(preprocess)), None
     else:

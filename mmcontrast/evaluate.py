@@ -17,7 +17,6 @@ text. Does not parse arguments or print: the CLI does that. Does not own the pro
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -35,18 +34,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mmcontrast.data import IMAGE_FIELDS, TEXT_FIELD, expand_shards
+from data_tools.formats import IMAGE_EXTENSIONS, IMAGE_FIELDS, TEXT_FIELD
 from mmcontrast.errors import UsageError
+from mmcontrast.shards import expand_shards
 from mmcontrast.zeroshot import ZeroShotClassifier
 
 
-def _available_cpus() -> int:
+def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
 DEFAULT_BATCH_SIZE = 128
-DEFAULT_WORKERS = min(4, _available_cpus())
+DEFAULT_WORKERS = min(4, available_cpus())
 RECALL_KS = (1, 5, 10)
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
@@ -159,39 +159,6 @@ def image_batches(paths: Sequence[Path], preprocess: Callable, batch_size: int =
     )
 
 
-class _CpuThreadBalance:
-    """Shares the CPU cores between decode workers and the model's intra-op threads.
-
-    While the decoders are the bottleneck (their time per batch, divided among them, exceeds the
-    model's), the model gets one thread fewer per worker: idle intra-op threads spin on the cores the
-    decoders need (on 2 cores, mmc-tiny with 2 decode workers ran 1.5× faster with 1 thread than with
-    2). While the model is the bottleneck it keeps every thread (ViT-B-32 on 2 cores: 2× faster).
-    A no-op on GPUs and without workers; restores the thread count on exit.
-    """
-
-    def __init__(self, device: torch.device, workers: int):
-        self.active = device.type == "cpu" and workers > 0
-        self.workers = workers
-        self.before = self.many = torch.get_num_threads()
-        self.few = max(1, min(self.many, _available_cpus() - workers))
-        self.decode = self.compute = 0.0
-
-    def update(self, decode_seconds: float, compute_seconds: float) -> None:
-        if not self.active:
-            return
-        self.decode += decode_seconds
-        self.compute += compute_seconds
-        wanted = self.few if self.decode / self.workers > self.compute else self.many
-        if wanted != torch.get_num_threads():
-            torch.set_num_threads(wanted)
-
-    def __enter__(self) -> _CpuThreadBalance:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.before)
-
-
 @dataclass
 class EncodedImages:
     """Features of the readable images among ``paths``."""
@@ -202,25 +169,31 @@ class EncodedImages:
     errors: dict[int, str] = field(default_factory=dict)  # index into paths -> why it could not be read
 
 
+BatchTimes = Callable[[float, float], None]  # (seconds decoding a batch, seconds encoding it), e.g. to balance CPU threads
+
+
 @torch.inference_mode()
 def encode_images(model: nn.Module, preprocess: Callable, paths: Sequence[Path], batch_size: int = DEFAULT_BATCH_SIZE,
                   workers: int = DEFAULT_WORKERS, normalize: bool = True, progress: bool = False,
-                  desc: str = "images") -> EncodedImages:
-    """Run ``model.encode_image`` over image files (CLIP or image-only encoders)."""
+                  desc: str = "images", on_batch: BatchTimes | None = None) -> EncodedImages:
+    """Run ``model.encode_image`` over image files (CLIP or image-only encoders).
+
+    ``on_batch(decode_seconds, encode_seconds)`` is called after each batch (the CLI balances CPU threads with it).
+    """
     device = next(model.parameters()).device
     ok: list[int] = []
     errors: dict[int, str] = {}
     chunks: list[torch.Tensor] = []
     loader = image_batches(paths, preprocess, batch_size, workers, pin_memory=device.type == "cuda")
-    with _CpuThreadBalance(device, loader.num_workers) as threads, \
-            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
         for batch in loader:
             errors.update(batch.errors)
             if batch.images is not None:
                 start = time.perf_counter()
                 features = model.encode_image(batch.images.to(device, non_blocking=True)).float()
                 chunks.append((nn.functional.normalize(features, dim=-1) if normalize else features).cpu())
-                threads.update(batch.decode_seconds, time.perf_counter() - start)
+                if on_batch is not None:
+                    on_batch(batch.decode_seconds, time.perf_counter() - start)
                 ok.extend(batch.indices)
             bar.update(len(batch.indices) + len(batch.errors))
     features = torch.cat(chunks) if chunks else torch.empty(0, 0)
@@ -232,9 +205,10 @@ def encode_images(model: nn.Module, preprocess: Callable, paths: Sequence[Path],
 
 def zero_shot_classify(classifier: ZeroShotClassifier, preprocess: Callable, paths: Sequence[Path],
                        batch_size: int = DEFAULT_BATCH_SIZE, workers: int = DEFAULT_WORKERS,
-                       progress: bool = False) -> tuple[EncodedImages, torch.Tensor]:
+                       progress: bool = False, on_batch: BatchTimes | None = None) -> tuple[EncodedImages, torch.Tensor]:
     """Classify image files: (their features, ``(len(ok), n_labels)`` probabilities)."""
-    encoded = encode_images(classifier.model, preprocess, paths, batch_size, workers, progress=progress, desc="zero-shot")
+    encoded = encode_images(classifier.model, preprocess, paths, batch_size, workers, progress=progress, desc="zero-shot",
+                            on_batch=on_batch)
     if not encoded.ok:
         return encoded, torch.empty(0, len(classifier.labels))
     return encoded, classifier.logits(encoded.features).softmax(dim=-1)
@@ -265,9 +239,6 @@ def classification_metrics(scores: torch.Tensor | np.ndarray, targets: Sequence[
     }
 
 
-PREDICTION_FORMATS = (".csv", ".jsonl")
-
-
 def zero_shot_rows(encoded: EncodedImages, probs: torch.Tensor, labels: Sequence[str], top_k: int = 1,
                    targets: Sequence[int] | None = None) -> list[dict]:
     """One dict per image, in order: ``path, label, score`` (+ ``top_k``, ``true_label``), or ``path, error``.
@@ -291,30 +262,6 @@ def zero_shot_rows(encoded: EncodedImages, probs: torch.Tensor, labels: Sequence
             row["true_label"] = labels[targets[i]]
         rows.append(row)
     return rows
-
-
-def write_predictions(rows: Sequence[dict], path: str | Path) -> Path:
-    """Write ``zero_shot_rows`` as CSV (top-k spread over ``label_2, score_2, …``) or JSONL, by suffix."""
-    path = Path(path)
-    if path.suffix.lower() not in PREDICTION_FORMATS:
-        raise UsageError(f"--output {path}: use a .csv or .jsonl file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".jsonl":
-        with path.open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        return path
-    k = max((len(row.get("top_k", [])) for row in rows), default=0)
-    columns = ["path", "label", "score", "true_label", "error"]
-    columns += [f"{name}_{r}" for r in range(2, k + 1) for name in ("label", "score")]
-    with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            flat = dict(row)
-            for r, entry in enumerate(row.get("top_k", [])[1:], start=2):
-                flat[f"label_{r}"], flat[f"score_{r}"] = entry["label"], entry["score"]
-            writer.writerow(flat)
-    return path
 
 
 # ---------------------------------------------------------------- retrieval
@@ -514,7 +461,8 @@ class LabelledFeatures:
 
 def encode_class_folders(model: nn.Module, preprocess: Callable, train_dir: str | Path, test_dir: str | Path,
                          batch_size: int = DEFAULT_BATCH_SIZE, workers: int = DEFAULT_WORKERS,
-                         progress: bool = False) -> tuple[LabelledFeatures, LabelledFeatures, list[str]]:
+                         progress: bool = False, on_batch: BatchTimes | None = None
+                         ) -> tuple[LabelledFeatures, LabelledFeatures, list[str]]:
     """Encode train and test class folders; classes are the train folders' names (sorted)."""
     train_paths, train_names = class_folders(train_dir)
     test_paths, test_names = class_folders(test_dir)
@@ -525,7 +473,7 @@ def encode_class_folders(model: nn.Module, preprocess: Callable, train_dir: str 
     index = {name: i for i, name in enumerate(classnames)}
 
     def encode(paths: list[Path], names: list[str], root: str | Path, desc: str) -> LabelledFeatures:
-        encoded = encode_images(model, preprocess, paths, batch_size, workers, progress=progress, desc=desc)
+        encoded = encode_images(model, preprocess, paths, batch_size, workers, progress=progress, desc=desc, on_batch=on_batch)
         if not encoded.ok:
             raise UsageError(f"none of the {len(paths)} images under {root} could be read")
         labels = torch.tensor([index[names[i]] for i in encoded.ok])
@@ -534,3 +482,24 @@ def encode_class_folders(model: nn.Module, preprocess: Callable, train_dir: str 
 
     train = encode(train_paths, train_names, train_dir, "train")
     return train, encode(test_paths, test_names, test_dir, "test"), classnames
+
+
+# ---------------------------------------------------------------- during training (small folders, no worker processes)
+
+
+def zero_shot_top1_top5(model: nn.Module, tokenizer: Callable, preprocess: Callable, folder: str | Path,
+                        workers: int = 0) -> dict[str, float]:
+    """Zero-shot top-1/top-5 of a CLIP model on a folder of class subfolders (folder names are the labels)."""
+    paths, names = class_folders(folder)
+    classes = sorted(set(names))
+    classifier = ZeroShotClassifier(model, tokenizer, [prompt_name(c) for c in classes])
+    encoded, probs = zero_shot_classify(classifier, preprocess, paths, workers=workers)
+    result = classification_metrics(probs, [classes.index(names[i]) for i in encoded.ok], classes)
+    return {"top1": result["top1"], "top5": result["top5"]}
+
+
+def knn_top1(encoder: nn.Module, preprocess: Callable, train_dir: str | Path, test_dir: str | Path, workers: int = 0) -> float:
+    """Weighted-kNN top-1 of an image encoder: ``train_dir`` class folders vote for ``test_dir``'s images."""
+    train, test, classes = encode_class_folders(encoder, preprocess, train_dir, test_dir, workers=workers)
+    scores = knn_scores(train.features, train.labels, test.features, len(classes))
+    return float((scores.argmax(dim=1) == test.labels).float().mean())

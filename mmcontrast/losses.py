@@ -74,6 +74,40 @@ def _logsumexp_rows(logits: torch.Tensor, work: torch.Tensor, floor: float | Non
     return total.log_().add_(row_max.squeeze(1))
 
 
+def _tiles(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, block: int):
+    """Yield ``(i0, logits)`` for each block of rows: ``logits`` (c, N) = scale · rows[i0:i0+c] @ colsᵀ.
+
+    One (block, N) buffer serves every tile; a tile is valid until the next one is requested and may be
+    overwritten in place by the caller.
+    """
+    buffer = rows.new_empty(block, cols.shape[0])
+    for i0 in range(0, rows.shape[0], block):
+        c = min(block, rows.shape[0] - i0)
+        yield i0, _scaled_logits(rows[i0 : i0 + c], cols, scale, out=buffer[:c])
+
+
+def _tiled_backward(rows, cols, scale, block, tile_grad, coef, need_cols_grad: bool):
+    """Gradients of a loss of ``logits = scale · rows @ colsᵀ`` w.r.t. rows, cols and scale, tile by tile.
+
+    ``tile_grad(i0, logits)`` turns a tile of logits (c, N) into ``dL/dlogits / coef`` for those rows (it may
+    work in place); nothing of size (N, N) is ever held. Returns ``(grad_rows, grad_cols, grad_scale)``.
+    """
+    grad_rows = torch.empty_like(rows)
+    grad_cols = torch.zeros_like(cols)
+    grad_s = torch.zeros((), dtype=rows.dtype, device=rows.device)
+    for i0, logits in _tiles(rows, cols, scale, block):
+        blk = rows[i0 : i0 + logits.shape[0]]
+        g = tile_grad(i0, logits)  # (c, N)
+        g_cols = g @ cols  # (c, d)
+        grad_rows[i0 : i0 + len(blk)] = g_cols
+        grad_s += (blk * g_cols).sum()  # Σ g ∘ (rows colsᵀ) without another (c, N) pass
+        if need_cols_grad:
+            grad_cols.addmm_(g.T, blk)
+    grad_rows.mul_(coef * scale)
+    grad_cols.mul_(coef * scale)
+    return grad_rows, grad_cols, (grad_s * coef).reshape(scale.shape).to(scale.dtype)
+
+
 class _ChunkedSymmetricInfoNCE(torch.autograd.Function):
     """Symmetric InfoNCE over all N pairs, tiled in row blocks.
 
@@ -89,11 +123,10 @@ class _ChunkedSymmetricInfoNCE(torch.autograd.Function):
         row_lse = a.new_empty(n)
         col_max = a.new_full((n,), float("-inf"))
         col_sum = a.new_zeros(n)  # Σ_i exp(logits[i, j] − col_max[j]) over the tiles seen so far
-        tile, work = a.new_empty(block, n), a.new_empty(block, n)
+        work = a.new_empty(block, n)
         floor = _exp_floor(a, scale, n)
-        for i0 in range(0, n, block):
-            c = min(block, n - i0)
-            logits = _scaled_logits(a[i0 : i0 + c], b, scale, out=tile[:c])  # (c, N)
+        for i0, logits in _tiles(a, b, scale, block):
+            c = logits.shape[0]
             row_lse[i0 : i0 + c] = _logsumexp_rows(logits, work[:c], floor)
             new_max = torch.maximum(col_max, logits.amax(dim=0))
             col_sum.mul_(torch.exp(col_max - new_max)).add_(_exp_(logits.sub_(new_max), floor).sum(dim=0))
@@ -109,28 +142,19 @@ class _ChunkedSymmetricInfoNCE(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         a, b, scale, row_lse, col_lse = ctx.saved_tensors
         n, block = a.shape[0], ctx.block
-        grad_a = torch.empty_like(a)
-        grad_b = torch.zeros_like(b)
-        grad_s = torch.zeros((), dtype=a.dtype, device=a.device)
-        tile, work = a.new_empty(block, n), a.new_empty(block, n)
+        work = a.new_empty(block, n)
         floor = _exp_floor(a, scale, n)
-        for i0 in range(0, n, block):
-            a_blk = a[i0 : i0 + block]
-            c = a_blk.shape[0]
-            logits = _scaled_logits(a_blk, b, scale, out=tile[:c])  # (c, N)
+
+        def tile_grad(i0: int, logits: torch.Tensor) -> torch.Tensor:
             # 2N · dL/dlogits = softmax over the row + softmax over the column − 2·identity
+            c = logits.shape[0]
             row_softmax = _exp_(torch.sub(logits, row_lse[i0 : i0 + c, None], out=work[:c]), floor)
             g = _exp_(logits.sub_(col_lse), floor).add_(row_softmax)
             g.diagonal(i0).sub_(2)
-            g_b = g @ b  # (c, d)
-            grad_a[i0 : i0 + c] = g_b
-            grad_s += (a_blk * g_b).sum()  # Σ g ∘ (a bᵀ) without another (c, N) pass
-            if ctx.needs_input_grad[1]:
-                grad_b.addmm_(g.T, a_blk)
-        coef = grad_out / (2 * n)
-        grad_a.mul_(coef * scale)
-        grad_b.mul_(coef * scale)
-        return grad_a, grad_b, (grad_s * coef).reshape(scale.shape).to(scale.dtype), None
+            return g
+
+        grads = _tiled_backward(a, b, scale, block, tile_grad, grad_out / (2 * n), ctx.needs_input_grad[1])
+        return *grads, None
 
 
 class _ChunkedRowCrossEntropy(torch.autograd.Function):
@@ -144,12 +168,10 @@ class _ChunkedRowCrossEntropy(torch.autograd.Function):
     def forward(ctx, q, k, scale, offset, block):  # type: ignore[override]
         m, n_cols = q.shape[0], k.shape[0]
         lse = q.new_empty(m)
-        tile, work = q.new_empty(block, n_cols), q.new_empty(block, n_cols)
+        work = q.new_empty(block, n_cols)
         floor = _exp_floor(q, scale, n_cols)
-        for i0 in range(0, m, block):
-            c = min(block, m - i0)
-            logits = _scaled_logits(q[i0 : i0 + c], k, scale, out=tile[:c])  # (c, N)
-            lse[i0 : i0 + c] = _logsumexp_rows(logits, work[:c], floor)
+        for i0, logits in _tiles(q, k, scale, block):
+            lse[i0 : i0 + logits.shape[0]] = _logsumexp_rows(logits, work[: logits.shape[0]], floor)
         pos = (q * k[offset : offset + m]).sum(dim=1) * scale
         ctx.save_for_backward(q, k, scale, lse)
         ctx.offset, ctx.block = offset, block
@@ -158,27 +180,16 @@ class _ChunkedRowCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, scale, lse = ctx.saved_tensors
-        m, offset, block = q.shape[0], ctx.offset, ctx.block
-        grad_q = torch.empty_like(q)
-        grad_k = torch.zeros_like(k)
-        grad_s = torch.zeros((), dtype=q.dtype, device=q.device)
-        tile = q.new_empty(block, k.shape[0])
+        m, offset = q.shape[0], ctx.offset
         floor = _exp_floor(q, scale, k.shape[0])
-        for i0 in range(0, m, block):
-            q_blk = q[i0 : i0 + block]
-            c = q_blk.shape[0]
-            logits = _scaled_logits(q_blk, k, scale, out=tile[:c])  # (c, N)
-            g = _exp_(logits.sub_(lse[i0 : i0 + c, None]), floor)  # m · dL/dlogits = softmax − identity
+
+        def tile_grad(i0: int, logits: torch.Tensor) -> torch.Tensor:
+            g = _exp_(logits.sub_(lse[i0 : i0 + logits.shape[0], None]), floor)  # m · dL/dlogits = softmax − identity
             g.diagonal(offset + i0).sub_(1)
-            g_k = g @ k  # (c, d)
-            grad_q[i0 : i0 + c] = g_k
-            grad_s += (q_blk * g_k).sum()
-            if ctx.needs_input_grad[1]:
-                grad_k.addmm_(g.T, q_blk)
-        coef = grad_out / m
-        grad_q.mul_(coef * scale)
-        grad_k.mul_(coef * scale)
-        return grad_q, grad_k, (grad_s * coef).reshape(scale.shape).to(scale.dtype), None, None
+            return g
+
+        grads = _tiled_backward(q, k, scale, ctx.block, tile_grad, grad_out / m, ctx.needs_input_grad[1])
+        return *grads, None, None
 
 
 def _check_pairs(a: torch.Tensor, b: torch.Tensor, names: str) -> None:

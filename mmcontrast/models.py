@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmcontrast.config import CHECKPOINTS_DIR, LAST_CHECKPOINT
 from mmcontrast.errors import UsageError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -279,6 +280,38 @@ def image_encoder_spec(name: str, timm_kwargs: dict, cifar_stem: bool, image_siz
     }
 
 
+class SimclrModel(nn.Module):
+    """Image encoder + SimCLR projection head (Linear–BN–ReLU–Linear); only the encoder is exported."""
+
+    def __init__(self, encoder: nn.Module, hidden_dim: int, out_dim: int, batchnorm: bool = True):
+        super().__init__()
+        self.encoder = encoder
+        dim = encoder.output_dim
+        self.head = nn.Sequential(
+            nn.Linear(dim, hidden_dim, bias=not batchnorm),
+            nn.BatchNorm1d(hidden_dim) if batchnorm else nn.Identity(),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = view1.shape[0]
+        z = self.head(self.encoder.encode_image(torch.cat([view1, view2])))  # (2n, out_dim), both views share BN stats
+        return z[:n], z[n:]
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """``model.eval()`` and no autograd inside the block; the training flag is restored after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def image_eval_transform(spec: dict) -> Callable:
     from open_clip.transform import image_transform
 
@@ -374,8 +407,9 @@ def load(path_or_name: str | Path, pretrained: str | None = None, device: str = 
     target = Path(path_or_name)
     if target.is_dir():
         weights = target / WEIGHTS_FILE
-        if not weights.is_file() and (target / "checkpoints" / "last" / WEIGHTS_FILE).is_file():
-            weights = target / "checkpoints" / "last" / WEIGHTS_FILE
+        in_training = target / CHECKPOINTS_DIR / LAST_CHECKPOINT / WEIGHTS_FILE
+        if not weights.is_file() and in_training.is_file():
+            weights = in_training
         config_file = target / MODEL_CONFIG_FILE
     elif target.is_file():
         weights, config_file = target, target.parent / MODEL_CONFIG_FILE

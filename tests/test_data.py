@@ -16,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcontrast.data import check_fields, count_samples, expand_shards, make_loader, resume_position
+from mmcontrast.data import make_loader, resume_position
 from mmcontrast.errors import UsageError
+from mmcontrast.shards import check_fields, count_samples, expand_shards
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -116,7 +117,7 @@ def test_check_fields_names_the_fields_it_found(shards, tmp_path):
 
 
 def test_count_samples_uses_stats_then_img2dataset_stats_then_tar_headers(shards, tmp_path, monkeypatch):
-    import mmcontrast.data as data
+    import mmcontrast.shards as data
 
     copies = []
     for src in shards[:2]:

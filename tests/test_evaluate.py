@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mmcontrast import UsageError
+from mmcontrast import UsageError, cli
 from mmcontrast import evaluate as ev
 from mmcontrast.models import load
 from mmcontrast.plots import confusion_matrix_png
@@ -38,12 +39,13 @@ def folder_with_broken_images(trained_tiny_clip, tmp_path):
 
 
 def test_discover_images_is_recursive_sorted_and_filters_extensions(tmp_path):
-    for rel in ["b/x.PNG", "a/deep/y.jpeg", "z.webp", "c.bmp", "d.jpg", "skip.txt", "skip.gif"]:
+    for rel in ["b/x.PNG", "a/deep/y.jpeg", "z.webp", "c.bmp", "d.jpg", "skip.txt", "skip.json", "e.gif", "f.TIF"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     found = [p.relative_to(tmp_path).as_posix() for p in ev.discover_images(tmp_path)]
-    assert found == ["a/deep/y.jpeg", "b/x.PNG", "c.bmp", "d.jpg", "z.webp"]
-    assert ev.folder_names(tmp_path, ev.discover_images(tmp_path)) == ["a", "b", None, None, None]
+    # the same image types make_shards converts (data_tools.formats.IMAGE_EXTENSIONS), nothing else
+    assert found == ["a/deep/y.jpeg", "b/x.PNG", "c.bmp", "d.jpg", "e.gif", "f.TIF", "z.webp"]
+    assert ev.folder_names(tmp_path, ev.discover_images(tmp_path)) == ["a", "b", None, None, None, None, None]
     with pytest.raises(UsageError, match="does not exist"):
         ev.discover_images(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -72,29 +74,31 @@ def test_unreadable_images_are_counted_listed_and_written(tiny, folder_with_brok
     rows = ev.zero_shot_rows(encoded, probs, labels, top_k=3, targets=targets)
     assert [row["path"] for row in rows] == [str(p) for p in paths]
     assert sum(1 for row in rows if row.get("error")) == 2
-    csv_rows = list(csv.DictReader(ev.write_predictions(rows, tmp_path / "p.csv").open()))
+    csv_rows = list(csv.DictReader(open(cli.write_predictions(rows, str(tmp_path / "p.csv")))))
     assert len(csv_rows) == 42 and {"path", "label", "score", "error", "label_3", "score_3"} <= set(csv_rows[0])
     good = [r for r in csv_rows if not r["error"]]
     assert all(0 <= float(r["score"]) <= 1 for r in good)
     assert np.mean([r["label"] == r["true_label"] for r in good]) >= 0.9
-    lines = (ev.write_predictions(rows, tmp_path / "p.jsonl")).read_text().splitlines()
+    lines = Path(cli.write_predictions(rows, str(tmp_path / "p.jsonl"))).read_text().splitlines()
     parsed = [json.loads(line) for line in lines]
     assert len(parsed) == 42 and sum("error" in r for r in parsed) == 2
     assert all(len(r["top_k"]) == 3 for r in parsed if "error" not in r)
     with pytest.raises(UsageError, match=".csv or .jsonl"):
-        ev.write_predictions(rows, tmp_path / "p.txt")
+        cli.write_predictions(rows, str(tmp_path / "p.txt"))
 
 
 def test_cpu_threads_make_room_for_decoders_only_while_decoding_is_the_bottleneck(monkeypatch):
-    monkeypatch.setattr(ev, "_available_cpus", lambda: 8)
+    monkeypatch.setattr(ev, "available_cpus", lambda: 8)
     threads = torch.get_num_threads()
-    with ev._CpuThreadBalance(torch.device("cpu"), workers=2) as balance:
+    try:
+        balance = cli._CpuThreadBalance(torch.device("cpu"), workers=2)
         balance.many, balance.few = 8, 6
         balance.update(decode_seconds=1.0, compute_seconds=0.1)  # 0.5 s per worker > 0.1 s: decode-bound
         assert torch.get_num_threads() == 6
         balance.update(decode_seconds=1.0, compute_seconds=5.0)  # the model is now the bottleneck
         assert torch.get_num_threads() == 8
-    assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_classification_metrics_and_confusion_png(tmp_path):

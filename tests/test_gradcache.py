@@ -7,7 +7,9 @@ import torch
 from open_clip.transformer import PatchDropout
 
 from mmcontrast import models
-from mmcontrast.train import SimclrModel, Task, step_gradients
+from mmcontrast.gradcache import step_gradients
+from mmcontrast.models import SimclrModel
+from mmcontrast.tasks import Task, clip_task, simclr_task
 
 
 class _SingleProcess:
@@ -29,7 +31,7 @@ def _clip_task(dropout: float) -> Task:
     model = bundle.model.double()
     if dropout:
         model.visual.patch_dropout = PatchDropout(dropout)
-    return Task("clip", model, bundle.preprocess_val, bundle.tokenizer, "clip", "plain")
+    return clip_task(model, bundle.tokenizer, loss_name="clip", clip_mode="plain")
 
 
 def _simclr_task(dropout: float, loss_name: str = "nt_xent") -> Task:
@@ -37,7 +39,7 @@ def _simclr_task(dropout: float, loss_name: str = "nt_xent") -> Task:
     if dropout:
         encoder.backbone.patch_dropout = PatchDropout(dropout)
     model = SimclrModel(encoder, 32, 16, batchnorm=False).double()
-    return Task("simclr", model, None, None, loss_name, temperature=0.2)
+    return simclr_task(model, loss_name=loss_name, temperature=0.2)
 
 
 def _batches(mode: str, n: int, k: int, seed: int = 0) -> list[dict]:
@@ -62,7 +64,7 @@ def _reference_grads(task: Task, micro: list[dict], seed: int) -> tuple[torch.Te
     task.model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     outs = [task.model(*task.inputs(b)) for b in micro]
-    n_emb = task.n_embeddings()
+    n_emb = task.n_embeddings
     merged = [torch.cat([o[i] for o in outs]) for i in range(n_emb)] + list(outs[0][n_emb:])
     labels = torch.cat([b["label"] for b in micro]) if "label" in micro[0] else None
     loss = task.loss(merged, labels)
@@ -117,7 +119,7 @@ def test_k4_replays_dropout_exactly(mode, loss_name):
 def test_batchnorm_running_stats_updated_once_per_micro_batch():
     torch.manual_seed(0)
     encoder = models.ImageEncoder(models.image_encoder_spec("mmc-tiny", {}, False))
-    task = Task("simclr", SimclrModel(encoder, 32, 16, batchnorm=True).double(), None, None, "nt_xent", temperature=0.2)
+    task = simclr_task(SimclrModel(encoder, 32, 16, batchnorm=True).double(), loss_name="nt_xent", temperature=0.2)
     task.model.train()
     micro = _batches("simclr", 32, 4)
     bn = task.model.head[1]

@@ -36,7 +36,8 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def test_two_views_of_a_sample_differ_and_repeat_with_the_seed(tiny_shards):
     from mmcontrast.augment import simclr_transform
-    from mmcontrast.data import expand_shards, make_loader
+    from mmcontrast.data import make_loader
+    from mmcontrast.shards import expand_shards
 
     transform = simclr_transform(32, [0.5] * 3, [0.5] * 3, crop_scale=(0.2, 1.0), blur_p=0.0)
 
