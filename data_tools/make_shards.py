@@ -44,7 +44,14 @@ from multiprocessing import Pool
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from data_tools.formats import IMAGE_EXTENSIONS, SIZES_FILE, STATS_FILE, is_image_file, shard_stats_path
+from data_tools.formats import (
+    IMAGE_EXTENSIONS,
+    SIZES_FILE,
+    STATS_FILE,
+    is_image_file,
+    shard_stats_path,
+    upright_size,
+)
 
 STORED_EXTENSION = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # other formats are re-encoded as PNG
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
@@ -320,14 +327,14 @@ def _open_image(data: bytes, settings: Settings) -> tuple[Image.Image | None, tu
             return None, (0, 0), "not_an_image"
         except Exception:
             return None, (0, 0), "corrupt_image"
-        width, height = img.size
+        width, height = upright_size(img)  # the size reported in KEY.json is the size as shown
         if width * height > settings.max_pixels:
             return None, (0, 0), "decompression_bomb"
         try:
             resize = settings.max_image_size and max(width, height) > settings.max_image_size
             if img.format == "JPEG" and not resize:
                 # decode at 1/8 scale: every byte is still entropy-decoded, so truncation is still caught
-                img.draft(None, (max(1, width // 8), max(1, height // 8)))
+                img.draft(None, (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
         except Exception:
             return None, (0, 0), "corrupt_image"

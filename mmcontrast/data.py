@@ -24,21 +24,18 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import io
 import itertools
 import logging
 import math
 import os
 import random
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
-from data_tools.formats import IMAGE_FIELDS, TEXT_FIELD, to_rgb
+from data_tools.formats import IMAGE_FIELDS, TEXT_FIELD, ImageDecodeError, decode_image
 from mmcontrast.errors import UsageError
 from mmcontrast.shards import (
     class_names,
@@ -216,17 +213,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         """The decoded, transformed sample, or the kind of problem that makes us skip it."""
         field = next(f for f in IMAGE_FIELDS if f in sample)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(sample[field]))
-                if self.decode_size and image.format == "JPEG":
-                    # decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= decode_size
-                    image.draft("RGB", (self.decode_size, self.decode_size))
-                image = to_rgb(image)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            return "decompression_bomb"
-        except Exception:
-            return "corrupt_image"
+            image = decode_image(sample[field], draft_size=self.decode_size)
+        except ImageDecodeError as err:
+            return err.reason
         out = {"key": sample["__key__"]}
         if self.tokenizer is not None:
             try:

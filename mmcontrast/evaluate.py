@@ -17,7 +17,6 @@ text. Does not parse arguments or print: the CLI does that. Does not own the pro
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -29,12 +28,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data_tools.formats import IMAGE_EXTENSIONS, IMAGE_FIELDS, TEXT_FIELD
+from data_tools.formats import IMAGE_EXTENSIONS, IMAGE_FIELDS, TEXT_FIELD, ImageDecodeError, decode_image
 from mmcontrast.errors import UsageError
 from mmcontrast.shards import expand_shards
 from mmcontrast.zeroshot import ZeroShotClassifier
@@ -126,10 +124,10 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, float]:
         start = time.perf_counter()
         try:
-            with Image.open(self.paths[i]) as image:
-                return i, self.preprocess(image.convert("RGB")), None, time.perf_counter() - start
-        except Exception as err:  # any unreadable file (zero bytes, truncated, not an image) is reported
-            return i, None, f"{type(err).__name__}: {err}", time.perf_counter() - start
+            image = decode_image(self.paths[i])
+        except ImageDecodeError as err:  # any unreadable file (zero bytes, truncated, not an image) is reported
+            return i, None, str(err), time.perf_counter() - start
+        return i, self.preprocess(image), None, time.perf_counter() - start
 
 
 class ImageBatch(NamedTuple):
@@ -324,10 +322,9 @@ def _decode_retrieval_sample(sample: dict, preprocess: Callable) -> dict:
         out["error"] = "no image field" if image_key is None else "no caption"
         return out
     try:
-        with Image.open(io.BytesIO(sample[image_key])) as image:
-            out["image"] = preprocess(image.convert("RGB"))
-    except Exception as err:  # a corrupt image is counted, not fatal
-        out["error"] = f"{type(err).__name__}: {err}"
+        out["image"] = preprocess(decode_image(sample[image_key]))
+    except ImageDecodeError as err:  # a corrupt image is counted, not fatal
+        out["error"] = str(err)
     return out
 
 
