@@ -1,17 +1,27 @@
-"""Training checkpoints in a run directory: atomic save, load, pruning, and cutting metrics back on resume.
+"""Training checkpoints in a run directory: atomic save, verified load with fallback, pruning, metrics cut-back.
 
-Owns the layout under ``RUN_DIR/checkpoints``: ``step_NNNNNN/`` (Accelerate's ``save_state`` — model,
-optimizer, RNG states — plus ``train_state.json`` with the step and data position) and ``last``, a
-symlink switched with one rename. A checkpoint is written into a temporary directory and renamed when
-complete, so a run killed at any moment leaves the previous checkpoint intact. Does not own what the
-state means (the loop) or the exported model files (``models.py``).
+Owns the layout under ``RUN_DIR/checkpoints``: ``step_NNNNNN/`` holds Accelerate's ``save_state`` (model,
+optimizer, one RNG file per process), ``train_state.json`` (step, data position, what the run is) and
+``manifest.json`` (every file's size and SHA-256), and ``last`` is a symlink to the newest complete one.
+
+Nothing a kill can interrupt leaves the run without a complete checkpoint: a checkpoint is written into
+``.tmp_step_NNNNNN``, every process finishes writing (a barrier), rank 0 writes the manifest last and
+renames the directory into place, then switches ``last`` with one rename; old ones are pruned after
+that, by step number, never the one ``last`` names. On resume the manifest is checked before anything
+is loaded: a damaged or missing ``last`` falls back to the newest complete checkpoint with a warning,
+and with none left the error names the damaged file. Does not own what the state means (the loop) or
+the exported model files (``models.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,56 +30,207 @@ from torch import nn
 from mmcontrast.config import CHECKPOINTS_DIR, LAST_CHECKPOINT, TRAIN_STATE_FILE
 from mmcontrast.errors import TrainingError, UsageError
 
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+RNG_FILE = "random_states_{}.pkl"  # Accelerate's name for process i's RNG states
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_HASH_CHUNK = 1 << 24
+
 
 def checkpoints_dir(output_dir: Path) -> Path:
     return Path(output_dir) / CHECKPOINTS_DIR
 
 
 def has_checkpoint(output_dir: Path) -> bool:
-    return (checkpoints_dir(output_dir) / LAST_CHECKPOINT).exists()
+    last = checkpoints_dir(output_dir) / LAST_CHECKPOINT
+    return last.is_symlink() or last.exists()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """``step_NNNNNN`` directories under ``root``, oldest first by step number (not by name: 1000000 > 999999)."""
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))] if root.is_dir() else []
+    return [p for _, p in sorted(found)]
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """``manifest.json``: size and SHA-256 of every other file in ``folder``, written last and atomically."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != MANIFEST_FILE}
+    tmp = folder / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST_FILE)
+
+
+def damage(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (naming the file), or None when its manifest checks out."""
+    manifest = folder / MANIFEST_FILE
+    if not folder.is_dir():
+        return f"{folder} does not exist"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{manifest} is missing or unreadable"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{path} does not match its checksum"
+    return None
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _check_finite(model: nn.Module, step: int) -> None:
+    """Parameters must be finite and buffers (BatchNorm statistics) free of NaN before they are written.
+
+    Buffers may hold infinities by design (a causal attention mask of -inf), never NaN.
+    """
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    bad = bad or next((n for n, b in model.named_buffers() if b.is_floating_point() and torch.isnan(b).any()), None)
+    if bad is not None:
+        raise TrainingError(f"refusing to checkpoint non-finite weights ({bad}) at step {step}; lower the learning rate")
+
+
+def _point_last_at(root: Path, name: str) -> None:
+    link = root / ".last.tmp"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(name)
+    os.replace(link, root / LAST_CHECKPOINT)  # one rename: `last` is always the old or the new target
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step directories (by step number), never the one ``last`` names."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    last = os.readlink(root / LAST_CHECKPOINT) if (root / LAST_CHECKPOINT).is_symlink() else None
+    for old in step_dirs(root)[:-keep]:
+        if old.name != last:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _broadcast(accelerator, value):
+    """Rank 0's ``value`` on every process (a decision only rank 0 takes, from the file system)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
 
 
 def save_checkpoint(accelerator, model: nn.Module, output_dir: Path, state: dict, keep: int) -> None:
-    """Write checkpoints/step_NNNNNN atomically (temp dir + rename), point ``last`` at it, prune old ones."""
-    unwrapped = accelerator.unwrap_model(model)
-    if not all(torch.isfinite(p).all() for p in unwrapped.parameters()):
-        raise TrainingError(f"refusing to checkpoint non-finite weights at step {state['step']}; lower the learning rate")
+    """Write ``checkpoints/step_NNNNNN`` (see the module docstring for why a kill never loses a checkpoint)."""
+    _check_finite(accelerator.unwrap_model(model), state["step"])
+    root, name = checkpoints_dir(output_dir), step_dir_name(state["step"])
+    final, tmp = root / name, root / f".tmp_{name}"
+    # the same step saved again (a finished run resumed, an epoch end on a checkpoint step): the complete
+    # copy already holds this step; rewriting it would open a window with no valid checkpoint
+    reuse = _broadcast(accelerator, accelerator.is_main_process and final.is_dir() and damage(final) is None)
+    if not reuse:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process's RNG file is in before rank 0 seals the directory
+    if accelerator.is_main_process:
+        if not reuse:
+            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=2))
+            write_manifest(tmp)
+            shutil.rmtree(final, ignore_errors=True)  # only ever a damaged copy of this step
+            tmp.rename(final)
+        _point_last_at(root, name)
+        prune(root, keep)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _choose(output_dir: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from: ``last`` when complete, else the newest complete one; plus what was damaged."""
     root = checkpoints_dir(output_dir)
-    name = f"step_{state['step']:06d}"
-    tmp = root / f".tmp_{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=2))
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        link = root / ".last.tmp"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(name)
-        os.replace(link, root / LAST_CHECKPOINT)  # atomic switch of `last`
-        steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in steps[: max(0, len(steps) - keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    last = root / LAST_CHECKPOINT
+    candidates = ([root / os.readlink(last)] if last.is_symlink() else []) + step_dirs(root)[::-1]
+    problems = []
+    for folder in dict.fromkeys(candidates):  # in order, without repeats
+        problem = damage(folder)
+        if problem is None:
+            return folder, problems
+        problems.append(problem)
+    return None, problems
 
 
-def load_checkpoint(accelerator, output_dir: Path) -> dict:
-    """Restore model, optimizer and RNG states from ``checkpoints/last``; returns its train state."""
-    last = checkpoints_dir(output_dir) / LAST_CHECKPOINT
-    if not (last / TRAIN_STATE_FILE).is_file():
-        raise UsageError(f"--resume: no checkpoint at {last}; train without --resume to start this run")
-    accelerator.load_state(str(last))
-    return json.loads((last / TRAIN_STATE_FILE).read_text())
+def _check_rng_restored(folder: Path, process_index: int) -> None:
+    """Accelerate logs and goes on when it cannot restore the RNG states; an exact resume needs them."""
+    from accelerate.utils import load
+
+    path = folder / RNG_FILE.format(process_index)
+    try:
+        states = load(path)
+    except Exception as err:
+        raise UsageError(f"--resume: {path} cannot be read ({type(err).__name__}); the checkpoint was written by "
+                         "a different number of processes or is damaged") from None
+    if not torch.equal(torch.get_rng_state(), states["torch_manual_seed"]):
+        raise TrainingError(f"--resume: the random state in {path} was not restored")
+
+
+def load_checkpoint(accelerator, output_dir: Path, check: Callable[[dict], None] | None = None) -> dict:
+    """Restore model, optimizer and RNG states from the newest complete checkpoint; returns its train state.
+
+    ``check(train_state)`` runs before anything is loaded (the trainer refuses a changed config there).
+    Raises ``UsageError`` when there is no complete checkpoint, naming the damaged file.
+    """
+    chosen, problems = _choose(output_dir) if accelerator.is_main_process else (None, [])
+    chosen, problems = _broadcast(accelerator, (chosen, problems))
+    if chosen is None:
+        where = checkpoints_dir(output_dir) / LAST_CHECKPOINT
+        if not problems:
+            raise UsageError(f"--resume: no checkpoint at {where}; train without --resume to start this run")
+        raise UsageError(f"--resume: no complete checkpoint to resume from: {problems[0]}; "
+                         "restore that file or start a new --output-dir")
+    if problems and accelerator.is_main_process:
+        log.warning("checkpoint damaged: %s; resuming from %s instead", problems[0], chosen.name)
+    state = json.loads((chosen / TRAIN_STATE_FILE).read_text())
+    if check is not None:
+        check(state)
+    accelerator.load_state(str(chosen))
+    _check_rng_restored(chosen, accelerator.process_index)
+    return state
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metrics logged after the checkpoint so the file stays one continuous run."""
+    """On resume, drop metrics logged after the checkpoint, and a line a kill left half-written."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # torn by a kill mid-write
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)

@@ -268,6 +268,7 @@ def validate(cfg: Config) -> None:
         ("train.accum_steps", cfg.train.accum_steps),
         ("log.every", cfg.log.every),
         ("log.checkpoint_every", cfg.log.checkpoint_every),
+        ("log.keep_checkpoints", cfg.log.keep_checkpoints),
     ):
         if value < 1:
             raise UsageError(f"{name} must be at least 1, got {value}")
@@ -285,6 +286,40 @@ def validate(cfg: Config) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Fields whose value a checkpoint depends on: what the weights are (mode, model), what the optimizer state
+# is (optim.name, mixed precision's scaler), and what the stored data position means (batch, accumulation,
+# seed, workers, shuffling). ``--resume`` refuses a change in any of them; everything else (learning rate,
+# log cadence, more steps) may change and is recorded in config.yaml.
+RESUME_IDENTITY = (
+    "mode", "model", "train.batch_size", "train.accum_steps", "train.seed", "train.mixed_precision",
+    "data.workers", "data.shuffle_buffer", "data.resampled", "optim.name",
+)
+
+
+def identity(cfg: Config) -> dict:
+    """The ``RESUME_IDENTITY`` fields of ``cfg`` as plain values, for ``resume_conflict``."""
+    values = {}
+    for dotted in RESUME_IDENTITY:
+        obj: Any = cfg
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        values[dotted] = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    return values
+
+
+def resume_conflict(saved: dict, now: dict) -> tuple[str, Any, Any] | None:
+    """(dotted field, saved value, value now) of the first field that differs between two ``identity`` dicts."""
+    for key in sorted(saved.keys() | now.keys()):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = resume_conflict(a, b)
+            if inner is not None:
+                return (f"{key}.{inner[0]}", *inner[1:])
+        elif a != b:
+            return key, a, b
+    return None
 
 
 def dump_yaml(cfg: Config, path: str | Path) -> None:

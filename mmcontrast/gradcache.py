@@ -27,7 +27,8 @@ from torch import nn
 from mmcontrast.tasks import Task
 
 
-def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
+def bn_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Running statistics of the BatchNorm layers in training mode (what a forward pass changes)."""
     return [
         buf
         for m in model.modules()
@@ -40,7 +41,7 @@ def _bn_buffers(model: nn.Module) -> list[torch.Tensor]:
 @contextlib.contextmanager
 def _frozen_bn_statistics(model: nn.Module):
     """Restore BatchNorm running statistics after a no-grad embedding pass (pass 1 of caching)."""
-    buffers = _bn_buffers(model)
+    buffers = bn_buffers(model)
     saved = [b.clone() for b in buffers]
     try:
         yield

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -206,6 +206,33 @@ class TrainState:
     samples_seen: int = 0
     skipped_samples: int = 0
     nonfinite_steps: int = 0  # in a row
+    identity: dict = field(default_factory=dict)  # what a resume must not change (config.RESUME_IDENTITY, processes, shards)
+
+
+def run_identity(cfg: Config, processes: int, shards: list[str]) -> dict:
+    """``config.identity`` plus what only the launch knows: the number of processes and the shard list."""
+    import hashlib
+
+    from mmcontrast.config import identity
+
+    names = "\n".join(os.path.basename(s) for s in shards)
+    digest = hashlib.sha1(names.encode()).hexdigest()[:12]
+    return {**identity(cfg), "processes": processes, "data.shards": f"{len(shards)} shards ({digest})"}
+
+
+def _refuse_changed_identity(now: dict) -> Callable[[dict], None]:
+    def check(saved_state: dict) -> None:
+        from mmcontrast.config import resume_conflict
+
+        conflict = resume_conflict(saved_state.get("identity", {}), now)
+        if conflict is not None:
+            field_name, saved, current = conflict
+            raise UsageError(
+                f"--resume: {field_name} is {current!r} but the checkpoint was made with {saved!r}; resume with the "
+                "same value (only things like the learning rate, log cadence and --steps may change) or use a new --output-dir"
+            )
+
+    return check
 
 
 # ---------------------------------------------------------------- the data, one step's worth at a time
@@ -261,13 +288,17 @@ def _all_ranks_finite(accelerator, loss: torch.Tensor) -> bool:
 
 
 def optimizer_step(accelerator, model, optimizer, loss: torch.Tensor, grad_clip: float, state: TrainState,
-                   max_nonfinite_steps: int) -> bool:
+                   max_nonfinite_steps: int, bn_before: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     """Clip and step, or skip the step when the loss was not finite on some process; returns whether it stepped.
 
-    Raises ``TrainingError`` after ``max_nonfinite_steps`` skipped steps in a row.
+    A skipped step leaves no trace: its gradients are dropped and the BatchNorm statistics its forward
+    passes moved are put back (``bn_before``: pairs of buffer and its value before the step). Raises
+    ``TrainingError`` after ``max_nonfinite_steps`` skipped steps in a row.
     """
     if not _all_ranks_finite(accelerator, loss):
         optimizer.zero_grad(set_to_none=True)
+        for buffer, before in bn_before:
+            buffer.copy_(before)
         state.nonfinite_steps += 1
         if state.nonfinite_steps >= max_nonfinite_steps:
             raise TrainingError(
@@ -382,13 +413,13 @@ def _set_up(cfg: Config, output_dir: Path):
     return shards, trackers, accelerator, task, optimizer
 
 
-def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config) -> TrainState:
+def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config, identity: dict) -> TrainState:
     """Resume from ``checkpoints/last`` (or start at step 0) and write the run's config files."""
     from mmcontrast.checkpoint import load_checkpoint, truncate_metrics
 
-    state = TrainState()
+    state = TrainState(identity=identity)
     if cfg.train.resume:
-        state = TrainState(**load_checkpoint(accelerator, output_dir))
+        state = TrainState(**load_checkpoint(accelerator, output_dir, check=_refuse_changed_identity(identity)))
         if accelerator.is_main_process:
             truncate_metrics(output_dir / METRICS_FILE, state.step)
     if accelerator.is_main_process:
@@ -405,7 +436,7 @@ def train(cfg: Config) -> Path:
     from mmcontrast.config import to_dict
     from mmcontrast.data import make_loader
     from mmcontrast.diagnostics import fixed_batch
-    from mmcontrast.gradcache import step_gradients
+    from mmcontrast.gradcache import bn_buffers, step_gradients
     from mmcontrast.optim import lr_factor, set_lr
     from mmcontrast.shards import count_samples
 
@@ -415,7 +446,7 @@ def train(cfg: Config) -> Path:
     schedule = plan_schedule(count_samples(shards), batch * world, accum, cfg.train.epochs, cfg.train.steps)
     model, optimizer = accelerator.prepare(task.model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    state = _start(accelerator, task, unwrapped, output_dir, cfg)
+    state = _start(accelerator, task, unwrapped, output_dir, cfg, run_identity(cfg, world, shards))
     if trackers:
         accelerator.init_trackers("mmcontrast", config=_flat_config(to_dict(cfg)))
 
@@ -440,8 +471,10 @@ def train(cfg: Config) -> Path:
             break
         lr = set_lr(optimizer, cfg.optim.lr, lr_factor(state.step, cfg.optim.warmup_steps, schedule.total_steps, cfg.optim.min_lr_ratio))
         optimizer.zero_grad(set_to_none=True)
+        bn_before = [(b, b.clone()) for b in bn_buffers(model)]
         loss, embeddings = step_gradients(accelerator, task, model, micro)
-        if not optimizer_step(accelerator, model, optimizer, loss, cfg.optim.grad_clip, state, cfg.train.max_nonfinite_steps):
+        if not optimizer_step(accelerator, model, optimizer, loss, cfg.optim.grad_clip, state, cfg.train.max_nonfinite_steps,
+                              bn_before):
             continue
         task.clamp(unwrapped)
         state.step += 1

@@ -1,0 +1,186 @@
+"""mmcontrast.checkpoint: atomic saves that a kill cannot break, verified loads with fallback, pruning, metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mmcontrast import checkpoint as ck
+from mmcontrast.config import TRAIN_STATE_FILE
+from mmcontrast.errors import TrainingError, UsageError
+
+
+def new_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture
+def accelerator():
+    return new_accelerator()
+
+
+def tiny(accelerator, seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(torch.randn(6, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def save(accelerator, model, run: Path, step: int, keep: int = 2) -> None:
+    ck.save_checkpoint(accelerator, model, run, {"step": step, "epoch": 0}, keep=keep)
+
+
+def test_pruning_orders_by_step_number_and_never_deletes_last(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        (root / ck.step_dir_name(step)).mkdir(parents=True)
+    assert sorted(p.name for p in root.iterdir())[0] == "step_1000000"  # as strings, the newest would sort first
+    (root / "last").symlink_to("step_999998")  # e.g. resumed from an older one
+    ck.prune(root, keep=2)
+    assert sorted(p.name for p in ck.step_dirs(root)) == ["step_1000000", "step_1000001", "step_999998"]
+    with pytest.raises(ValueError):
+        ck.prune(root, keep=0)
+
+
+def test_keep_checkpoints_zero_is_a_usage_error():
+    from mmcontrast.config import apply_overrides, load_config, validate
+
+    cfg = load_config(None)
+    apply_overrides(cfg, ["train.output_dir=x", "data.train_shards=y", "train.steps=1", "log.keep_checkpoints=0"])
+    with pytest.raises(UsageError, match="log.keep_checkpoints must be at least 1"):
+        validate(cfg)
+
+
+def test_torn_metrics_line_is_dropped_not_fatal(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.9}\n{"step": 30, "lo')  # SIGKILL mid-write
+    ck.truncate_metrics(path, 20)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
+    ck.truncate_metrics(path, 10)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10]
+
+
+class _Recording:
+    """Wraps an Accelerator and records save_state / barriers / the directory rename, in order."""
+
+    def __init__(self, accelerator, events: list):
+        self._acc, self.events = accelerator, events
+
+    def __getattr__(self, name):
+        return getattr(self._acc, name)
+
+    def save_state(self, path):
+        self.events.append("save_state")
+        return self._acc.save_state(path)
+
+    def wait_for_everyone(self):
+        self.events.append("barrier")
+
+
+def test_every_process_has_written_before_the_directory_is_sealed(accelerator, tmp_path, monkeypatch):
+    model, _ = tiny(accelerator)
+    events: list[str] = []
+    rename = Path.rename
+    monkeypatch.setattr(Path, "rename", lambda self, target: (events.append("rename"), rename(self, target))[1])
+    save(_Recording(accelerator, events), model, tmp_path, 5)
+    assert events.index("save_state") < events.index("barrier", events.index("save_state")) < events.index("rename")
+    folder = tmp_path / "checkpoints" / "step_000005"
+    assert ck.damage(folder) is None and os.readlink(tmp_path / "checkpoints" / "last") == "step_000005"
+    manifest = json.loads((folder / ck.MANIFEST_FILE).read_text())["files"]
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", TRAIN_STATE_FILE} <= set(manifest)
+
+
+def test_saving_the_same_step_again_keeps_the_complete_copy(accelerator, tmp_path):
+    model, _ = tiny(accelerator)
+    save(accelerator, model, tmp_path, 5)
+    folder = tmp_path / "checkpoints" / "step_000005"
+    inode = folder.stat().st_ino
+    save(accelerator, model, tmp_path, 5)  # deleting it first would leave `last` pointing at nothing
+    assert folder.stat().st_ino == inode and ck.damage(folder) is None
+
+
+def test_non_finite_buffers_are_never_checkpointed(accelerator, tmp_path):
+    model, _ = tiny(accelerator)
+    accelerator.unwrap_model(model)[1].running_var.fill_(float("nan"))  # a skipped step's forward, say
+    with pytest.raises(TrainingError, match="running_var"):
+        save(accelerator, model, tmp_path, 1)
+    assert not (tmp_path / "checkpoints" / "last").exists()
+
+
+def damaged_run(accelerator, tmp_path) -> tuple[Path, dict]:
+    """Checkpoints at steps 1 and 2, with weights of step 1 remembered; then step 2's weights truncated."""
+    model, _ = tiny(accelerator)
+    save(accelerator, model, tmp_path, 1)
+    remembered = {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    save(accelerator, model, tmp_path, 2)
+    weights = tmp_path / "checkpoints" / "step_000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return weights, remembered
+
+
+def test_a_damaged_last_falls_back_to_the_previous_complete_checkpoint(accelerator, tmp_path, caplog):
+    weights, remembered = damaged_run(accelerator, tmp_path)
+    fresh = new_accelerator()  # a new process would have one model, not two
+    model, _ = tiny(fresh, seed=1)
+    with caplog.at_level(logging.WARNING, logger="mmcontrast.checkpoint"):
+        state = ck.load_checkpoint(fresh, tmp_path)
+    assert state["step"] == 1
+    assert str(weights) in caplog.text and "resuming from step_000001" in caplog.text
+    for key, value in fresh.unwrap_model(model).state_dict().items():
+        assert torch.equal(value, remembered[key]), key
+
+
+def test_with_no_complete_checkpoint_the_error_names_the_damaged_file(accelerator, tmp_path):
+    weights, _ = damaged_run(accelerator, tmp_path)
+    (tmp_path / "checkpoints" / "step_000001" / "optimizer.bin").unlink()
+    fresh = new_accelerator()
+    tiny(fresh, seed=1)
+    with pytest.raises(UsageError, match=f"{weights} has 100 bytes"):
+        ck.load_checkpoint(fresh, tmp_path)
+
+
+def test_random_states_that_accelerate_could_not_restore_are_an_error(accelerator, tmp_path):
+    model, _ = tiny(accelerator)
+    save(accelerator, model, tmp_path, 1)
+    folder = tmp_path / "checkpoints" / "step_000001"
+    (folder / "random_states_0.pkl").write_bytes(b"not a pickle")
+    ck.write_manifest(folder)  # consistent manifest: only the RNG restore itself can notice
+    fresh = new_accelerator()
+    tiny(fresh, seed=1)
+    with pytest.raises(UsageError, match="random_states_0.pkl cannot be read"):
+        ck.load_checkpoint(fresh, tmp_path)
+
+
+def test_a_skipped_non_finite_step_puts_batchnorm_statistics_back():
+    from mmcontrast.gradcache import bn_buffers
+    from mmcontrast.train import TrainState, optimizer_step
+
+    class OneProcess:
+        num_processes, device = 1, torch.device("cpu")
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    bn_before = [(b, b.clone()) for b in bn_buffers(model)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = model(torch.randn(6, 4) * 5 + 3).sum() * float("nan")  # the forward moved the running statistics
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])
+    loss.backward()
+    state = TrainState()
+    assert not optimizer_step(OneProcess(), model, optimizer, loss, 1.0, state, 5, bn_before)
+    assert state.nonfinite_steps == 1
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
