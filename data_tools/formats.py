@@ -29,6 +29,7 @@ TEXT_FIELD = "txt"
 STATS_FILE = "stats.json"  # make_shards: {"seen", "written", "skipped", "shards": [{"name", "samples"}], "classes"?}
 SIZES_FILE = "sizes.json"  # {shard name: samples}: the file open_clip's trainer reads for the data set size
 SHARD_STATS_SUFFIX = "_stats.json"  # NNNNN_stats.json beside NNNNN.tar (img2dataset's convention): "successes"
+MANIFEST_FILE = "_manifest.jsonl.gz"  # make_shards: the sorted input listing, one JSON row per input, header first
 
 _KEY_AND_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: the key ends at the first dot
 

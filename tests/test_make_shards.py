@@ -17,7 +17,7 @@ from PIL import Image
 
 from data_tools import inspect as inspect_tool
 from data_tools import make_shards
-from data_tools.make_shards import make_key
+from data_tools.inputs import make_key
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,101 @@
+"""Who runs ``output.write_shard`` for each shard: a local process pool (the default) or a Ray cluster.
+
+Owns: scheduling shard jobs ``(shard index, manifest rows)`` on workers with a bounded number in flight (the
+listing may have millions of rows), and yielding each finished shard's stats. Does not own what a shard
+contains (``output.write_shard``, the same function on every engine, hence the same bytes).
+
+Ray is optional and imported only here, only for ``--engine ray``: ``pip install 'mmcontrast[ray]'``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from multiprocessing import Pool
+
+from data_tools.inputs import ArgumentError
+from data_tools.output import ShardContext, write_shard
+
+RAY_TASK_RETRIES = 3  # a task whose worker dies (killed, node lost) runs again, from the start of its shard
+IN_FLIGHT_PER_WORKER = 2  # jobs queued per worker: enough to keep it busy, bounded memory
+
+Job = tuple[int, list[str]]
+
+_worker_context: ShardContext | None = None  # set once in each pool process
+
+
+def _init_worker(ctx: ShardContext) -> None:
+    global _worker_context
+    _worker_context = ctx
+
+
+def _write_in_worker(shard: int, lines: list[str]) -> dict:
+    return write_shard(_worker_context, shard, lines)
+
+
+def run_local(jobs: Iterable[Job], ctx: ShardContext, workers: int) -> Iterator[dict]:
+    """Write every job's shard with ``workers`` processes (in this process when 1); yields their stats."""
+    if workers == 1:
+        for shard, lines in jobs:
+            yield write_shard(ctx, shard, lines)
+        return
+    pool = Pool(workers, initializer=_init_worker, initargs=(ctx,))
+    try:
+        pending: deque = deque()
+        for shard, lines in jobs:  # apply_async, not imap: imap would read the whole listing ahead
+            pending.append(pool.apply_async(_write_in_worker, (shard, lines)))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    finally:
+        pool.terminate()
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ArgumentError("--engine ray needs Ray, which is not installed: pip install 'mmcontrast[ray]'") from None
+    return ray
+
+
+def _start_ray(ray, address: str | None, workers: int | None) -> bool:
+    """Connect to ``address``, or start a local cluster (``workers`` CPUs, default all); True if we started it."""
+    if ray.is_initialized():
+        return False
+    try:
+        if address:
+            ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        else:
+            ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at --ray-address {address}" if address else "a local Ray cluster"
+        raise ArgumentError(f"cannot start or reach {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return True
+
+
+def run_ray(jobs: Iterable[Job], ctx: ShardContext, address: str | None, workers: int | None) -> Iterator[dict]:
+    """Write every job's shard as one Ray task (retried if its worker dies); yields their stats as they finish.
+
+    Workers import ``data_tools``: on a multi-machine cluster, install mmcontrast where Ray runs.
+    """
+    ray = _import_ray()
+    started = _start_ray(ray, address, workers)
+    try:
+        task = ray.remote(max_retries=RAY_TASK_RETRIES)(write_shard)
+        ctx_ref = ray.put(ctx)
+        limit = IN_FLIGHT_PER_WORKER * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        pending: list = []
+        for shard, lines in jobs:
+            pending.append(task.remote(ctx_ref, shard, lines))
+            while len(pending) >= limit:
+                finished, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(finished[0])
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(finished[0])
+    finally:
+        if started:
+            ray.shutdown()
