@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
-from multiprocessing import Pool
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from data_tools.inputs import ArgumentError
 from data_tools.output import ShardContext, write_shard
@@ -34,23 +35,33 @@ def _write_in_worker(shard: int, lines: list[str]) -> dict:
     return write_shard(_worker_context, shard, lines)
 
 
+class WorkerDied(Exception):
+    """A worker process ended without finishing its shard (killed, out of memory); ``--resume`` finishes."""
+
+
 def run_local(jobs: Iterable[Job], ctx: ShardContext, workers: int) -> Iterator[dict]:
-    """Write every job's shard with ``workers`` processes (in this process when 1); yields their stats."""
+    """Write every job's shard with ``workers`` processes (in this process when 1); yields their stats.
+
+    A worker that dies ends the run with ``WorkerDied`` (multiprocessing.Pool would wait for it forever).
+    """
     if workers == 1:
         for shard, lines in jobs:
             yield write_shard(ctx, shard, lines)
         return
-    pool = Pool(workers, initializer=_init_worker, initargs=(ctx,))
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(ctx,))
     try:
         pending: deque = deque()
-        for shard, lines in jobs:  # apply_async, not imap: imap would read the whole listing ahead
-            pending.append(pool.apply_async(_write_in_worker, (shard, lines)))
+        for shard, lines in jobs:  # submitted as the listing is read: a bounded number in flight
+            pending.append(pool.submit(_write_in_worker, shard, lines))
             if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+        pool.shutdown(wait=True)
+    except BrokenProcessPool as e:
+        raise WorkerDied("a worker process died while writing a shard (killed? out of memory?)") from e
     finally:
-        pool.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _import_ray():

@@ -2,9 +2,10 @@
 
 Owns: counts (shards, samples, fields, labels), caption length statistics, an image size histogram, and
 a full check that every shard opens and every sample decodes (image, UTF-8 caption, JSON), compared with
-the per-shard counts in ``stats.json`` when present. Exit 0 when all is well, 1 when a problem was found,
-2 for unusable arguments. Does not own writing shards (``make_shards``) or reading them for training
-(``mmcontrast.data``).
+the per-shard counts in ``stats.json`` (or each shard's ``NNNNN_stats.json``) when present. A report with
+problems ends with the line ``fix or re-create: 00003.tar, ...`` naming every shard that has one. Exit 0
+when all is well, 1 when a problem was found, 2 for unusable arguments. Does not own writing shards
+(``make_shards``) or reading them for training (``mmcontrast.data``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from collections import Counter
 import braceexpand
 from PIL import Image
 
-from data_tools.formats import IMAGE_FIELDS, TEXT_FIELD, local_folder_counts, split_member_name
+from data_tools.formats import (
+    IMAGE_FIELDS,
+    TEXT_FIELD,
+    local_folder_counts,
+    shard_sample_count,
+    shard_stats_path,
+    split_member_name,
+)
 
 SIZE_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)  # upper bounds of the longer-side histogram
 MAX_LISTED_PROBLEMS = 20
@@ -92,10 +100,17 @@ def _check_sample(sample: dict, decode: bool, report: dict) -> str | None:
 
 
 def _expected_counts(shards: list[str]) -> dict[str, int]:
-    """Per-shard sample counts promised by make_shards' stats.json files beside the shards."""
+    """Per-shard sample counts promised by make_shards' stats.json beside the shards, else by each shard's
+    own ``NNNNN_stats.json`` (make_shards' or img2dataset's; a ``--part`` run writes no stats.json)."""
     expected = {}
     for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in shards}):
         expected.update({os.path.join(folder, name): n for name, n in local_folder_counts(folder).items()})
+    for path in map(os.path.abspath, shards):
+        if path not in expected and os.path.isfile(shard_stats_path(path) or ""):
+            with open(shard_stats_path(path), encoding="utf-8") as f:
+                count = shard_sample_count(f.read())
+            if count is not None:
+                expected[path] = count
     return expected
 
 
@@ -103,11 +118,11 @@ def inspect_shards(shards: list[str], decode: bool = True) -> dict:
     """Read every sample of ``shards``; returns the report (counts, statistics, problems)."""
     report = {
         "fields": Counter(), "sizes": [], "caption_chars": [], "caption_words": [], "labels": Counter(),
-        "per_shard": {}, "problems": [],
+        "per_shard": {}, "problems": [], "bad_shards": [],
     }
     expected = _expected_counts(shards)
     for path in shards:
-        count = 0
+        count, problems = 0, len(report["problems"])
         try:
             for sample in _samples(path):
                 count += 1
@@ -119,7 +134,9 @@ def inspect_shards(shards: list[str], decode: bool = True) -> dict:
         report["per_shard"][path] = count
         want = expected.get(os.path.abspath(path))
         if want is not None and want != count:
-            report["problems"].append(f"{os.path.basename(path)}: has {count} samples, stats.json says {want}")
+            report["problems"].append(f"{os.path.basename(path)}: has {count} samples, its stats say {want}")
+        if len(report["problems"]) > problems:
+            report["bad_shards"].append(os.path.basename(path))
     return report
 
 
@@ -163,6 +180,7 @@ def format_report(report: dict, source: str) -> str:
         lines.extend(f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS])
         if len(problems) > MAX_LISTED_PROBLEMS:
             lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
+        lines.append(f"fix or re-create: {', '.join(report['bad_shards'])}")
     return "\n".join(lines)
 
 
@@ -184,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "shards": len(shards), "samples": sum(report["per_shard"].values()), "fields": dict(report["fields"]),
             "caption_chars": _describe(report["caption_chars"]), "image_sizes": dict(_histogram(report["sizes"])),
-            "labels": len(report["labels"]), "problems": report["problems"],
+            "labels": len(report["labels"]), "problems": report["problems"], "fix_or_recreate": report["bad_shards"],
         }
         print(json.dumps(summary))
     else:

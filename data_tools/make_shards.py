@@ -24,7 +24,7 @@ import tempfile
 from PIL import Image
 from tqdm import tqdm
 
-from data_tools.engines import run_local, run_ray
+from data_tools.engines import WorkerDied, run_local, run_ray
 from data_tools.formats import MANIFEST_FILE, SIZES_FILE, STATS_FILE
 from data_tools.inputs import DEFAULT_CLASS_TEMPLATE, LAYOUTS, ArgumentError, Listing
 from data_tools.manifest import read_header, shard_rows, write_manifest
@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
+    except WorkerDied as e:
+        print(f"make_shards: error: {e}; run the same command with --resume to finish", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("make_shards: interrupted; run the same command with --resume to finish", file=sys.stderr)
         return 130

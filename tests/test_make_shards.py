@@ -97,6 +97,12 @@ def test_sidecar_layout_counts_every_bad_input_by_reason(messy_folder, tmp_path)
     assert [s["name"] for s in stats["shards"]] == ["00000.tar", "00001.tar", "00002.tar"]
     assert sum(s["samples"] for s in stats["shards"]) == 4
     assert json.loads((out / "sizes.json").read_text()) == {s["name"]: s["samples"] for s in stats["shards"]}
+    per_shard = [json.loads((out / f"{i:05d}_stats.json").read_text()) for i in range(3)]
+    assert [st["count"] for st in per_shard] == [5, 5, 1]
+    assert all(st["count"] == st["successes"] + st["skipped"] for st in per_shard)
+    # img2dataset's fields: zero_byte + symlink_outside_input could not be read; corrupt, not an image, bomb not decoded
+    assert sum(st["failed_to_download"] for st in per_shard) == 2
+    assert sum(st["failed_to_resize"] for st in per_shard) == 3
 
     samples = read_shards(out)
     by_source = {json.loads(s["json"])["source_path"]: (k, s) for k, s in samples.items()}
@@ -238,8 +244,11 @@ def test_resume_after_kill_finishes_without_duplicates_or_losses(tmp_path):
 
 @pytest.mark.parametrize(
     "case, expected",
-    [("missing", "does not exist"), ("empty", "is empty"), ("unwritable", "not writable"), ("nocaptions", "no captions")],
-)
+    [
+        ("missing", "does not exist"), ("empty", "is empty"), ("unwritable", "not writable"), ("nocaptions", "no captions"),
+        ("resume+overwrite", "--overwrite: not allowed with argument --resume"), ("part", "'3/3' is not I/N"),
+    ],
+)  # fmt: skip
 def test_unusable_arguments_exit_2_with_one_line(tmp_path, case, expected):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
@@ -252,10 +261,12 @@ def test_unusable_arguments_exit_2_with_one_line(tmp_path, case, expected):
         out = write(tmp_path / "a_file", "not a folder") / "out"
     if case == "nocaptions":
         (inp / "x.txt").unlink()
-    result = run_cli(str(inp), str(out))
+    extra = {"resume+overwrite": ["--resume", "--overwrite"], "part": ["--part", "3/3"]}.get(case, [])
+    result = run_cli(str(inp), str(out), *extra)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not out.exists(), "a refused run left OUTPUT_DIR behind"
 
 
 def test_inspect_reports_counts_and_finds_corrupt_samples(messy_folder, tmp_path, capsys):
@@ -273,7 +284,7 @@ def test_inspect_reports_counts_and_finds_corrupt_samples(messy_folder, tmp_path
     assert inspect_tool.main([str(out)]) == 1
     report = capsys.readouterr().out
     assert "k: jpg does not decode" in report
-    assert "00000.tar: has 1 samples, stats.json says 4" in report
+    assert "00000.tar: has 1 samples, its stats say 4" in report
 
 
 def test_shards_read_back_with_plain_webdataset(tiny_shards):
@@ -285,3 +296,84 @@ def test_shards_read_back_with_plain_webdataset(tiny_shards):
     assert len(samples) == stats["written"] == 192
     image, caption, meta = samples[0]
     assert image.size == (32, 32) and caption == meta["caption"] and isinstance(meta["label_index"], int)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and mtime, and the folder's own mtime: what "left exactly as it was" means."""
+    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+    return {**files, ".": (b"", folder.stat().st_mtime_ns)}
+
+
+def tar_of(samples: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in samples.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def small_folder(tmp_path) -> Path:
+    root = tmp_path / "in"
+    for i in range(6):
+        write(root / f"{i}.jpg", image_bytes((20 + i, 20), (40 * i, 0, 0)))
+        write(root / f"{i}.txt", f"picture {i}")
+    return root
+
+
+def test_a_folder_that_holds_other_files_is_refused_and_left_exactly_as_it_was(small_folder, tmp_path, capsys):
+    """An img2dataset output folder given as OUTPUT_DIR by mistake: no flag makes make_shards touch it."""
+    out = tmp_path / "img2dataset_out"
+    for i in range(2):
+        write(out / f"{i:05d}.tar", tar_of({f"{i:05d}0001.jpg": image_bytes(), f"{i:05d}0001.txt": b"a caption"}))
+        write(out / f"{i:05d}_stats.json", json.dumps({"count": 1, "successes": 1, "failed_to_download": 0}))
+        write(out / f"{i:05d}.parquet", b"PAR1 not really parquet PAR1")
+    os.utime(out, ns=(1_000_000_000, 1_000_000_000))  # a distinct folder mtime, so that a change would show
+    before = snapshot(out)
+    for flags in ([], ["--resume"], ["--overwrite"], ["--part", "0/2"]):
+        assert make_shards.main([str(small_folder), str(out), "--workers", "1", *flags]) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        expected = "pass --resume to finish what is missing, or --overwrite" if not flags else "did not write (00000.parquet"
+        assert expected in err[0], (flags, err)
+        assert snapshot(out) == before, flags
+    for name in ("00000.parquet", "00001.parquet"):  # without the parquet files the tars are still not ours
+        (out / name).unlink()
+    before = snapshot(out)
+    assert make_shards.main([str(small_folder), str(out), "--workers", "1", "--overwrite"]) == 2
+    assert "did not write (00000.tar, 00000_stats.json, 00001.tar" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_our_own_earlier_output_completely(small_folder, tmp_path):
+    fresh, out = tmp_path / "fresh", tmp_path / "out"
+    assert make_shards.main([str(small_folder), str(fresh), "--workers", "1", "--shard-size", "4"]) == 0
+    assert make_shards.main([str(small_folder), str(out), "--workers", "1", "--shard-size", "1"]) == 0
+    assert len(list(out.glob("*.tar"))) == 6
+    assert make_shards.main([str(small_folder), str(out), "--workers", "1", "--shard-size", "4"]) == 2
+    # --resume with other settings is refused too: it would mix two conversions
+    assert make_shards.main([str(small_folder), str(out), "--workers", "1", "--shard-size", "4", "--resume"]) == 2
+    assert len(list(out.glob("*.tar"))) == 6
+    assert make_shards.main([str(small_folder), str(out), "--workers", "1", "--shard-size", "4", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fresh.iterdir())
+    for p in fresh.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_inspect_names_the_shards_to_re_create_and_resume_re_creates_them(small_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert make_shards.main([str(small_folder), str(out), "--workers", "1", "--shard-size", "2"]) == 0
+    good = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    for name in ("00000.tar", "00002.tar"):  # cut short, as by a full disk or an interrupted copy
+        (out / name).write_bytes(good[name][: len(good[name]) // 3])
+    capsys.readouterr()
+    assert inspect_tool.main([str(out)]) == 1
+    report = capsys.readouterr().out.strip().splitlines()
+    assert report[-1] == "fix or re-create: 00000.tar, 00002.tar"
+    assert make_shards.main([str(small_folder), str(out), "--workers", "1", "--shard-size", "2", "--resume"]) == 0
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == good
+    capsys.readouterr()
+    assert inspect_tool.main([str(out)]) == 0
+    assert "fix or re-create" not in capsys.readouterr().out
