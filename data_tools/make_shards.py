@@ -205,13 +205,18 @@ def _remove_stale(output_dir: str, n_shards: int, mine: set[int], done: set[int]
     remove(output_dir, stale)
 
 
+def _counts(shard_stats: dict) -> dict:
+    """What stats.json needs of a shard's stats: kept for every shard, so no more (a million shards is fine)."""
+    return {k: shard_stats[k] for k in ("name", "count", "successes", "skipped_reasons")}
+
+
 def _write_missing_shards(args: argparse.Namespace, header: dict) -> dict[int, dict]:
     """Write this run's shards that are not complete yet; returns the stats of all of this run's shards."""
     out, run = args.output_dir, _run_settings(header)
     size = run["shard_size"]
     n_shards = max(1, -(-header["rows"] // size))
     mine = {s for s in range(n_shards) if args.part is None or s % args.part[1] == args.part[0]}
-    stats = {s: st for s in sorted(mine) if (st := completed_shard(out, s, run)) is not None}
+    stats = {s: _counts(st) for s in sorted(mine) if (st := completed_shard(out, s, run)) is not None}
     _remove_stale(out, n_shards, mine, set(stats), whole_run=args.part is None)
     settings = Settings(os.path.realpath(args.input), args.max_image_size, args.max_pixels)
     ctx = ShardContext(out, settings, run, header["classes"])
@@ -222,7 +227,7 @@ def _write_missing_shards(args: argparse.Namespace, header: dict) -> dict[int, d
         finished = run_local(jobs, ctx, args.workers or DEFAULT_LOCAL_WORKERS)
     with tqdm(total=len(mine), initial=len(stats), unit="shard", desc="make_shards", disable=None) as bar:
         for shard_stats in finished:
-            stats[int(shard_stats["name"].split(".")[0])] = shard_stats
+            stats[int(shard_stats["name"].split(".")[0])] = _counts(shard_stats)
             bar.update(1)
     return stats
 
