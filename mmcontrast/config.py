@@ -61,10 +61,15 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""
+    train_shards: str = ""  # shards (pattern, folder, glob, list file, URLs); "A::B" mixes sources
+    val_shards: str = ""  # held-out image-caption pairs: val loss and retrieval R@K every log.val_every steps
+    num_samples: int | None = None  # samples in train_shards when no stats file beside remote shards says it
+    upsampling_factors: list | None = None  # "A::B" with resampled: each source's shards drawn with this weight
     workers: int = 2
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples shuffled together (a window per reader); 0: read in order
     resampled: bool = False  # sample shards with replacement (step-based training on many nodes)
+    read_timeout: float = 60.0  # seconds a remote shard may stall before the read is retried
+    read_retries: int = 3  # retries of a remote shard that failed mid-read before its rest is skipped and counted
     clip_augment: bool = True  # clip mode: open_clip's train transform (random crop); false: the eval transform
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -110,6 +115,7 @@ class LogConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     trackers: list = field(default_factory=lambda: ["tensorboard"])  # any Accelerate tracker; [] for none
+    val_every: int = 0  # 0: off (a multiple of every). Loss and R@K on data.val_shards
     eval_every: int = 0  # 0: off. In-loop eval on eval_images (zero-shot in clip mode, kNN in simclr)
     eval_images: str | None = None  # a folder of class subfolders
     eval_train_images: str | None = None  # kNN reference set in simclr mode (class subfolders)
@@ -274,10 +280,18 @@ def validate(cfg: Config) -> None:
             raise UsageError(f"{name} must be at least 1, got {value}")
     if cfg.mode == "simclr" and cfg.train.batch_size * cfg.train.accum_steps < 2:
         raise UsageError("simclr needs at least 2 samples per step (negatives come from the batch)")
-    for name in ("eval_every", "diagnostics_every"):
+    for name in ("eval_every", "diagnostics_every", "val_every"):
         every = getattr(cfg.log, name)
         if every < 0 or (every and every % cfg.log.every):
             raise UsageError(f"log.{name} must be 0 (off) or a multiple of log.every ({cfg.log.every}), got {every}")
+    if cfg.log.val_every and not cfg.data.val_shards:
+        raise UsageError("log.val_every needs held-out pairs: --val-shards PATTERN")
+    if cfg.data.upsampling_factors is not None and not cfg.data.resampled:
+        raise UsageError("data.upsampling_factors mixes sources by drawing shards with replacement: set data.resampled=true")
+    if cfg.data.num_samples is not None and cfg.data.num_samples < 1:
+        raise UsageError(f"data.num_samples must be positive, got {cfg.data.num_samples}")
+    if cfg.data.read_timeout <= 0 or cfg.data.read_retries < 0:
+        raise UsageError("data.read_timeout must be positive and data.read_retries at least 0")
     if cfg.log.eval_every and not cfg.log.eval_images:
         raise UsageError("log.eval_every needs log.eval_images: a folder of class subfolders")
     if cfg.log.eval_every and cfg.mode == "simclr" and not cfg.log.eval_train_images:
@@ -294,7 +308,7 @@ def to_dict(cfg: Config) -> dict:
 # log cadence, more steps) may change and is recorded in config.yaml.
 RESUME_IDENTITY = (
     "mode", "model", "train.batch_size", "train.accum_steps", "train.seed", "train.mixed_precision",
-    "data.workers", "data.shuffle_buffer", "data.resampled", "optim.name",
+    "data.workers", "data.shuffle_buffer", "data.resampled", "data.num_samples", "data.upsampling_factors", "optim.name",
 )
 
 

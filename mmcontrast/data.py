@@ -1,22 +1,33 @@
-"""Streaming webdataset pipelines for training: ``make_loader`` and the arithmetic of who reads what.
+"""Streaming training batches from shards: who reads what, in which order, and where a resumed run goes on.
 
-Owns: a torch DataLoader whose workers read their share of the shards, shuffle deterministically, skip
-the batches a resumed run already consumed, decode, transform, tokenize and batch, and skip (and count)
-corrupt samples. Does not own: shard lists, field checks and counts (``mmcontrast.shards``),
-augmentations (``augment.py``), the model's preprocess and tokenizer (passed in), writing shards
-(``data_tools.make_shards``).
+Owns ``make_loader``: a torch DataLoader whose workers read their share of the shards, shuffle, decode,
+transform, tokenize and batch, skip (and count) what cannot be used, and tag every batch with the
+position its reader reached, so a resumed run continues exactly there. Does not own shard lists, opening
+and counting (``mmcontrast.shards``), augmentations (``augment.py``), the model's preprocess and
+tokenizer (passed in), or writing shards (``data_tools.make_shards``).
 
-Reading order. Shards are shuffled with ``(seed, epoch)`` — the same permutation on every rank — then
-split by rank and, within a rank, by DataLoader worker (``order[rank::world_size][worker::workers]``).
-When there are fewer shards than readers, readers share shards and keep every n-th sample instead, so a
-plain epoch never duplicates or drops a sample (up to each worker's partial last batch). Each worker's
-samples pass a shuffle buffer seeded with ``(seed, epoch, rank, worker)``, and each sample's random
-augmentation is seeded with ``(seed, epoch, shard file name, sample key)``: a sample gets the same views
-whatever the number of processes, workers or the batch size, so a run on 2 processes sees exactly the
-pixels a 1-process run sees. The stream is a pure function of those, independent of ``batch_size`` —
-which is what exact resume (``skip_batches``) and gradient caching rely on. ``resampled=True`` instead
-draws shards with replacement, forever; a sample can then recur, so its augmentation seed is
-``(seed, epoch, rank, worker, position)``.
+Who reads what (``ReadPlan``). An epoch's shards are shuffled with ``(seed, epoch)``, the same on every
+rank. When every shard's sample count is known, the epoch is one stream of S samples in that order:
+rank r starts at ``r·S/world`` and each of its DataLoader workers at its own place after that, so the
+split is by sample, not by shard, and uneven shard counts cost nothing. With ``batches`` given (the
+trainer gives ``steps_per_epoch × accum_steps``), every rank yields exactly that many batches, worker w
+exactly its round-robin share of them; a reader that met corrupt samples reads on past its share (a
+few samples of the next reader's part) rather than come up short. Without counts, readers take whole
+shards (``order[rank::world][worker::workers]``, or every n-th sample of shared shards when there are
+fewer shards than readers) and go round them again until they have their batches. ``resampled`` draws
+shards with replacement (weighted, for ``"A::B"`` sources mixed by ``data.upsampling_factors``).
+
+Order within a reader. Samples are shuffled in windows: ``shuffle_buffer`` consecutive samples are read,
+permuted with a generator seeded by ``(seed, epoch, rank, worker, window)`` and handed out. A reader's
+position is the window's start (shard segment, offset in it), the window's number and how many of its
+samples were handed out; resuming re-reads one window from its start — at most one shard's worth plus
+the window — instead of everything since the epoch began. A local shard is entered by seeking to the
+sample (its tar headers are read, its data not); a remote one is streamed and the samples before it dropped.
+
+Augmentation seeds. Each sample's random transform is seeded by ``(seed, epoch, shard file name, key)``,
+so a sample gets the same views whatever the number of processes, workers or the batch size (2
+processes × 16 see exactly the pixels of 1 × 32); in resampled mode, where a sample can recur, by its
+place in its reader's stream.
 """
 
 from __future__ import annotations
@@ -26,32 +37,34 @@ import contextlib
 import hashlib
 import itertools
 import logging
-import math
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from data_tools.formats import IMAGE_FIELDS, TEXT_FIELD, ImageDecodeError, decode_image
 from mmcontrast.errors import UsageError
 from mmcontrast.shards import (
+    READ_TIMEOUT,
     class_names,
     expand_shards,
     has_fields,
-    read_samples,
+    is_remote,
+    open_shard,
     sample_label,
     shard_sample_counts,
+    stream_samples,
+    warn_once,
 )
 
 log = logging.getLogger(__name__)
 
-_WARNED: set[str] = set()  # kinds of skipped samples already logged in this process
-
-
-# ---------------------------------------------------------------- splitting and resume arithmetic
+READ_RETRIES = 3  # attempts after the first to read on in a remote shard that failed mid-read
+RETRY_DELAY = 1.0  # seconds before the first retry; doubled for each further one
 
 
 def _rng(*parts) -> random.Random:
@@ -63,14 +76,27 @@ def _sample_seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
 
 
-def assign_shards(
-    shards: list, rank: int, world_size: int, worker: int, workers: int
-) -> tuple[list, int, int]:
-    """This reader's share: ``(shards to read, stride, offset)``, keep sample i when i % stride == offset.
+# ---------------------------------------------------------------- the plan: which samples each reader takes
 
-    Shards are split by rank, then by worker; a level with fewer shards than readers splits samples
-    instead, so every sample goes to exactly one (rank, worker).
-    """
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of samples (those with an image) of one shard that one reader takes."""
+
+    url: str
+    start: int = 0  # index of the first sample taken
+    stop: int | None = None  # one past the last sample; None: to the shard's end
+    stride: int = 1  # take every stride-th sample from start on (readers sharing a shard)
+    source: int = 0  # which of the "A::B" sources the shard belongs to
+
+    def length(self) -> int | None:
+        return None if self.stop is None else max(0, -(-(self.stop - self.start) // self.stride))
+
+
+def assign_shards(shards: list, rank: int, world_size: int, worker: int, workers: int) -> tuple[list, int, int]:
+    """A reader's whole shards when counts are unknown: ``(shards, stride, offset)``, take sample i when
+    i % stride == offset. Split by rank, then by worker; a level with fewer shards than readers splits
+    samples instead, so every sample goes to exactly one (rank, worker)."""
     mine, stride, offset = list(shards), 1, 0
     for index, count in ((rank, world_size), (worker, workers)):
         if len(mine) >= count:
@@ -80,40 +106,181 @@ def assign_shards(
     return mine, stride, offset
 
 
-def resume_position(skip_batches: int, batches_per_worker: list[int | None]) -> tuple[list[int], int]:
-    """Where a loader stands after yielding ``skip_batches`` batches: (batches each worker yielded, the
-    worker that yields the next batch).
+@dataclass(frozen=True)
+class ReadPlan:
+    """Which samples every reader of an epoch takes, and how many batches each yields (see the module docstring)."""
 
-    DataLoader takes batches from its workers round robin and passes over workers that have run out;
-    ``None`` means a worker that never runs out (resampled mode, or counts unknown).
-    """
-    n = [math.inf if b is None else b for b in batches_per_worker]
+    shards: tuple[str, ...]
+    counts: tuple[int, ...] | None  # samples per shard; None when not all are known
+    sources: tuple[int, ...]  # source index of each shard
+    weights: tuple[float, ...] | None  # resampled: draw weight of each shard
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    workers: int
+    batch_size: int
+    batches: int | None  # this rank's batches this epoch; None: until the data runs out (resampled: forever)
+    resampled: bool = False
+    shuffle: bool = True
+    repeat: bool = False  # go round the shards again and again (an endless epoch: unknown size, --steps)
 
-    def total(rounds: int) -> float:
-        return sum(min(b, rounds) for b in n)
+    def worker_batches(self, worker: int) -> int | None:
+        """Worker ``worker``'s share of the rank's batches (DataLoader takes them round robin)."""
+        if self.batches is None:
+            return None
+        return self.batches // self.workers + (worker < self.batches % self.workers)
 
-    lo, hi = 0, skip_batches  # complete rounds: the largest r with total(r) <= skip_batches
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if total(mid) <= skip_batches else (lo, mid - 1)
-    rounds, rest = lo, int(skip_batches - total(lo))
-    active = [w for w in range(len(n)) if n[w] > rounds]  # workers still yielding in the next round
-    taken = [int(min(n[w], rounds)) + (w in active[:rest]) for w in range(len(n))]
-    return taken, active[rest] if rest < len(active) else 0
+    def _order(self) -> list[int]:
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            _rng("shards", self.seed, self.epoch).shuffle(order)  # identical on every rank and worker
+        return order
+
+    def segments(self, worker: int) -> Iterator[Segment]:
+        """The reader's segments in order (endless when it must go round again or draws with replacement)."""
+        if self.resampled:
+            return self._draws(worker)
+        if self.counts is None:
+            return self._whole_shards(worker)
+        return self._sample_range(worker)
+
+    def _segment(self, i: int, **kw) -> Segment:
+        return Segment(self.shards[i], source=self.sources[i], **kw)
+
+    def _draws(self, worker: int) -> Iterator[Segment]:
+        rng = _rng("resampled", self.seed, self.epoch, self.rank, worker)
+        population = range(len(self.shards))
+        while True:
+            yield self._segment(rng.choices(population, weights=self.weights)[0])
+
+    def _whole_shards(self, worker: int) -> Iterator[Segment]:
+        mine, stride, offset = assign_shards(self._order(), self.rank, self.world_size, worker, self.workers)
+        for _ in itertools.count() if self.batches is not None or self.repeat else range(1):  # round again until done
+            yield from (self._segment(i, start=offset, stride=stride) for i in mine)
+
+    def _sample_range(self, worker: int) -> Iterator[Segment]:
+        """From the reader's first sample in the epoch stream on; bounded by its share when no batch count is set."""
+        order, total = self._order(), sum(self.counts)
+        rank_start, rank_end = self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size
+        if self.batches is not None:
+            start = rank_start + self.batch_size * sum(self.worker_batches(w) for w in range(worker))
+            end = None  # read on (cyclically) until the worker's batches are in
+        else:
+            size = rank_end - rank_start
+            start, end = rank_start + size * worker // self.workers, rank_start + size * (worker + 1) // self.workers
+        position, first = 0, True
+        for i in itertools.cycle(order) if end is None else order:
+            count = self.counts[i]
+            lo, hi = max(start - position, 0) if first else 0, count if end is None else min(count, end - position)
+            position += count
+            if hi <= lo or (first and position <= start):
+                if end is not None and position >= end:
+                    return
+                continue
+            first = False
+            yield self._segment(i, start=lo, stop=hi)
+            if end is not None and position >= end:
+                return
+
+
+# ---------------------------------------------------------------- positions (what the trainer checkpoints)
+
+
+@dataclass
+class ReaderPosition:
+    """Where one reader stands: the start of its current window, the window's number, what of it was handed out."""
+
+    segment: int = 0  # index into the reader's segments of the window's first sample
+    offset: int = 0  # samples of that segment before the window's first sample
+    window: int = 0
+    cursor: int = 0  # samples of the (permuted) window handed out or skipped
+    size: int = 0  # samples in the window (0: not started; a window never reaches past what the reader needs)
+    batches: int = 0  # batches the reader yielded this epoch
+
+
+@dataclass
+class LoaderPosition:
+    """Where a rank's loader stands in an epoch: what the trainer consumed (JSON-able, checkpointed)."""
+
+    batches: int = 0  # batches consumed this epoch
+    next_worker: int = 0  # the worker whose batch comes next
+    readers: dict[int, ReaderPosition] = field(default_factory=dict)  # by worker, after the last consumed batch
+
+    def advance(self, batch: dict, workers: int) -> None:
+        """Account for one consumed batch (it carries its reader's position)."""
+        worker = batch["__worker__"]
+        if batch["__position__"] is not None:  # None: a partial last batch (drop_last=False), nothing to resume
+            self.readers[worker] = ReaderPosition(**batch["__position__"])
+        self.next_worker = (worker + 1) % workers
+        self.batches += 1
+
+    def to_dict(self) -> dict:
+        return {"batches": self.batches, "next_worker": self.next_worker,
+                "readers": {str(w): vars(p) for w, p in self.readers.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoaderPosition:
+        readers = {int(w): ReaderPosition(**p) for w, p in d.get("readers", {}).items()}
+        return cls(d.get("batches", 0), d.get("next_worker", 0), readers)
+
+
+# ---------------------------------------------------------------- reading: samples of segments, with retries
+
+
+class _SegmentReader:
+    """The samples with an image of a reader's segments, from a position on; counts what was lost to damage."""
+
+    def __init__(self, timeout: float, retries: int):
+        self.timeout, self.retries = timeout, retries
+        self.lost = 0  # samples a damaged or unreachable shard did not deliver (counted as skipped)
+        self.dropped: collections.Counter = collections.Counter()  # samples without an image
+
+    def samples(self, segments: Iterator[Segment], segment: int, offset: int) -> Iterator[tuple[dict, int, int]]:
+        """``(sample, segment, offset after it)`` from ``segments[segment]``'s ``offset``-th sample on."""
+        for g, seg in enumerate(itertools.islice(segments, segment, None), start=segment):
+            for o, sample in enumerate(self._segment_samples(seg, offset), start=offset + 1):
+                sample["__source__"] = seg.source
+                yield sample, g, o
+            offset = 0
+
+    def _segment_samples(self, seg: Segment, offset: int) -> Iterator[dict]:
+        taken, attempt, length = offset, 0, seg.length()
+        while length is None or taken < length:
+            try:
+                for sample in self._read(seg, seg.start + taken * seg.stride):
+                    yield sample
+                    taken += 1
+                    if taken == length:
+                        return
+                break  # the shard ended
+            except Exception as err:  # noqa: BLE001 - any read failure: retry a remote shard, then give up on it
+                if not is_remote(seg.url) or attempt >= self.retries:
+                    warn_once(f"unreadable:{seg.url}", "shard %s could not be read past sample %d (%s: %s); its other "
+                              "samples are skipped and counted", seg.url, seg.start + taken * seg.stride, type(err).__name__, err)
+                    break
+                time.sleep(RETRY_DELAY * 2**attempt)
+                attempt += 1
+        if length is not None and taken < length:
+            self.lost += length - taken
+
+    def _read(self, seg: Segment, first: int) -> Iterator[dict]:
+        """Samples with an image of ``seg.url`` from index ``first`` on, every ``seg.stride``-th."""
+        stream, skip = open_shard(seg.url, first, self.timeout)
+        if stream is None:  # the shard has no sample `first`
+            return
+        with stream:
+            index = first - skip
+            for sample in stream_samples(seg.url, stream):
+                if not any(f in sample for f in IMAGE_FIELDS):  # not a sample of the counts: no index
+                    self.dropped["missing_image"] += index >= first
+                    continue
+                if index >= first and (index - first) % seg.stride == 0:
+                    yield sample
+                index += 1
 
 
 # ---------------------------------------------------------------- decoding one sample
-
-
-def _warn_once(kind: str, detail: str) -> None:
-    if kind not in _WARNED:
-        _WARNED.add(kind)
-        log.warning("skipping samples with %s (first: %s); further ones are only counted in 'skipped'", kind, detail)
-
-
-def _on_read_error(exn: Exception) -> bool:
-    _warn_once("unreadable_shard", repr(exn)[:300])
-    return True  # go on with the next shard
 
 
 @contextlib.contextmanager
@@ -132,91 +299,30 @@ def _seeded(seed: int, restore: bool):
             torch.set_rng_state(saved[2])
 
 
-class ShardStream(torch.utils.data.IterableDataset):
-    """What each DataLoader worker runs: read its shards, shuffle, skip, decode, batch.
+@dataclass
+class Decoder:
+    """Turns a sample's bytes into model inputs: image views, caption, label. Picklable (worker processes)."""
 
-    Built by ``make_loader``; picklable (plain attributes), so it works with any worker start method.
-    """
+    image_transform: Callable
+    tokenizer: Callable | None
+    views: int
+    with_labels: bool
+    class_to_index: dict[str, int] | None
+    decode_size: int | None
 
-    def __init__(self, shards: list[str], *, image_transform: Callable, tokenizer: Callable | None, views: int,
-                 batch_size: int, seed: int, epoch: int, skip_batches: int, rank: int, world_size: int,
-                 resampled: bool, shuffle: bool, shuffle_buffer: int, with_labels: bool,
-                 class_to_index: dict[str, int] | None, shard_counts: list[int] | None, drop_last: bool,
-                 decode_size: int | None):
-        super().__init__()
-        self.shards, self.image_transform, self.tokenizer, self.views = shards, image_transform, tokenizer, views
-        self.batch_size, self.seed, self.epoch, self.skip_batches = batch_size, seed, epoch, skip_batches
-        self.rank, self.world_size, self.resampled, self.shuffle = rank, world_size, resampled, shuffle
-        self.shuffle_buffer, self.with_labels, self.class_to_index = shuffle_buffer, with_labels, class_to_index
-        self.shard_counts, self.drop_last, self.decode_size = shard_counts, drop_last, decode_size
-        # a transform with sample() and finish() (augment.SimclrTransform) runs in two stages
-        self.two_stage = callable(getattr(image_transform, "sample", None)) and callable(getattr(image_transform, "finish", None))
+    @property
+    def two_stage(self) -> bool:  # a transform with sample() and finish() (augment.SimclrTransform) runs in two stages
+        return callable(getattr(self.image_transform, "sample", None)) and callable(getattr(self.image_transform, "finish", None))
 
-    # -- which samples, in which order
-
-    def _urls(self, worker: int, workers: int) -> tuple[Iterable[str], int, int]:
-        if self.resampled:
-            rng = _rng("resampled", self.seed, self.epoch, self.rank, worker)
-            return (rng.choice(self.shards) for _ in itertools.count()), 1, 0
-        order = list(self.shards)
-        if self.shuffle:
-            _rng("shards", self.seed, self.epoch).shuffle(order)  # identical on every rank and worker
-        return assign_shards(order, self.rank, self.world_size, worker, workers)
-
-    def _batches_per_worker(self, workers: int) -> list[int | None]:
-        if self.resampled or self.shard_counts is None:
-            return [None] * workers
-        order = list(range(len(self.shards)))
-        if self.shuffle:
-            _rng("shards", self.seed, self.epoch).shuffle(order)
-        result = []
-        for w in range(workers):
-            mine, stride, offset = assign_shards(order, self.rank, self.world_size, w, workers)
-            total = sum(self.shard_counts[i] for i in mine)
-            samples = max(0, -(-(total - offset) // stride))
-            result.append(samples // self.batch_size if self.drop_last else -(-samples // self.batch_size))
-        return result
-
-    def _usable(self, samples: Iterable[dict], dropped: collections.Counter) -> Iterator[dict]:
-        for sample in samples:
-            if has_fields(sample, need_image=True, need_text=self.tokenizer is not None):
-                yield sample
-            else:
-                dropped["missing_field"] += 1
-                _warn_once("missing_field", f"{sample.get('__key__')} has {sorted(k for k in sample if not k.startswith('__'))}")
-
-    def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        taken, first = resume_position(self.skip_batches, self._batches_per_worker(workers))
-        # DataLoader always starts its round robin at process 0; rotating which share each process reads
-        # makes a resumed loader continue with the worker whose batch came next in the un-skipped one.
-        worker = (worker + first) % workers
-        urls, stride, offset = self._urls(worker, workers)
-        samples = read_samples(urls, handler=_on_read_error)
-        if stride > 1:
-            samples = itertools.islice(samples, offset, None, stride)
-        dropped: collections.Counter = collections.Counter()
-        samples = self._usable(samples, dropped)
-        if self.shuffle and self.shuffle_buffer > 1:
-            rng = _rng("samples", self.seed, self.epoch, self.rank, worker)
-            samples = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
-        samples = iter(samples)
-        start = taken[worker] * self.batch_size
-        collections.deque(itertools.islice(samples, start), maxlen=0)  # skip without decoding
-        dropped.clear()  # drops inside the skipped part were reported by the run that consumed it
-        yield from self._batches(samples, start, worker, dropped, in_worker=info is not None)
-
-    # -- decoding and batching
-
-    def _decode(self, sample: dict, seed: int, in_worker: bool) -> dict | str:
+    def decode(self, sample: dict, seed: int, in_worker: bool) -> dict | str:
         """The decoded, transformed sample, or the kind of problem that makes us skip it."""
-        field = next(f for f in IMAGE_FIELDS if f in sample)
+        if self.tokenizer is not None and not has_fields(sample, need_image=True, need_text=True):
+            return "missing_caption"
         try:
-            image = decode_image(sample[field], draft_size=self.decode_size)
+            image = decode_image(sample[next(f for f in IMAGE_FIELDS if f in sample)], draft_size=self.decode_size)
         except ImageDecodeError as err:
             return err.reason
-        out = {"key": sample["__key__"]}
+        out = {"key": sample["__key__"], "source": sample.get("__source__", 0)}
         if self.tokenizer is not None:
             try:
                 out["caption"] = sample[TEXT_FIELD].decode("utf-8").strip()
@@ -225,45 +331,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             if not out["caption"]:
                 return "empty_caption"
         if self.with_labels:
-            label = self._label(sample)
-            if label is None:
+            index, name = sample_label(sample)
+            out["label"] = index if index is not None else (self.class_to_index or {}).get(name)
+            if out["label"] is None:
                 return "missing_label"
-            out["label"] = label
         with _seeded(seed, restore=not in_worker):
-            if self.two_stage:  # per image here, the rest per batch in _collate (augment.SimclrTransform)
-                out["views"] = [self.image_transform.sample(image) for _ in range(self.views)]
-            else:
-                out["views"] = [self.image_transform(image) for _ in range(self.views)]
+            make = self.image_transform.sample if self.two_stage else self.image_transform
+            out["views"] = [make(image) for _ in range(self.views)]
         return out
 
-    def _label(self, sample: dict) -> int | None:
-        index, name = sample_label(sample)
-        return index if index is not None else (self.class_to_index or {}).get(name)
-
-    def _batches(self, samples: Iterator[dict], position: int, worker: int, dropped: collections.Counter,
-                 in_worker: bool) -> Iterator[dict]:
-        batch = []
-        for sample in samples:
-            if self.resampled:  # a sample can recur: seed by its place in this reader's stream
-                seed = _sample_seed(self.seed, self.epoch, self.rank, worker, position)
-            else:  # by identity: the same views on any number of processes and workers
-                seed = _sample_seed(self.seed, self.epoch, os.path.basename(str(sample.get("__url__", ""))), sample.get("__key__"))
-            position += 1
-            item = self._decode(sample, seed, in_worker)
-            if isinstance(item, str):
-                dropped[item] += 1
-                _warn_once(item, f"{sample.get('__key__')} in {sample.get('__url__')}")
-                continue
-            batch.append(item)
-            if len(batch) == self.batch_size:
-                yield self._collate(batch, dropped)
-                batch = []
-        if batch and not self.drop_last:
-            yield self._collate(batch, dropped)
-
-    def _collate(self, batch: list[dict], dropped: collections.Counter) -> dict:
-        out = {"__key__": [b["key"] for b in batch], "skipped": sum(dropped.values())}
-        dropped.clear()
+    def collate(self, batch: list[dict]) -> dict:
+        out: dict = {"__key__": [b["key"] for b in batch], "__sources__": [b["source"] for b in batch]}
         stacked = []
         for v in range(self.views):
             if self.two_stage:
@@ -271,15 +349,112 @@ class ShardStream(torch.utils.data.IterableDataset):
                 stacked.append(self.image_transform.finish(torch.stack(crops), torch.stack(params)))
             else:
                 stacked.append(torch.stack([b["views"][v] for b in batch]))  # (B, 3, H, W)
-        if self.views == 1:
-            out["image"] = stacked[0]
-        else:
-            out.update({f"view{v + 1}": x for v, x in enumerate(stacked)})
+        out.update({"image": stacked[0]} if self.views == 1 else {f"view{v + 1}": x for v, x in enumerate(stacked)})
         if self.tokenizer is not None:
             out["text"] = self.tokenizer([b["caption"] for b in batch])  # (B, L) token ids
         if self.with_labels:
             out["label"] = torch.tensor([b["label"] for b in batch], dtype=torch.long)  # (B,)
         return out
+
+
+# ---------------------------------------------------------------- what each worker runs
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Each DataLoader worker's reading: its segments, in windows, decoded and batched, each batch tagged with
+    ``__worker__`` and ``__position__`` (the reader's position after it). Built by ``make_loader``; picklable."""
+
+    def __init__(self, plan: ReadPlan, decoder: Decoder, *, shuffle_buffer: int, drop_last: bool,
+                 position: LoaderPosition | None, read_timeout: float, read_retries: int):
+        super().__init__()
+        self.plan, self.decoder, self.window_size = plan, decoder, max(1, shuffle_buffer if plan.shuffle else 1)
+        self.drop_last, self.position = drop_last, position or LoaderPosition()
+        self.read_timeout, self.read_retries = read_timeout, read_retries
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        # DataLoader starts its round robin at its worker 0: on resume, that is the reader whose batch came next
+        worker = ((info.id if info else 0) + self.position.next_worker) % self.plan.workers
+        start = self.position.readers.get(worker, ReaderPosition())
+        target = self.plan.worker_batches(worker)
+        if target is not None and start.batches >= target:
+            return
+        yield from self._batches(worker, start, target, in_worker=info is not None)
+
+    def _window_size(self, target: int | None, done: int, partial: int) -> int:
+        """The next window: the shuffle window, but never more samples than the reader still needs, so that it
+        does not read into the next reader's part (it does, a little, only to replace samples it had to skip)."""
+        if target is None:
+            return self.window_size
+        return min(self.window_size, (target - done) * self.plan.batch_size - partial)
+
+    def _permuted(self, window: list, worker: int, number: int) -> list[dict]:
+        order = list(range(len(window)))
+        if self.window_size > 1:
+            _rng("window", self.plan.seed, self.plan.epoch, self.plan.rank, worker, number).shuffle(order)
+        return [window[i][0] for i in order]
+
+    def _seed(self, sample: dict, worker: int, window: int, index: int) -> int:
+        if self.plan.resampled:  # a sample can recur: seed by its place in this reader's stream
+            return _sample_seed(self.plan.seed, self.plan.epoch, self.plan.rank, worker, window, index)
+        return _sample_seed(self.plan.seed, self.plan.epoch, os.path.basename(str(sample.get("__url__", ""))), sample.get("__key__"))
+
+    def _decoded(self, window: list[dict], cursor: int, worker: int, number: int, in_worker: bool,
+                 skipped: collections.Counter) -> Iterator[tuple[int, dict]]:
+        """``(index in the window, decoded sample)`` from ``cursor`` on; what cannot be used is counted in ``skipped``."""
+        for i in range(cursor, len(window)):
+            item = self.decoder.decode(window[i], self._seed(window[i], worker, number, i), in_worker)
+            if isinstance(item, str):
+                skipped[item] += 1
+                warn_once(f"skip:{item}", "skipping samples with %s (first: %s in %s); further ones are only counted "
+                          "in 'skipped'", item, window[i].get("__key__"), window[i].get("__url__"))
+                continue
+            yield i, item
+
+    def _batches(self, worker: int, start: ReaderPosition, target: int | None, in_worker: bool) -> Iterator[dict]:
+        reader = _SegmentReader(self.read_timeout, self.read_retries)
+        samples = reader.samples(self.plan.segments(worker), start.segment, start.offset)
+        begin, number, cursor, size = (start.segment, start.offset), start.window, start.cursor, start.size
+        skipped: collections.Counter = collections.Counter()
+        batch, done = [], start.batches
+        while size := size or self._window_size(target, done, len(batch)):
+            raw = list(itertools.islice(samples, size))  # (sample, segment, offset after it)
+            if not raw:
+                break
+            window, end = self._permuted(raw, worker, number), raw[-1][1:]
+            for i, item in self._decoded(window, cursor, worker, number, in_worker, skipped):
+                batch.append(item)
+                if len(batch) < self.plan.batch_size:
+                    continue
+                done += 1
+                finished = i + 1 == len(window)  # resume at the next window rather than re-read this one
+                position = ReaderPosition(*end, number + 1, 0, 0, done) if finished else ReaderPosition(*begin, number, i + 1, size, done)
+                yield self._collate(batch, worker, position, skipped, reader)
+                batch = []
+                if done == target:
+                    return
+            begin, number, cursor, size = end, number + 1, 0, 0
+        if batch and not self.drop_last:
+            yield self._collate(batch, worker, None, skipped, reader)
+
+    def _collate(self, batch: list[dict], worker: int, position: ReaderPosition | None, skipped: collections.Counter,
+                 reader: _SegmentReader) -> dict:
+        out = self.decoder.collate(batch)
+        out["skipped"] = sum(skipped.values()) + reader.lost + sum(reader.dropped.values())
+        skipped.clear()
+        reader.dropped.clear()
+        reader.lost = 0
+        out["__worker__"], out["__position__"] = worker, vars(position) if position else None
+        return out
+
+
+def _check_loader_arguments(shards: list[str], batch_size: int, views: int, workers: int, rank: int, world_size: int) -> None:
+    if not shards:
+        raise UsageError("no shards to read; pass --train-shards with a brace pattern, a folder or a glob")
+    if batch_size < 1 or views < 1 or workers < 0:
+        raise UsageError(f"need batch_size >= 1, views >= 1, workers >= 0 (got {batch_size}, {views}, {workers})")
+    if not 0 <= rank < world_size:
+        raise UsageError(f"rank {rank} is not in 0..{world_size - 1}")
 
 
 def make_loader(
@@ -292,7 +467,6 @@ def make_loader(
     workers: int,
     seed: int,
     epoch: int = 0,
-    skip_batches: int = 0,
     rank: int = 0,
     world_size: int = 1,
     resampled: bool = False,
@@ -301,59 +475,65 @@ def make_loader(
     shuffle: bool = True,
     drop_last: bool = True,
     decode_size: int | None = None,
+    counts: list[int | None] | None = None,
+    batches: int | None = None,
+    position: LoaderPosition | None = None,
+    sources: list[int] | None = None,
+    weights: list[float] | None = None,
+    pin_memory: bool = False,
+    read_timeout: float = READ_TIMEOUT,
+    read_retries: int = READ_RETRIES,
+    repeat: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over ``shards`` yielding dict batches of exactly ``batch_size`` samples.
 
     Args:
-        shards: shard paths (``expand_shards`` output; a pattern string is expanded).
+        shards: shard paths or URLs (``shards.expand_shards`` output; a pattern string is expanded).
         image_transform: ``PIL.Image (RGB) -> Tensor (3, H, W)``; random transforms are seeded per sample.
             One with ``sample(image) -> (uint8 crop, params)`` and ``finish(crops, params) -> batch`` methods
             (``augment.SimclrTransform``) runs per image, then per batch in the worker's collate.
         tokenizer: ``list[str] -> LongTensor (n, L)`` (open_clip's tokenizer); None for image-only runs.
         views: transformed copies per image: 1 gives ``"image"``, 2 gives ``"view1"``/``"view2"`` (SimCLR).
-        batch_size: samples per batch (per process); each worker drops its partial last batch.
-        workers: DataLoader worker processes (0 = read in this process).
-        seed, epoch: the order is a deterministic function of (seed, epoch, rank, worker).
-        skip_batches: batches of this epoch this rank already consumed (resume); they are skipped
-            before decoding and the rest equals the tail of the un-skipped loader.
-        rank, world_size: this process among the training processes.
-        resampled: draw shards with replacement, forever (step-based training).
-        shuffle_buffer: samples in each worker's shuffle buffer (0 or 1: no sample shuffling).
+        batch_size, workers: samples per batch (per process); DataLoader worker processes (0: this process).
+        seed, epoch, rank, world_size: the order is a deterministic function of these (module docstring).
+        resampled: draw shards with replacement, forever (or for ``batches``), with ``weights`` per shard.
+        shuffle_buffer: the shuffle window in samples (0 or 1: read in order); ``shuffle=False``: no shuffling.
         with_labels: add ``"label"`` (B,) long from each sample's json: ``label_index``, an integer
             ``label``, or a string ``label`` mapped to its index among the sorted class names.
-        shuffle: False reads shards and samples in order (evaluation).
-        drop_last: False also yields each worker's partial last batch.
+        drop_last: False also yields each reader's partial last batch (evaluation).
         decode_size: decode JPEGs at reduced scale (pillow's draft mode), keeping both sides at least this
-            many pixels: several times faster for images much larger than the model's input. None decodes
-            at full size. Use at least the model's image size (more for crops of a small part of the image).
+            many pixels. Use at least the model's image size (more for crops of a small part of the image).
+        counts: samples per shard (``shards.shard_sample_counts``); None: counted here when several readers
+            share the shards. With counts the split is by sample.
+        batches: this rank's batches for the epoch (every rank the same number); None: until the data ends.
+        position: where a resumed run continues (``LoaderPosition`` of the batches it consumed).
+        sources: the source index of each shard (``"A::B"``), reported per sample in ``"__sources__"``.
+        pin_memory, read_timeout, read_retries: page-locked batches (CUDA); seconds a remote read may stall;
+            retries of a remote shard that failed mid-read before its other samples are skipped and counted.
+        repeat: without counts, go round the shards again and again (an endless epoch).
 
     Batches: ``{"image" | "view1", "view2": (B, 3, H, W) float, "text": (B, L) long (with a tokenizer),
-    "label": (B,) long (with_labels), "__key__": list[str], "skipped": int}`` where ``skipped`` counts the
-    corrupt samples this worker skipped since its previous batch (sum it over batches).
+    "label": (B,) long (with_labels), "__key__": list[str], "__sources__": list[int], "skipped": int,
+    "__worker__": int, "__position__": dict}``; ``skipped`` counts what this reader skipped since its previous
+    batch (corrupt or incomplete samples, samples a damaged shard lost); pass the batches consumed to
+    ``LoaderPosition.advance`` to know where to resume.
     """
-    if isinstance(shards, (str, os.PathLike)):
-        shards = expand_shards(shards)
-    if not shards:
-        raise UsageError("no shards to read; pass --train-shards with a brace pattern, a folder or a glob")
-    if batch_size < 1 or views < 1 or workers < 0 or skip_batches < 0:
-        raise UsageError(f"need batch_size >= 1, views >= 1, workers >= 0, skip_batches >= 0 (got "
-                         f"{batch_size}, {views}, {workers}, {skip_batches})")
-    if not 0 <= rank < world_size:
-        raise UsageError(f"rank {rank} is not in 0..{world_size - 1}")
-    class_to_index = None
-    if with_labels:
-        names = class_names(list(shards))
-        class_to_index = {name: i for i, name in enumerate(names)} if names else None
-    counts = shard_sample_counts(list(shards)) if skip_batches and not resampled else None
-    dataset = ShardStream(
-        list(shards), image_transform=image_transform, tokenizer=tokenizer, views=views, batch_size=batch_size,
-        seed=seed, epoch=epoch, skip_batches=skip_batches, rank=rank, world_size=world_size, resampled=resampled,
-        shuffle=shuffle, shuffle_buffer=shuffle_buffer, with_labels=with_labels, class_to_index=class_to_index,
-        shard_counts=counts, drop_last=drop_last, decode_size=decode_size,
+    shards = expand_shards(shards) if isinstance(shards, (str, os.PathLike)) else list(shards)
+    _check_loader_arguments(shards, batch_size, views, workers, rank, world_size)
+    if counts is None and not resampled and world_size * max(workers, 1) > 1:
+        counts = shard_sample_counts(shards, read_timeout)
+    names = class_names(shards) if with_labels else None
+    plan = ReadPlan(
+        tuple(shards), tuple(counts) if counts is not None and None not in counts else None,
+        tuple(sources or [0] * len(shards)), tuple(weights) if weights else None, seed, epoch, rank, world_size,
+        max(workers, 1), batch_size, batches, resampled, shuffle, repeat,
     )
+    decoder = Decoder(image_transform, tokenizer, views, with_labels, {n: i for i, n in enumerate(names)} if names else None,
+                      decode_size)
+    dataset = ShardStream(plan, decoder, shuffle_buffer=shuffle_buffer, drop_last=drop_last, position=position,
+                          read_timeout=read_timeout, read_retries=read_retries)
     # DataLoader draws its workers' base seed from this generator; without one it would take a number
     # from the trainer's global RNG every epoch. (Our samples are seeded explicitly, see _sample_seed.)
     generator = torch.Generator().manual_seed(_sample_seed("loader", seed, epoch, rank))
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=False, generator=generator
-    )
+    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                       persistent_workers=False, generator=generator, pin_memory=pin_memory)

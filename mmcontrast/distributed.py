@@ -7,7 +7,9 @@ on any device) and small helpers for rank and world size. Does not own process s
 
 Every process must pass tensors of the same shape. A mismatch (an uneven last batch) would make the
 collective hang or return garbage, so each gather first exchanges the shapes (two integers, one
-tiny collective) and raises the same ``ValueError`` on every rank instead.
+tiny collective) and raises the same ``ValueError`` on every rank instead. That check waits for the
+device (its result decides on the host), so a caller that guarantees equal shapes — the trainer, whose
+every process takes full batches only — turns it off inside ``equal_shapes()``.
 
 Gradient convention (the one open_clip and ``torch.distributed.nn`` use): when every rank computes
 the same global loss L, the gradient that reaches a rank's local features is ``world_size * dL/dx``;
@@ -16,6 +18,9 @@ parameters receive exactly the single-process gradient of L.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 import torch.distributed as dist
@@ -26,8 +31,22 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+_LOCAL_ONLY = contextvars.ContextVar("mmcontrast_local_only", default=False)
+
+
+@contextlib.contextmanager
+def local_only():
+    """Inside this block the losses see this process's tensors alone (no gather): what one process computes
+    by itself, such as the trainer's validation on the first process, while the others are elsewhere."""
+    token = _LOCAL_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.reset(token)
+
+
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _LOCAL_ONLY.get() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
@@ -58,8 +77,24 @@ class _AllGather(torch.autograd.Function):
         return out
 
 
+_EQUAL_SHAPES = contextvars.ContextVar("mmcontrast_equal_shapes", default=False)
+
+
+@contextlib.contextmanager
+def equal_shapes():
+    """Inside this block the caller guarantees that every process gathers tensors of the same shape: the
+    per-gather shape check (a host-device synchronisation) is skipped."""
+    token = _EQUAL_SHAPES.set(True)
+    try:
+        yield
+    finally:
+        _EQUAL_SHAPES.reset(token)
+
+
 def _check_same_shape(x: torch.Tensor) -> None:
     """Raise the same ValueError on every rank unless all ranks hold x of the same size."""
+    if _EQUAL_SHAPES.get():
+        return
     mine = torch.tensor([x.shape[0], x.numel()], dtype=torch.int64, device=x.device)
     every = mine.new_empty(world_size() * 2)
     _all_gather_single(every, mine)

@@ -500,3 +500,36 @@ def knn_top1(encoder: nn.Module, preprocess: Callable, train_dir: str | Path, te
     train, test, classes = encode_class_folders(encoder, preprocess, train_dir, test_dir, workers=workers)
     scores = knn_scores(train.features, train.labels, test.features, len(classes))
     return float((scores.argmax(dim=1) == test.labels).float().mean())
+
+
+@torch.inference_mode()
+def held_out_metrics(model: nn.Module, batches: Iterator[dict], inputs: Callable[[dict], tuple],
+                     loss: Callable[[Sequence[torch.Tensor], torch.Tensor | None], torch.Tensor], block: int,
+                     names: tuple[str, str], ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """The training loss and retrieval recall@K between a model's two embeddings of held-out samples.
+
+    ``inputs``/``loss`` are the task's (``mmcontrast.tasks``): the loss is averaged over blocks of ``block``
+    samples (the training global batch, so the number compares with the training loss; a shorter last
+    block is left out unless it is the only one). Recall: ``names[0]`` → ``names[1]`` and back, over all
+    samples, as ``retrieval_recall`` (pairs (i, i)). Call it on one process (``distributed.local_only``).
+    """
+    device = next(model.parameters()).device
+    outputs, labels = [], []
+    for batch in batches:
+        outputs.append(model(*(x.to(device) for x in inputs(batch))))
+        labels.extend(batch["label"].tolist() if "label" in batch else [])
+    if not outputs:
+        raise UsageError("the validation shards gave no full batch; give more held-out samples or lower the batch size")
+    n_emb = 2
+    a, b = (torch.cat([o[i].float() for o in outputs]) for i in range(n_emb))  # (N, d) each
+    scalars = [s.float() for s in outputs[0][n_emb:]]
+    starts = range(0, max(1, len(a) - block + 1), block) if len(a) >= block else [0]
+    label = torch.tensor(labels, device=device) if labels else None  # (N,) for a loss on labels (SupCon)
+    losses = [float(loss([a[s : s + block], b[s : s + block], *scalars], None if label is None else label[s : s + block]))
+              for s in starts]
+    a, b = nn.functional.normalize(a, dim=-1), nn.functional.normalize(b, dim=-1)
+    recall = retrieval_recall(a, b, torch.arange(len(a)), ks)
+    out = {"val/loss": float(np.mean(losses)), "val/samples": float(len(a))}
+    for direction, (x, y) in zip(("image_to_text", "text_to_image"), (names, names[::-1])):
+        out.update({f"val/{x}_to_{y}_{k}": v for k, v in recall[direction].items()})
+    return out

@@ -358,12 +358,26 @@ def _atomic_save(save_fn: Callable, state: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as the bare model names them: a state dict saved from a DDP-wrapped or compiled model has
+    ``module.`` / ``_orig_mod.`` in front of them (Accelerate saves the wrapped model on GPUs)."""
+    def bare(key: str) -> str:
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        return key.replace("._orig_mod.", ".")
+
+    return {bare(k): v for k, v in state.items()}
+
+
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            return strip_wrapper_prefixes(load_file(str(path)))
         except Exception as err:  # safetensors raises its own error types for foreign files
             raise UsageError(f"{path} is not a safetensors checkpoint ({str(err).splitlines()[0][:200]})") from None
     try:
@@ -374,7 +388,7 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise UsageError(f"{path} holds no state dict")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return strip_wrapper_prefixes(state)
 
 
 def load_image_encoder_weights(encoder: ImageEncoder, weights: str | Path) -> None:

@@ -36,7 +36,8 @@ class LARS(torch.optim.Optimizer):
     """Layer-wise Adaptive Rate Scaling (You et al., 2017) as used by SimCLR.
 
     SGD with momentum whose per-tensor step is scaled by ``trust · ‖w‖ / ‖g + wd·w‖``; groups with
-    ``lars_exclude`` (biases, norms) take plain momentum SGD without decay or adaptation.
+    ``lars_exclude`` (biases, norms) take plain momentum SGD without decay or adaptation. Like torch's
+    fused optimizers, a ``found_inf`` tensor attribute (non-zero: skip) skips the step on the device.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coefficient: float = 0.001):
@@ -45,6 +46,8 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = closure() if closure is not None else None
+        found_inf = getattr(self, "found_inf", None)
+        keep = None if found_inf is None else (found_inf == 0)  # 0-dim bool on the device: no host sync
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -58,21 +61,25 @@ class LARS(torch.optim.Optimizer):
                     )
                     grad = grad.mul(trust)
                 state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(grad).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+                old = state.get("momentum_buffer", torch.zeros_like(p))
+                new = torch.clone(grad).detach() if "momentum_buffer" not in state else old * group["momentum"] + grad
+                if keep is not None:
+                    new = torch.where(keep, new, old)
+                state["momentum_buffer"] = new
+                update = new if keep is None else new * keep
+                p.add_(update, alpha=-group["lr"])
         return loss
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: list, eps: float, momentum: float):
+    """AdamW (torch's fused kernel: fastest on GPUs, and it skips a step on the device when its ``found_inf``
+    attribute is set) or LARS, with ``param_groups``."""
     groups = param_groups(model, weight_decay)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for g in groups:
         g.pop("lars_exclude")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -1,23 +1,39 @@
 """Shards as a data set: which files, what fields they carry, how many samples, which class names.
 
-Owns: turning a shard spec into a list of paths or URLs (``expand_shards``), reading a shard's samples as
-dicts of bytes (``read_samples``: the one place that reaches into webdataset's tar iterators), checking
-that shards carry the fields a run needs (``check_fields``), counting samples (``shard_sample_counts``)
-and the class names string labels index into (``class_names``). Used by training, evaluation and
-diagnostics alike. Does not own streaming batches (``mmcontrast.data``) or the shard format's names
-(``data_tools.formats``).
+Owns: turning a shard spec into a list of paths or URLs (``expand_shards``, ``"A::B"`` for several
+sources), opening a shard as a byte stream wherever it lives (``open_shard``: local files, seeking straight
+to a sample; ``http(s)://`` with a read timeout; ``s3://`` and ``gs://`` through the cloud CLIs; ``pipe:``
+commands), reading a shard's samples as dicts of bytes (``read_samples``: the one place that reaches into
+webdataset's tar iterators), checking that shards carry the fields a run needs (``check_fields``),
+counting samples (``shard_sample_counts``: the stats files beside the shards, read through the same
+scheme, else the tar headers) and the class names string labels index into (``class_names``). Used by
+training, evaluation and diagnostics alike. Does not own streaming batches (``mmcontrast.data``) or the
+shard format's names (``data_tools.formats``).
+
+Remote schemes. ``http(s)://`` is read with the standard library, so a stalled connection times out
+(``read_timeout`` seconds without data) instead of hanging; ``s3://URL`` runs ``aws s3 cp URL -`` and
+``gs://URL`` ``gcloud storage cat URL`` (the clouds' own CLIs, with their credentials); ``pipe:CMD`` runs
+CMD and reads its output. The stats files of a remote shard are found the same way: the shard's file name
+in the URL (or, for ``pipe:``, in the command) is replaced by ``stats.json`` or ``NNNNN_stats.json``.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import glob
+import io
 import itertools
 import json
+import logging
 import os
 import re
+import shlex
+import subprocess
 import tarfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 
 import braceexpand
@@ -25,23 +41,37 @@ import webdataset as wds
 
 from data_tools.formats import (
     IMAGE_FIELDS,
+    SHARD_STATS_SUFFIX,
     STATS_FILE,
     TEXT_FIELD,
-    local_folder_counts,
+    folder_sample_counts,
     shard_sample_count,
-    shard_stats_path,
     split_member_name,
 )
 from mmcontrast.errors import UsageError
 
+log = logging.getLogger(__name__)
+
 PEEK_SAMPLES = 16  # how many samples check_fields looks at
 PEEK_SHARDS = 3
 READ_BUFFER = 1 << 20
+READ_TIMEOUT = 60.0  # seconds without a byte from a remote shard before the read fails (and is retried)
+COUNT_THREADS = 16  # per-shard stats files fetched at once (one request each)
+SOURCE_SEPARATOR = "::"  # "A::B": several data sources, mixed by data.upsampling_factors
 REMOTE = re.compile(r"^(\w+://|pipe:)")
+CLOUD_COMMANDS = {"s3": "aws s3 cp {url} -", "gs": "gcloud storage cat {url}"}
+_WARNED: set[str] = set()  # damaged shards already reported by this process
 
 
 def is_remote(url: str) -> bool:
     return bool(REMOTE.match(url))
+
+
+def warn_once(key: str, message: str, *args) -> None:
+    """Log a warning the first time ``key`` is seen in this process (damaged shards, skipped samples)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message, *args)
 
 
 # ---------------------------------------------------------------- shard lists
@@ -108,18 +138,137 @@ def expand_shards(spec: str | os.PathLike | list) -> list[str]:
     return paths
 
 
+def expand_sources(spec: str | os.PathLike | list) -> list[list[str]]:
+    """The shards of each data source of ``"A::B::C"`` (each part anything ``expand_shards`` takes)."""
+    if isinstance(spec, (list, tuple)) or SOURCE_SEPARATOR not in os.fspath(spec):
+        return [expand_shards(spec)]
+    return [expand_shards(part) for part in os.fspath(spec).split(SOURCE_SEPARATOR)]
+
+
+# ---------------------------------------------------------------- opening shards wherever they live
+
+
+def _command(url: str) -> list[str] | None:
+    """The command whose output is the shard: ``pipe:CMD``, or a cloud CLI for ``s3://`` and ``gs://``."""
+    if url.startswith("pipe:"):
+        return ["/bin/sh", "-c", url[len("pipe:"):]]
+    scheme = url.split("://", 1)[0]
+    return shlex.split(CLOUD_COMMANDS[scheme].format(url=shlex.quote(url))) if scheme in CLOUD_COMMANDS else None
+
+
+class _CommandStream(io.RawIOBase):
+    """The standard output of a command as a readable stream; closing it stops the command."""
+
+    def __init__(self, argv: list[str]):
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.proc.stdout.readinto(buffer)
+        if n == 0 and self.proc.wait() != 0:  # a failed command must not look like a short shard
+            raise OSError(f"the command for this shard exited with status {self.proc.returncode}")
+        return n
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        super().close()
+
+
+def _open_raw(url: str, timeout: float) -> io.BufferedReader:
+    command = _command(url)
+    if command is not None:
+        return io.BufferedReader(_CommandStream(command), READ_BUFFER)
+    if is_remote(url):
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"cannot read {url}: use a path, http(s)://, s3://, gs:// or pipe:COMMAND")
+        return io.BufferedReader(urllib.request.urlopen(url, timeout=timeout), READ_BUFFER)
+    return open(url, "rb", buffering=READ_BUFFER)
+
+
+def _local_sample_offset(path: str, n: int) -> int | None:
+    """Byte offset of the first tar header of the ``n``-th sample with an image, from the headers alone; None past the end.
+
+    Members sharing a key are consecutive (webdataset's grouping); a group counts when one of them is an image.
+    """
+    found, group, group_offset, counted = -1, None, 0, False
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:  # random access: the data between headers is seeked over, not read
+            parts = split_member_name(member.name) if member.isreg() else None
+            if parts is None:
+                continue
+            if parts[0] != group:
+                group, group_offset, counted = parts[0], member.offset, False
+            if not counted and parts[1].lower() in IMAGE_FIELDS:
+                counted, found = True, found + 1
+                if found == n:
+                    return group_offset
+    return None
+
+
+def open_shard(url: str, skip: int = 0, timeout: float = READ_TIMEOUT) -> tuple[io.BufferedReader | None, int]:
+    """``(byte stream of the shard, samples still to skip)``, positioned at its ``skip``-th sample with an image.
+
+    A local shard is positioned by seeking (its tar headers are read, its data not), and the stream is None
+    when it has no such sample; a remote one is streamed from the start and the caller drops the samples
+    still to skip.
+    """
+    if skip and not is_remote(url):
+        with contextlib.suppress(tarfile.TarError, OSError):
+            offset = _local_sample_offset(url, skip)
+            if offset is None:
+                return None, 0
+            stream = _open_raw(url, timeout)
+            stream.seek(offset)
+            return stream, 0
+    return _open_raw(url, timeout), skip
+
+
+def read_small_file(url: str, timeout: float = READ_TIMEOUT) -> bytes | None:
+    """The content of a small file (a stats file) at a path or URL, None when it is not there."""
+    try:
+        with _open_raw(url, timeout) as f:
+            return f.read()
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+
+
+def sibling(shard: str, name: str) -> str:
+    """The file ``name`` next to ``shard``: the shard's file name replaced in its path, URL or ``pipe:`` command."""
+    base = _shard_name(shard)
+    head, sep, tail = shard.rpartition(base)
+    return head + name + tail if sep else shard
+
+
 # ---------------------------------------------------------------- reading samples (the webdataset seam)
 
 
-def read_samples(urls: Iterable[str], handler: Callable[[Exception], bool] = wds.handlers.reraise_exception) -> Iterator[dict]:
-    """The samples of the shards ``urls`` as dicts of bytes (``__key__``, ``__url__``, one entry per field).
+def stream_samples(url: str, stream: io.BufferedReader, handler: Callable[[Exception], bool] = wds.handlers.reraise_exception
+                   ) -> Iterator[dict]:
+    """The samples in the tar ``stream`` of shard ``url`` as dicts of bytes (``__key__``, ``__url__``, one per field).
 
-    webdataset's ``tarfile_samples`` pipeline (its openers handle paths, ``http(s)://``, ``pipe:``), with
-    each shard opened with a 1 MiB read buffer instead of 8 KiB (a tenth less time per sample).
+    webdataset's tar expansion and grouping by key (``tarfile_samples`` without its opener: ``open_shard``
+    opens, with a 1 MiB buffer, timeouts and seeking).
     """
-    streams = wds.tariterators.url_opener(({"url": u} for u in urls), handler=handler, bufsize=READ_BUFFER)
-    files = wds.tariterators.tar_file_expander(streams, handler=handler)
+    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
     return wds.tariterators.group_by_keys(files, handler=handler)
+
+
+def read_samples(urls: Iterable[str], handler: Callable[[Exception], bool] = wds.handlers.reraise_exception) -> Iterator[dict]:
+    """The samples of the shards ``urls``, one after the other (see ``stream_samples``)."""
+    for url in urls:
+        try:
+            stream, _ = open_shard(url)
+        except Exception as err:
+            if handler(err):
+                continue
+            raise
+        with stream:  # never None: nothing is skipped
+            yield from stream_samples(url, stream, handler)
 
 
 def has_fields(fields: Iterable[str], need_image: bool, need_text: bool) -> bool:
@@ -137,7 +286,11 @@ def check_fields(shards: list[str], need_text: bool, need_image: bool = True) ->
     need = (["an image (jpg, jpeg, png or webp)"] if need_image else []) + (["a caption (txt)"] if need_text else [])
     found: collections.Counter = collections.Counter()
     looked = 0
-    for shard in shards[:PEEK_SHARDS]:
+    unreadable: list[str] = []
+    readable = 0
+    for shard in shards:  # damaged shards among the first ones are reported and passed over
+        if readable >= PEEK_SHARDS or looked >= PEEK_SAMPLES or len(unreadable) >= PEEK_SHARDS:
+            break
         try:
             for sample in itertools.islice(read_samples([shard]), PEEK_SAMPLES):
                 fields = {k for k in sample if not k.startswith("__")}
@@ -145,10 +298,13 @@ def check_fields(shards: list[str], need_text: bool, need_image: bool = True) ->
                 looked += 1
                 if has_fields(fields, need_image, need_text):
                     return
+            readable += 1
         except Exception as e:  # not a tar, truncated, unreadable
-            raise UsageError(f"shard {shard} cannot be read as a tar file ({type(e).__name__}: {e})") from e
-        if looked >= PEEK_SAMPLES:
-            break
+            unreadable.append(f"shard {shard} cannot be read as a tar file ({type(e).__name__}: {str(e)[:200]})")
+            warn_once(f"unreadable:{shard}", "%s; it is passed over (data_tools.inspect lists the shards to re-create)",
+                      unreadable[-1])
+    if unreadable and not looked:
+        raise UsageError(unreadable[0])
     fields = ", ".join(f"{k} ({v}x)" for k, v in sorted(found.items())) or "none"
     fix = (
         " Image-text (clip) runs need KEY.txt captions beside the images: make the shards with captions, "
@@ -163,50 +319,62 @@ def check_fields(shards: list[str], need_text: bool, need_image: bool = True) ->
 # ---------------------------------------------------------------- counting
 
 
-def _img2dataset_count(shard: str) -> int | None:
-    """``successes`` from the per-shard ``NNNNN_stats.json`` beside ``NNNNN.tar``."""
-    stats = shard_stats_path(shard)
-    if stats is None or not os.path.isfile(stats):
-        return None
-    with contextlib.suppress(OSError):
-        with open(stats, encoding="utf-8") as f:
-            return shard_sample_count(f.read())
-    return None
-
-
 def _scan_count(shard: str) -> int:
-    """Samples with an image field, from the tar headers alone (seeks over the data, decodes nothing)."""
+    """Samples with an image field, from the tar headers alone (seeks over the data, decodes nothing).
+
+    A damaged shard (cut short by an interrupted copy) counts the samples before the damage, with a warning.
+    """
     keys = set()
-    with tarfile.open(shard, "r:") as tar:
-        for member in tar:
-            parts = split_member_name(member.name) if member.isreg() else None
-            if parts and parts[1].lower() in IMAGE_FIELDS:
-                keys.add(parts[0])
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                parts = split_member_name(member.name) if member.isreg() else None
+                if parts and parts[1].lower() in IMAGE_FIELDS:
+                    keys.add(parts[0])
+    except (tarfile.TarError, OSError, EOFError) as err:
+        warn_once(f"unreadable:{shard}", "shard %s is damaged after %d samples (%s); training on those "
+                  "(python -m data_tools.inspect lists the shards to re-create)", shard, len(keys), err)
     return len(keys)
 
 
-def shard_sample_counts(shards: list[str]) -> list[int]:
-    """Samples per shard: make_shards' ``stats.json``, else img2dataset's ``NNNNN_stats.json``, else a scan."""
-    folders: dict[str, dict[str, int]] = {}
-    counts = []
+def shard_sample_counts(shards: list[str], timeout: float = READ_TIMEOUT) -> list[int | None]:
+    """Samples per shard: make_shards' ``stats.json``, else the shard's ``NNNNN_stats.json`` (make_shards' and
+    img2dataset's), both found beside it through its own scheme; else, for a local shard, its tar headers.
+    ``None`` for a remote shard without stats (give ``data.num_samples`` for ``--epochs`` then).
+    """
+    folder_counts: dict[str, dict[str, int]] = {}
+    counts: list[int | None] = []
     for shard in shards:
-        folder = os.path.dirname(os.path.abspath(shard))
-        if folder not in folders:
-            folders[folder] = local_folder_counts(folder)
-        n = folders[folder].get(os.path.basename(shard))
-        if n is None:
-            n = _img2dataset_count(shard)
-        if n is None:
-            if is_remote(shard):
-                raise UsageError(f"cannot count the samples of remote shard {shard}; give the count in the config")
-            n = _scan_count(shard)
-        counts.append(n)
-    return counts
+        stats_url = sibling(shard, STATS_FILE)
+        if stats_url not in folder_counts:
+            text = read_small_file(stats_url, timeout)
+            folder_counts[stats_url] = folder_sample_counts(text) if text else {}
+        counts.append(folder_counts[stats_url].get(_shard_name(shard)))
+    missing = [i for i, n in enumerate(counts) if n is None]
+    with concurrent.futures.ThreadPoolExecutor(COUNT_THREADS) as pool:  # one request per shard: many at once
+        texts = pool.map(lambda i: read_small_file(sibling(shards[i], _shard_name(shards[i])[: -len(".tar")] + SHARD_STATS_SUFFIX),
+                                                   timeout), missing)
+        for i, text in zip(missing, texts):
+            counts[i] = shard_sample_count(text) if text else None
+    return [_scan_count(shard) if n is None and not is_remote(shard) else n for shard, n in zip(shards, counts)]
 
 
-def count_samples(shards: list[str]) -> int:
-    """Total samples in ``shards`` (see ``shard_sample_counts`` for where the counts come from)."""
-    return sum(shard_sample_counts(shards))
+def _shard_name(shard: str) -> str:
+    """``00012.tar`` of a path, URL or ``pipe:`` command."""
+    target = shard.split()[-1] if shard.startswith("pipe:") else shard
+    return os.path.basename(target.split("?", 1)[0])
+
+
+def count_samples(shards: list[str], timeout: float = READ_TIMEOUT) -> int:
+    """Total samples in ``shards`` (see ``shard_sample_counts``); UsageError when a remote shard has no count."""
+    counts = shard_sample_counts(shards, timeout)
+    unknown = [s for s, n in zip(shards, counts) if n is None]
+    if unknown:
+        raise UsageError(
+            f"{len(unknown)} remote shards have no stats file beside them (first: {unknown[0]}), so their sample count "
+            "is unknown; give it with --set data.num_samples=N, or train with --steps"
+        )
+    return sum(counts)
 
 
 # ---------------------------------------------------------------- labels
@@ -234,7 +402,7 @@ def class_names(shards: list[str]) -> list[str] | None:
     From make_shards' stats.json (``classes``) when present, else by reading every sample's json.
     Raises ``UsageError`` when the first sample has no label.
     """
-    first = next(iter(read_samples([shards[0]])), {})
+    first = next(iter(read_samples([shards[0]], handler=wds.handlers.warn_and_continue)), {})
     index, label = sample_label(first)
     if index is None and label is None:
         raise UsageError(
@@ -243,9 +411,8 @@ def class_names(shards: list[str]) -> list[str] | None:
         )
     if index is not None:
         return None
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        with open(os.path.join(os.path.dirname(os.path.abspath(shards[0])), STATS_FILE), encoding="utf-8") as f:
-            classes = json.load(f).get("classes")
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        classes = json.loads(read_small_file(sibling(shards[0], STATS_FILE)) or b"{}").get("classes")
         if classes:
             return list(classes)
     names = {label for shard in shards for sample in read_samples([shard]) if (label := sample_label(sample)[1])}

@@ -63,6 +63,7 @@ class Task:
     clamp: Callable[[nn.Module], None] = _nothing  # after each optimizer step (the logit-scale clamp)
     scalar_metrics: Callable[[nn.Module], dict] = _no_metrics  # per log step (temperature, logit bias)
     n_embeddings: int = 2  # outputs[:n_embeddings] are per-sample embeddings, the rest scalars
+    pair_names: tuple[str, str] = ("image", "text")  # what the two embeddings are (validation metrics' names)
 
     @property
     def pairs_are_views(self) -> bool:
@@ -135,7 +136,9 @@ def _build_clip(model_cfg: ModelConfig, loss_cfg: LossConfig, loss_name: str, cl
 
     evaluate = None
     if log_cfg.eval_every:
-        from mmcontrast.evaluate import zero_shot_top1_top5
+        from mmcontrast.evaluate import class_folders, zero_shot_top1_top5
+
+        class_folders(log_cfg.eval_images)  # a wrong folder fails now, not at the first evaluation hours later
 
         def evaluate(model: nn.Module) -> dict:
             result = zero_shot_top1_top5(model, bundle.tokenizer, bundle.preprocess_val, log_cfg.eval_images)
@@ -174,7 +177,7 @@ def simclr_task(model: models.SimclrModel, *, loss_name: str = "nt_xent", temper
     return Task(
         model=model, inputs=_views, loss=loss, tokenizer=None, train_transform=transform, health_transform=transform,
         eval_transform=eval_transform, views=2, with_labels=loss_name == "supcon", health_pair=_backbone_embeddings,
-        export=export or _nothing, evaluate=evaluate,
+        export=export or _nothing, evaluate=evaluate, pair_names=("view1", "view2"),
     )
 
 
@@ -200,7 +203,10 @@ def _build_simclr(model_cfg: ModelConfig, loss_cfg: LossConfig, loss_name: str, 
 
     evaluate = None
     if log_cfg.eval_every:
-        from mmcontrast.evaluate import knn_top1
+        from mmcontrast.evaluate import class_folders, knn_top1
+
+        class_folders(log_cfg.eval_images)  # wrong folders fail now, not at the first evaluation hours later
+        class_folders(log_cfg.eval_train_images)
 
         def evaluate(model: nn.Module) -> dict:
             return {"eval/knn_top1": knn_top1(model.encoder, eval_transform, log_cfg.eval_train_images, log_cfg.eval_images)}

@@ -1,13 +1,19 @@
-"""The training loop: ``accelerate launch -m mmcontrast.train`` (or ``python -m mmcontrast.train``).
+"""The training loop: ``accelerate launch -m mmcontrast.train``, ``torchrun -m mmcontrast.train`` or ``python -m``.
 
 Owns the loop from config to run dir, read top to bottom in ``train``: set-up (run dir, Accelerate,
-seeds, the mode's ``Task``, optimizer), then per optimizer step the next group of K micro-batches
-(``micro_batch_groups``: epoch rollover and the check that every process still has data), their
-gradients (``gradcache.step_gradients``), the optimizer step (skipped when the loss is not finite),
+seeds, the mode's ``Task``, optimizer, the ``Feed`` of data), then per optimizer step the next group of
+K micro-batches, their gradients (``gradcache.step_gradients``), the optimizer step (``train_step``),
 a log record every ``log.every`` steps (``StepLog``) and a checkpoint every ``log.checkpoint_every``;
 at the end the export. Devices, processes and mixed precision are Accelerate's; what differs between
-modes is the ``Task`` (``mmcontrast.tasks``); checkpoints are ``mmcontrast.checkpoint``; the data is
-``mmcontrast.data``.
+modes is the ``Task`` (``mmcontrast.tasks``); checkpoints are ``mmcontrast.checkpoint``; epochs and data
+positions are ``mmcontrast.feed``.
+
+No step waits for the device. The loss, the count of skipped steps and everything else a log record
+reports are added up on the device and read only at log steps; a step whose gradient is not finite is
+skipped on the device (fused AdamW's ``found_inf``, the same flag on every process because the gradient
+norm is taken after DDP has averaged the gradients) and its BatchNorm statistics are put back; the
+gathers of the loss skip their shape check (``distributed.equal_shapes``: every process takes full
+batches). A skipped step still counts as a step: the schedule moves on.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Run with `accelerate launch [--cpu --num_processes N] -m mmcontrast.train ...` or `python -m mmcontrast.train ...`.",
     )
     p.add_argument("--config", help="YAML run config (see configs/)")
-    p.add_argument("--train-shards", help='brace pattern "DIR/{00000..00007}.tar", a directory, a glob or a list file')
+    p.add_argument("--train-shards", help='brace pattern "DIR/{00000..00007}.tar", a directory, a glob, a list file or URLs '
+                   '(http(s)://, s3://, gs://, pipe:CMD); "A::B" mixes sources')
+    p.add_argument("--val-shards", help="held-out image-caption shards: val loss and retrieval R@K every log.val_every steps")
     p.add_argument("--output-dir", help="run directory (config, metrics, checkpoints, final weights)")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--epochs", type=int, help="passes over the shards (instead of --steps)")
@@ -66,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAG_TO_FIELD = {
     "train_shards": "data.train_shards",
+    "val_shards": "data.val_shards",
     "output_dir": "train.output_dir",
     "steps": "train.steps",
     "epochs": "train.epochs",
@@ -174,38 +183,15 @@ def _share_cpu_cores(accelerator, workers: int) -> None:
 
 
 @dataclass
-class Schedule:
-    """How long the run is, in optimizer steps, and how many samples one step consumes."""
-
-    total_steps: int
-    micro_batch_samples: int  # batch_size × processes
-    global_batch: int  # batch_size × processes × accum_steps
-    samples_per_epoch: int
-
-
-def plan_schedule(samples_per_epoch: int, micro_batch_samples: int, accum: int, epochs: int | None, steps: int | None) -> Schedule:
-    global_batch = micro_batch_samples * accum
-    if epochs is None:
-        return Schedule(steps, micro_batch_samples, global_batch, samples_per_epoch)
-    steps_per_epoch = samples_per_epoch // global_batch
-    if steps_per_epoch == 0:
-        raise UsageError(
-            f"the shards hold {samples_per_epoch} samples, fewer than one global batch of {global_batch}; "
-            "lower --batch-size or --accum-steps"
-        )
-    return Schedule(epochs * steps_per_epoch, micro_batch_samples, global_batch, samples_per_epoch)
-
-
-@dataclass
 class TrainState:
     """Where the run stands; saved with every checkpoint (``train_state.json``)."""
 
     step: int = 0
     epoch: int = 0
-    micro_batches_in_epoch: int = 0  # this process's batches consumed in the current epoch
-    samples_seen: int = 0
-    skipped_samples: int = 0
-    nonfinite_steps: int = 0  # in a row
+    samples_seen: int = 0  # samples in the batches all processes consumed
+    skipped_samples: int = 0  # samples the loaders of all processes skipped (corrupt, incomplete, lost to damage)
+    nonfinite_steps: int = 0  # steps skipped because the gradient was not finite
+    data: list = field(default_factory=list)  # each process's position in the epoch (data.LoaderPosition)
     identity: dict = field(default_factory=dict)  # what a resume must not change (config.RESUME_IDENTITY, processes, shards)
 
 
@@ -235,124 +221,110 @@ def _refuse_changed_identity(now: dict) -> Callable[[dict], None]:
     return check
 
 
-# ---------------------------------------------------------------- the data, one step's worth at a time
+# ---------------------------------------------------------------- one optimizer step (nothing here waits for the device)
 
 
-def _all_ranks_have_data(accelerator, have: bool) -> bool:
-    """Ranks stop together when any runs out (uneven shard splits), so no gather ever waits forever."""
-    if accelerator.num_processes == 1:
-        return have
-    import torch.distributed as dist
-
-    flag = torch.tensor([1 if have else 0], device=accelerator.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def micro_batch_groups(loader_for: Callable[[int, int], Iterator[dict]], state: TrainState, accum: int,
-                       epochs: int | None, accelerator) -> Iterator[tuple[list[dict], float]]:
-    """Yield ``(K micro-batches on the device, seconds spent waiting for them)`` for each optimizer step.
-
-    ``loader_for(epoch, skip_batches)`` gives an epoch's batches; when any process runs out, every
-    process moves to the next epoch together, and after ``epochs`` epochs (if given) the groups end.
-    Advances ``state``'s epoch, position and skipped-sample count.
-    """
-    it = loader_for(state.epoch, state.micro_batches_in_epoch)
-    while True:
-        start = time.perf_counter()
-        micro = [b for b in (next(it, None) for _ in range(accum)) if b is not None]
-        if not _all_ranks_have_data(accelerator, len(micro) == accum):
-            state.epoch += 1
-            state.micro_batches_in_epoch = 0
-            if epochs is not None and state.epoch >= epochs:
-                return
-            it = loader_for(state.epoch, 0)
-            continue
-        state.micro_batches_in_epoch += accum
-        state.skipped_samples += sum(int(b.get("skipped", 0)) for b in micro)
-        device = accelerator.device
-        micro = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
-        yield micro, time.perf_counter() - start
-
-
-# ---------------------------------------------------------------- the optimizer step
-
-
-def _all_ranks_finite(accelerator, loss: torch.Tensor) -> bool:
-    ok = torch.isfinite(loss).all().reshape(1).to(accelerator.device, torch.float32)
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
-def optimizer_step(accelerator, model, optimizer, loss: torch.Tensor, grad_clip: float, state: TrainState,
-                   max_nonfinite_steps: int, bn_before: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-    """Clip and step, or skip the step when the loss was not finite on some process; returns whether it stepped.
-
-    A skipped step leaves no trace: its gradients are dropped and the BatchNorm statistics its forward
-    passes moved are put back (``bn_before``: pairs of buffer and its value before the step). Raises
-    ``TrainingError`` after ``max_nonfinite_steps`` skipped steps in a row.
-    """
-    if not _all_ranks_finite(accelerator, loss):
-        optimizer.zero_grad(set_to_none=True)
-        for buffer, before in bn_before:
-            buffer.copy_(before)
-        state.nonfinite_steps += 1
-        if state.nonfinite_steps >= max_nonfinite_steps:
-            raise TrainingError(
-                f"loss was not finite for {state.nonfinite_steps} steps in a row (step {state.step}); "
-                "lower --lr, raise optim.warmup_steps, or use train.mixed_precision=bf16 instead of fp16"
-            )
-        return False
-    state.nonfinite_steps = 0
+def _grad_norm(accelerator, model, grad_clip: float) -> torch.Tensor:
+    """The global gradient norm (0-dim, on the device), after clipping to ``grad_clip`` when it is positive."""
     if grad_clip > 0:
-        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        return accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    accelerator.unscale_gradients()
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+
+def train_step(accelerator, task, model, optimizer, micro: list[dict], grad_clip: float) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """Gradients of one step over ``micro``, then the optimizer step unless the gradient is not finite.
+
+    Returns the detached loss, this process's embeddings (for the log) and whether the step was taken
+    (a 0-dim bool on the device). A skipped step leaves no trace: the optimizer does nothing (fused AdamW
+    and LARS read ``found_inf``) and the BatchNorm statistics its forward passes moved are put back.
+    """
+    from mmcontrast.gradcache import bn_buffers, step_gradients
+
+    optimizer.zero_grad(set_to_none=True)
+    bn_before = [(b, b.clone()) for b in bn_buffers(model)]
+    loss, embeddings = step_gradients(accelerator, task, model, micro)
+    finite = torch.isfinite(_grad_norm(accelerator, model, grad_clip))  # the same on every process: after DDP's average
+    getattr(optimizer, "optimizer", optimizer).found_inf = (~finite).float()
     optimizer.step()
-    return True
+    for buffer, before in bn_before:
+        buffer.copy_(torch.where(finite, buffer, before))
+    task.clamp(accelerator.unwrap_model(model))
+    return loss, embeddings, finite
 
 
 # ---------------------------------------------------------------- logging
 
 
 class StepLog:
-    """Accumulates the steps between two log records and writes one record (metrics.jsonl, trackers, bar)."""
+    """What the steps between two log records add up to, and the record itself (metrics.jsonl, trackers, bar).
 
-    def __init__(self, accelerator, task, log_cfg: LogConfig, warmup_steps: int, metrics_path: Path, trackers: bool,
-                 health_batch: dict | None, progress):
+    Per step only device-side additions; ``fold`` (at log and checkpoint steps) reads them, sums them over the
+    processes and adds them to the ``TrainState``.
+    """
+
+    def __init__(self, accelerator, task, log_cfg: LogConfig, warmup_steps: int, max_nonfinite_steps: int,
+                 metrics_path: Path, trackers: bool, health_batch: dict | None, validate: Callable | None, progress):
         self.accelerator, self.task, self.cfg, self.warmup_steps = accelerator, task, log_cfg, warmup_steps
-        self.metrics_path, self.trackers, self.health_batch, self.progress = metrics_path, trackers, health_batch, progress
+        self.max_nonfinite_steps, self.metrics_path, self.trackers = max_nonfinite_steps, metrics_path, trackers
+        self.health_batch, self.validate, self.progress = health_batch, validate, progress
+        self.streak = torch.zeros((), dtype=torch.long, device=accelerator.device)  # skipped steps in a row
         self.reset()
 
     def reset(self) -> None:
-        self.t0, self.data_time, self.steps, self.loss = time.perf_counter(), 0.0, 0, 0.0
+        device = self.accelerator.device
+        self.t0, self.data_time, self.steps, self.samples, self.skipped = time.perf_counter(), 0.0, 0, 0, 0
+        self.loss = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=device)
 
-    def add(self, loss: torch.Tensor, data_seconds: float) -> None:
+    def count_skipped(self, n: int) -> None:
+        self.skipped += n
+
+    def add(self, loss: torch.Tensor, finite: torch.Tensor, data_seconds: float, micro: list[dict]) -> None:
         self.steps += 1
-        self.loss += float(loss)
+        self.samples += sum(len(b["__key__"]) for b in micro)
         self.data_time += data_seconds
+        self.loss += loss.float()
+        self.nonfinite += ~finite
+        self.streak = (self.streak + 1) * ~finite
 
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.cfg.every == 0 or step == total_steps
 
-    def write(self, state: TrainState, schedule: Schedule, lr: float, model, embeddings: list[torch.Tensor]) -> dict:
+    def fold(self, state: TrainState) -> float:
+        """Sum the window over the processes into ``state``; returns the window's mean loss. Raises
+        ``TrainingError`` after ``train.max_nonfinite_steps`` skipped steps in a row."""
+        acc = self.accelerator
+        sums = torch.stack([self.loss / max(self.steps, 1), self.nonfinite.float(), torch.tensor(float(self.samples), device=acc.device),
+                            torch.tensor(float(self.skipped), device=acc.device)])
+        sums = acc.reduce(sums, "sum") if acc.num_processes > 1 else sums
+        loss, nonfinite, samples, skipped = sums.tolist()
+        state.nonfinite_steps += round(nonfinite / acc.num_processes)
+        state.samples_seen += round(samples)
+        state.skipped_samples += round(skipped)
+        self.samples = self.skipped = 0
+        self.nonfinite.zero_()
+        if int(self.streak) >= self.max_nonfinite_steps:
+            raise TrainingError(
+                f"the gradient was not finite for {int(self.streak)} steps in a row (step {state.step}); lower --lr, raise "
+                "optim.warmup_steps, or use train.mixed_precision=bf16 instead of fp16"
+            )
+        return loss / acc.num_processes
+
+    def write(self, state: TrainState, feed, lr: float, model, embeddings: list[torch.Tensor]) -> dict:
         """Build the record for ``state.step`` (``embeddings``: this process's last step), write it, start a new window."""
-        acc, world = self.accelerator, self.accelerator.num_processes
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        mean_loss = acc.reduce(torch.tensor(self.loss / self.steps, device=acc.device), "mean")
+        acc, elapsed = self.accelerator, max(time.perf_counter() - self.t0, 1e-9)
+        steps, data_time = self.steps, self.data_time
+        loss = self.fold(state)
         record = {
-            "step": state.step,
-            "epoch": state.epoch + state.micro_batches_in_epoch * schedule.micro_batch_samples / max(1, schedule.samples_per_epoch),
-            "loss": float(mean_loss),
-            "lr": lr,
-            "samples_per_s": self.steps * schedule.global_batch / elapsed,
-            "global_batch": schedule.global_batch,
-            "data_time_share": self.data_time / elapsed,
-            "skipped_samples": state.skipped_samples,
-        }
+            "step": state.step, "epoch": feed.epoch + feed.fraction_of_epoch(), "loss": loss, "lr": lr,
+            "samples_per_s": steps * len(embeddings[0]) * acc.num_processes / elapsed,
+            "global_batch": len(embeddings[0]) * acc.num_processes, "samples_seen": state.samples_seen,
+            "data_time_share": data_time / elapsed, "skipped_samples": state.skipped_samples,
+            "nonfinite_steps": state.nonfinite_steps, **feed.source_shares(),
+        }  # fmt: skip
         # over the global batch, the candidates the loss saw (rank-major, so pairs stay aligned)
-        embeddings = [acc.gather(e.contiguous()) for e in embeddings] if world > 1 else embeddings
+        embeddings = [acc.gather(e.contiguous()) for e in embeddings] if acc.num_processes > 1 else embeddings
         if acc.is_main_process:
             record.update(self._main_process_metrics(state.step, model, embeddings))
         self._emit(record)
@@ -361,6 +333,8 @@ class StepLog:
 
     def _main_process_metrics(self, step: int, model, embeddings: list[torch.Tensor]) -> dict:
         from mmcontrast.diagnostics import batch_health, batch_monitor, collapse_warnings
+        from mmcontrast.distributed import local_only
+        from mmcontrast.models import evaluating
 
         metrics = batch_monitor(*embeddings, views=self.task.pairs_are_views)
         metrics.update(self.task.scalar_metrics(model))
@@ -370,9 +344,10 @@ class StepLog:
                 for line in collapse_warnings(health, self.cfg.min_rank_fraction, self.cfg.min_std_ratio):
                     self.progress.write(f"warning: {line} (step {step})", file=sys.stderr)
             metrics.update({f"health/{k}": v for k, v in health.items()})
+        if self.cfg.val_every and step % self.cfg.val_every == 0:
+            with evaluating(model), local_only():
+                metrics.update(self.validate(model))
         if self.cfg.eval_every and step % self.cfg.eval_every == 0:
-            from mmcontrast.models import evaluating
-
             with evaluating(model):
                 metrics.update(self.task.evaluate(model))
         return metrics
@@ -390,27 +365,29 @@ class StepLog:
 
 
 def _set_up(cfg: Config, output_dir: Path):
-    """Accelerate, seeds, the task (model for the mode), the optimizer: everything before the first step."""
+    """Accelerate, seeds, the task (model for the mode), the optimizer, the data's sources: all before the first step."""
     from accelerate.utils import set_seed
 
+    from mmcontrast.feed import find_sources
     from mmcontrast.optim import build_optimizer
-    from mmcontrast.shards import check_fields, expand_shards
+    from mmcontrast.shards import check_fields
     from mmcontrast.tasks import build_task, needs_captions
 
-    shards = expand_shards(cfg.data.train_shards)
-    check_fields(shards, need_text=needs_captions(cfg.mode))
+    sources = find_sources(cfg.data.train_shards, cfg.data.upsampling_factors, cfg.data.read_timeout)
+    check_fields(sources.shards, need_text=needs_captions(cfg.mode))
     trackers = _usable_trackers(list(cfg.log.trackers))
     accelerator = _make_accelerator(cfg.train.mixed_precision, trackers, output_dir)
-    set_seed(cfg.train.seed)
+    set_seed(cfg.train.seed)  # the same initial weights on every process
     _share_cpu_cores(accelerator, cfg.data.workers)
     task = build_task(cfg)
+    set_seed(cfg.train.seed, device_specific=True)  # from here on, dropout and drop-path draw differently on every process
     if accelerator.num_processes > 1 and cfg.model.sync_batchnorm:  # per-process statistics let positives find each other
         from mmcontrast.distributed import convert_global_batchnorm
 
         task.model = convert_global_batchnorm(task.model, accelerator.device.type)
     o = cfg.optim
     optimizer = build_optimizer(task.model, o.name, o.lr, o.weight_decay, o.betas, o.eps, o.momentum)
-    return shards, trackers, accelerator, task, optimizer
+    return sources, trackers, accelerator, task, optimizer
 
 
 def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config, identity: dict) -> TrainState:
@@ -420,6 +397,7 @@ def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config, identity
     state = TrainState(identity=identity)
     if cfg.train.resume:
         state = TrainState(**load_checkpoint(accelerator, output_dir, check=_refuse_changed_identity(identity)))
+        state.identity = identity
         if accelerator.is_main_process:
             truncate_metrics(output_dir / METRICS_FILE, state.step)
     if accelerator.is_main_process:
@@ -428,65 +406,85 @@ def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config, identity
     return state
 
 
+def _validation(cfg: Config, task, global_batch: int) -> Callable | None:
+    """``model -> val/* metrics`` on ``data.val_shards`` (checked now, at start-up), or None without them."""
+    if not cfg.data.val_shards:
+        return None
+    from mmcontrast.data import make_loader
+    from mmcontrast.evaluate import held_out_metrics
+    from mmcontrast.shards import check_fields, expand_shards
+
+    shards = expand_shards(cfg.data.val_shards)
+    check_fields(shards, need_text=task.tokenizer is not None)
+
+    def validate(model) -> dict:
+        loader = make_loader(shards, image_transform=task.health_transform, tokenizer=task.tokenizer, views=task.views,
+                             batch_size=min(global_batch, 256), workers=cfg.data.workers, seed=cfg.train.seed,
+                             shuffle=False, drop_last=False, with_labels=task.with_labels)
+        return held_out_metrics(model, iter(loader), task.inputs, task.loss, global_batch, task.pair_names)
+
+    return validate
+
+
+def _checkpoint(accelerator, model, output_dir: Path, state: TrainState, feed, log: StepLog, keep: int) -> None:
+    """Save with every process's data position (gathered) and the counters folded in."""
+    from accelerate.utils import gather_object
+
+    from mmcontrast.checkpoint import save_checkpoint
+
+    log.fold(state)
+    state.epoch = feed.epoch
+    state.data = gather_object([feed.position()]) if accelerator.num_processes > 1 else [feed.position()]
+    save_checkpoint(accelerator, model, output_dir, asdict(state), keep)
+
+
 def train(cfg: Config) -> Path:
     """Run training as configured; returns the run dir. Raises UsageError for user mistakes."""
     from tqdm import tqdm
 
-    from mmcontrast.checkpoint import save_checkpoint
     from mmcontrast.config import to_dict
-    from mmcontrast.data import make_loader
     from mmcontrast.diagnostics import fixed_batch
-    from mmcontrast.gradcache import bn_buffers, step_gradients
+    from mmcontrast.distributed import equal_shapes
+    from mmcontrast.feed import Feed, epoch_samples, steps_per_epoch
     from mmcontrast.optim import lr_factor, set_lr
-    from mmcontrast.shards import count_samples
 
     output_dir = _prepare_output_dir(cfg.train.output_dir, cfg.train.resume)
-    shards, trackers, accelerator, task, optimizer = _set_up(cfg, output_dir)
-    world, batch, accum = accelerator.num_processes, cfg.train.batch_size, cfg.train.accum_steps
-    schedule = plan_schedule(count_samples(shards), batch * world, accum, cfg.train.epochs, cfg.train.steps)
+    sources, trackers, accelerator, task, optimizer = _set_up(cfg, output_dir)
+    world, rank, batch, accum = accelerator.num_processes, accelerator.process_index, cfg.train.batch_size, cfg.train.accum_steps
+    per_epoch = steps_per_epoch(epoch_samples(sources, cfg.data.num_samples), batch * world * accum, cfg.train.epochs)
+    total_steps = cfg.train.steps or cfg.train.epochs * per_epoch
+    validate = _validation(cfg, task, batch * world * accum)
     model, optimizer = accelerator.prepare(task.model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    state = _start(accelerator, task, unwrapped, output_dir, cfg, run_identity(cfg, world, shards))
+    state = _start(accelerator, task, unwrapped, output_dir, cfg, run_identity(cfg, world, sources.shards))
     if trackers:
         accelerator.init_trackers("mmcontrast", config=_flat_config(to_dict(cfg)))
-
-    def loader_for(epoch: int, skip: int) -> Iterator[dict]:
-        return iter(make_loader(
-            shards, image_transform=task.train_transform, tokenizer=task.tokenizer, views=task.views, batch_size=batch,
-            workers=cfg.data.workers, seed=cfg.train.seed, epoch=epoch, skip_batches=skip, rank=accelerator.process_index,
-            world_size=world, resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer, with_labels=task.with_labels,
-        ))  # fmt: skip
-
+    loader_args = {"image_transform": task.train_transform, "tokenizer": task.tokenizer, "views": task.views, "batch_size": batch,
+                   "workers": cfg.data.workers, "seed": cfg.train.seed, "rank": rank, "world_size": world, "with_labels": task.with_labels}
+    feed = Feed(sources, cfg.data, per_epoch, accum, loader_args, accelerator.device, state.epoch, (state.data or [None] * world)[rank])
     health_batch = None
     if cfg.log.diagnostics_every and accelerator.is_main_process:
-        health_batch = fixed_batch(shards, task.health_transform, task.tokenizer, task.views, cfg.log.diagnostics_samples,
+        health_batch = fixed_batch(sources.shards, task.health_transform, task.tokenizer, task.views, cfg.log.diagnostics_samples,
                                    cfg.train.seed + 1, cfg.data.shuffle_buffer)
-    progress = tqdm(total=schedule.total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train", unit="step")
-    log = StepLog(accelerator, task, cfg.log, cfg.optim.warmup_steps, output_dir / METRICS_FILE, bool(trackers), health_batch, progress)
+    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train", unit="step")
+    log = StepLog(accelerator, task, cfg.log, cfg.optim.warmup_steps, cfg.train.max_nonfinite_steps, output_dir / METRICS_FILE,
+                  bool(trackers), health_batch, validate, progress)
+    groups = feed.groups(cfg.train.epochs, log.count_skipped)
     model.train()
-    groups = micro_batch_groups(loader_for, state, accum, cfg.train.epochs, accelerator)
-    while state.step < schedule.total_steps:
-        micro, data_seconds = next(groups, (None, 0.0))
-        if micro is None:  # the last epoch ended
-            break
-        lr = set_lr(optimizer, cfg.optim.lr, lr_factor(state.step, cfg.optim.warmup_steps, schedule.total_steps, cfg.optim.min_lr_ratio))
-        optimizer.zero_grad(set_to_none=True)
-        bn_before = [(b, b.clone()) for b in bn_buffers(model)]
-        loss, embeddings = step_gradients(accelerator, task, model, micro)
-        if not optimizer_step(accelerator, model, optimizer, loss, cfg.optim.grad_clip, state, cfg.train.max_nonfinite_steps,
-                              bn_before):
-            continue
-        task.clamp(unwrapped)
-        state.step += 1
-        state.samples_seen += schedule.global_batch
-        log.add(loss, data_seconds)
-        progress.update(1)
-        if log.due(state.step, schedule.total_steps):
-            log.write(state, schedule, lr, unwrapped, embeddings)
-        if state.step % cfg.log.checkpoint_every == 0 and state.step < schedule.total_steps:
-            save_checkpoint(accelerator, model, output_dir, asdict(state), cfg.log.keep_checkpoints)
-    progress.close()
-    save_checkpoint(accelerator, model, output_dir, asdict(state), cfg.log.keep_checkpoints)
+    with equal_shapes():  # every process takes full batches of the same size
+        while state.step < total_steps and (group := next(groups, None)) is not None:
+            micro, data_seconds = group
+            lr = set_lr(optimizer, cfg.optim.lr, lr_factor(state.step, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
+            loss, embeddings, finite = train_step(accelerator, task, model, optimizer, micro, cfg.optim.grad_clip)
+            state.step += 1
+            log.add(loss, finite, data_seconds, micro)
+            progress.update(1)
+            if log.due(state.step, total_steps):
+                log.write(state, feed, lr, unwrapped, embeddings)
+            if state.step % cfg.log.checkpoint_every == 0 and state.step < total_steps:
+                _checkpoint(accelerator, model, output_dir, state, feed, log, cfg.log.keep_checkpoints)
+        progress.close()
+        _checkpoint(accelerator, model, output_dir, state, feed, log, cfg.log.keep_checkpoints)
     if accelerator.is_main_process:
         task.export(unwrapped, output_dir, True)
     if trackers:

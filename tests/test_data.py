@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcontrast.data import make_loader, resume_position
+from mmcontrast.data import LoaderPosition, make_loader
 from mmcontrast.errors import UsageError
 from mmcontrast.shards import check_fields, count_samples, expand_shards
 
@@ -148,7 +148,7 @@ def test_clip_batches_with_open_clip_preprocess_and_tokenizer(shards):
 def test_two_ranks_by_two_workers_read_every_sample_exactly_once(shards):
     expected = sorted(all_keys(shards))
     assert len(expected) == 192
-    for subset in (shards, shards[:1]):  # 4 shards split by shard; 1 shard split by sample
+    for subset in (shards, shards[:1]):  # split by sample, across 4 shards or inside 1
         batch_size = 8 if len(subset) == 4 else 4
         seen = [k for rank in (0, 1) for k in keys(loader(subset, rank=rank, world_size=2, workers=2, batch_size=batch_size))]
         assert len(seen) == len(set(seen)), "a sample was read twice"
@@ -169,33 +169,56 @@ def test_order_is_a_function_of_seed_and_epoch(shards):
     assert first != keys(loader(shards, seed=1))
 
 
-def test_skip_batches_continues_exactly_where_the_run_stopped(shards):
-    uneven = shards[:3]  # 2 workers: one reads 2 shards (6 batches), the other 1 (3 batches) and stops early
-    kw = {"workers": 2, "image_transform": random_view, "seed": 3}
-    full = list(loader(uneven, **kw))
-    assert len(full) == 9
-    for skip in (3, 7):
-        resumed = list(loader(uneven, skip_batches=skip, **kw))
-        assert keys(resumed) == keys(full[skip:])
-        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[skip:])), "augmentations differ"
+def consumed(batches: list[dict], workers: int) -> LoaderPosition:
+    """The position of a loader whose first ``batches`` the trainer consumed."""
+    position = LoaderPosition()
+    for batch in batches:
+        position.advance(batch, workers)
+    return position
 
 
-def test_resume_position_follows_dataloaders_round_robin():
-    assert resume_position(5, [None, None]) == ([3, 2], 1)
-    assert resume_position(7, [6, 3]) == ([4, 3], 0)  # worker 1 ran out after 3 batches
-    assert resume_position(9, [6, 3]) == ([6, 3], 0)
+def test_a_resumed_loader_continues_exactly_where_the_run_stopped(shards):
+    kw = {"workers": 2, "image_transform": random_view, "seed": 3, "shuffle_buffer": 20}
+    for subset, target in ((shards[:3], None), (shards[:3], 7), (shards[:2], None)):  # until the data ends, or 7 batches
+        full = list(loader(subset, batches=target, **kw))
+        assert len(full) == (target or 2 * (len(subset) * 48 // 2 // 16))  # each worker drops its partial batch
+        for skip in (1, 3, len(full) - 2):
+            resumed = list(loader(subset, batches=target, position=consumed(full[:skip], 2), **kw))
+            assert keys(resumed) == keys(full[skip:])
+            assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[skip:])), "augmentations differ"
 
 
-def test_resampled_mode_is_endless_and_seeded_by_rank(shards):
-    def first_keys(n_batches, **kw):
-        it = iter(loader(shards, resampled=True, batch_size=8, **kw))
-        return keys(next(it) for _ in range(n_batches))
+def test_resuming_reads_one_window_not_the_epoch_so_far(shards, monkeypatch):
+    import mmcontrast.data as data
 
-    run = first_keys(30)  # 240 samples out of 192: it wraps around
-    assert len(run) == 240 and len(set(run)) < 240
-    assert run == first_keys(30)
-    assert run != first_keys(30, rank=1, world_size=2)
-    assert run[8 * 5 :] == first_keys(25, skip_batches=5)
+    read = []
+    original = data.stream_samples
+
+    def counting(url, stream, *args):
+        for sample in original(url, stream, *args):
+            read.append(sample["__key__"])
+            yield sample
+
+    monkeypatch.setattr(data, "stream_samples", counting)
+    kw = {"workers": 0, "seed": 0, "shuffle_buffer": 16, "batch_size": 8}
+    full = list(loader(shards, **kw))
+    assert len(read) == 192
+    read.clear()
+    resumed = iter(loader(shards, position=consumed(full[:20], 1), **kw))  # 160 samples in: the fourth shard
+    assert keys([next(resumed)]) == keys(full[20:21])
+    assert len(read) <= 16, len(read)  # the window being handed out, reached by seeking in the shard
+
+
+def test_every_rank_takes_the_same_batches_whatever_the_split(tmp_path):
+    """5 shards of uneven size (250 samples) over 3 ranks x 2 workers, 10 batches of 8 each: 240 distinct samples."""
+    shards = []
+    for i, n in enumerate((50, 70, 30, 90, 10)):
+        samples = [{"__key__": f"s{i}_{j:03d}", "jpg": jpeg(), "txt": b"a red square"} for j in range(n)]
+        shards.append(str(write_tar(tmp_path / f"{i:05d}.tar", samples)))
+    per_rank = [keys(loader(shards, rank=r, world_size=3, workers=2, batch_size=8, batches=10)) for r in range(3)]
+    assert [len(k) for k in per_rank] == [80, 80, 80]
+    seen = [k for ks in per_rank for k in ks]
+    assert len(set(seen)) == 240, "a sample was read twice in one epoch"
 
 
 def test_simclr_views_are_independent_augmentations_and_leave_global_rng_alone(shards):
@@ -207,7 +230,7 @@ def test_simclr_views_are_independent_augmentations_and_leave_global_rng_alone(s
     batch = next(iter(make_loader(shards, image_transform=random_view, views=2, batch_size=8, workers=0, seed=0)))
     after = (torch.rand(3), random.random())
     assert torch.equal(after[0], expected[0]) and after[1] == expected[1], "the loader moved the trainer's RNG"
-    assert set(batch) == {"view1", "view2", "__key__", "skipped"}
+    assert set(batch) == {"view1", "view2", "__key__", "skipped", "__sources__", "__worker__", "__position__"}
     assert batch["view1"].shape == batch["view2"].shape == (8, 3, 16, 16)
     assert not torch.equal(batch["view1"], batch["view2"])
 

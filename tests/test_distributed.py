@@ -178,6 +178,16 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
         global_bn = nn.parallel.DistributedDataParallel(convert_global_batchnorm(tiny_bn_encoder()))
         results["bn-global"] = bn_step(global_bn, inputs, rows)
         results["bn-local"] = bn_step(nn.parallel.DistributedDataParallel(tiny_bn_encoder()), inputs, rows)
+        # The trainer's gathers (equal shapes guaranteed) read nothing on the host: no pipeline stall on GPUs.
+        from mmcontrast.distributed import equal_shapes
+
+        tolist = torch.Tensor.tolist
+        torch.Tensor.tolist = lambda self: (_ for _ in ()).throw(AssertionError("host read in a trusted gather"))
+        try:
+            with equal_shapes():
+                results["trusted"] = run_case("clip-plain", inputs, rows)
+        finally:
+            torch.Tensor.tolist = tolist
         # Uneven batches: every rank must get the same clear error, not a hang or garbage.
         uneven = inputs["img"][: N_LOCAL + rank]
         try:
@@ -232,6 +242,12 @@ def test_ddp_training_step_gives_single_process_parameter_gradients(ranks: list[
             for got in per_rank:
                 torch.testing.assert_close(got[key], want, **TOL)
     assert single["image.weight"].abs().sum() > 0
+
+
+def test_gathers_inside_equal_shapes_give_the_same_loss_without_host_reads(ranks: list[dict]) -> None:
+    for r in ranks:  # the rank computed it with tolist() raising
+        torch.testing.assert_close(r["trusted"]["loss"], r["clip-plain"]["loss"], **TOL)
+        torch.testing.assert_close(r["trusted"]["img"], r["clip-plain"]["img"], **TOL)
 
 
 def test_uneven_batches_raise_the_same_clear_error_on_every_rank(ranks: list[dict]) -> None:

@@ -165,3 +165,65 @@ def test_missing_shards_and_missing_caption_field(tmp_path, tiny_image_folder):
                 tout.addfile(member, tin.extractfile(member))
     r = run(train_cmd(dst.parent, tmp_path / "bad2", "--steps", "1"))
     assert r.returncode == 2 and "txt" in r.stderr and "jpg" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- one step, in-process
+
+
+@pytest.fixture
+def simclr_step():
+    """A 1-process Accelerator, the tiny SimCLR task (a BatchNorm in its head), its optimizer, and a batch maker."""
+    from accelerate import Accelerator
+
+    from mmcontrast import models
+    from mmcontrast.optim import build_optimizer
+    from mmcontrast.tasks import simclr_task
+
+    torch.manual_seed(0)
+    encoder = models.ImageEncoder(models.image_encoder_spec("mmc-tiny", {}, False))
+    task = simclr_task(models.SimclrModel(encoder, 32, 16), loss_name="nt_xent", temperature=0.2)
+    accelerator = Accelerator(cpu=True)
+    optimizer = build_optimizer(task.model, "adamw", 1e-3, 0.1, [0.9, 0.98], 1e-6, 0.9)
+    model, optimizer = accelerator.prepare(task.model, optimizer)
+    model.train()
+
+    def batch(fill: float | None = None) -> list[dict]:
+        views = [torch.randn(8, 3, 32, 32) if fill is None else torch.full((8, 3, 32, 32), fill) for _ in range(2)]
+        return [{"view1": views[0] * 3 + 1, "view2": views[1] * 3 + 1, "__key__": [str(i) for i in range(8)]}]
+
+    return accelerator, task, model, optimizer, batch
+
+
+def test_a_step_with_a_non_finite_gradient_leaves_no_trace(simclr_step):
+    from mmcontrast.train import train_step
+
+    accelerator, task, model, optimizer, batch = simclr_step
+    train_step(accelerator, task, model, optimizer, batch(), grad_clip=1.0)  # a real step: optimizer state exists
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_before = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
+    loss, _, finite = train_step(accelerator, task, model, optimizer, batch(float("nan")), grad_clip=1.0)
+    assert not bool(finite) and not torch.isfinite(loss)
+    for key, value in model.state_dict().items():  # weights and the head's BatchNorm running statistics
+        assert torch.equal(value, before[key]), key
+    for key, value in optimizer.state_dict()["state"][0].items():  # Adam's moments and step count
+        assert torch.equal(value, opt_before[key]), key
+    _, _, finite = train_step(accelerator, task, model, optimizer, batch(), grad_clip=1.0)
+    assert bool(finite) and not torch.equal(model.state_dict()["head.1.running_mean"], before["head.1.running_mean"])
+
+
+def test_a_step_never_waits_for_the_device(simclr_step, monkeypatch):
+    """On a GPU every host read of a device value stalls the pipeline; on the CPU, make each such read fail."""
+    from mmcontrast.train import train_step
+
+    accelerator, task, model, optimizer, batch = simclr_step
+    micro = batch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def host_read(self, *args, **kwargs):
+        raise AssertionError("a step read a tensor's value on the host")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    train_step(accelerator, task, model, optimizer, micro, grad_clip=1.0)
+    monkeypatch.undo()
+    assert not torch.equal(model.state_dict()["head.0.weight"], before["head.0.weight"])  # it did step
