@@ -15,6 +15,7 @@ fixed header fields): importing webdataset would import torch, seconds of start-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import re
@@ -24,7 +25,7 @@ import tempfile
 from PIL import Image
 from tqdm import tqdm
 
-from data_tools.engines import WorkerDied, run_local, run_ray
+from data_tools.engines import WorkerDied, check_ray_address, ray_session, run_local, run_ray
 from data_tools.formats import MANIFEST_FILE, SIZES_FILE, STATS_FILE
 from data_tools.inputs import DEFAULT_CLASS_TEMPLATE, LAYOUTS, ArgumentError, Listing
 from data_tools.manifest import read_header, shard_rows, write_manifest
@@ -108,6 +109,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
                             "(--overwrite --manifest-only) and start every part on that")  # fmt: skip
     if args.engine == "ray" and importlib.util.find_spec("ray") is None:
         raise ArgumentError("--engine ray needs Ray, which is not installed: pip install 'mmcontrast[ray]'")
+    if args.ray_address:
+        check_ray_address(args.ray_address)
 
 
 def _some(names: list[str]) -> str:
@@ -222,7 +225,7 @@ def _write_missing_shards(args: argparse.Namespace, header: dict) -> dict[int, d
     ctx = ShardContext(out, settings, run, header["classes"])
     jobs = ((s, lines) for s, lines in shard_rows(os.path.join(out, MANIFEST_FILE), size) if s in mine and s not in stats)
     if args.engine == "ray":
-        finished = run_ray(jobs, ctx, args.ray_address, args.workers)
+        finished = run_ray(jobs, ctx)
     else:
         finished = run_local(jobs, ctx, args.workers or DEFAULT_LOCAL_WORKERS)
     with tqdm(total=len(mine), initial=len(stats), unit="shard", desc="make_shards", disable=None) as bar:
@@ -238,6 +241,12 @@ def run(args: argparse.Namespace) -> dict | None:
     _check_arguments(args)
     created = not os.path.exists(args.output_dir)
     _claim_output_dir(args)
+    uses_ray = args.engine == "ray" and not args.manifest_only
+    with ray_session(args.ray_address, args.workers) if uses_ray else contextlib.nullcontext():
+        return _convert(args, created)
+
+
+def _convert(args: argparse.Namespace, created: bool) -> dict | None:
     try:
         header = _manifest_header(args, _request(args))
     except ArgumentError:

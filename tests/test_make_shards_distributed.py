@@ -127,6 +127,16 @@ def test_missing_ray_is_one_line_naming_the_extra(folder, tmp_path, monkeypatch,
     assert not out.exists()
 
 
+def test_an_unreachable_ray_address_is_one_line_at_once(folder, tmp_path, capsys):
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    assert make_shards.main(args_for(folder, out, "--engine", "ray", "--ray-address", "127.0.0.1:1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ray-address 127.0.0.1:1: nothing answers there" in err[0]
+    assert time.perf_counter() - start < 15 and not out.exists()
+
+
 def _start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "data_tools.make_shards", *cmd], cwd=REPO, start_new_session=True,
