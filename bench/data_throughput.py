@@ -48,7 +48,7 @@ def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> N
 
 def time_make_shards(src: Path, out: Path, extra: list[str]) -> float:
     start = time.perf_counter()
-    assert make_shards.main([str(src), str(out), "--shard-size", "100", *extra]) == 0
+    assert make_shards.main([str(src), str(out), "--shard-size", "100", "--overwrite", *extra]) == 0
     return time.perf_counter() - start
 
 

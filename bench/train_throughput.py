@@ -51,7 +51,7 @@ def make_data(folder: Path, n: int) -> Path:
         img.save(images / f"{i:05d}.jpg", quality=95)
         (images / f"{i:05d}.txt").write_text(f"a {colour} circle")
     shards = folder / "shards"
-    subprocess.run([sys.executable, "-m", "data_tools.make_shards", str(images), str(shards), "--shard-size", "512"],
+    subprocess.run([sys.executable, "-m", "data_tools.make_shards", str(images), str(shards), "--shard-size", "512", "--overwrite"],
                    check=True, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     return shards
 

@@ -88,6 +88,8 @@ class Segment:
     stop: int | None = None  # one past the last sample; None: to the shard's end
     stride: int = 1  # take every stride-th sample from start on (readers sharing a shard)
     source: int = 0  # which of the "A::B" sources the shard belongs to
+    spare: bool = False  # past the reader's own share: read only to replace samples it had to skip; what is
+    # skipped here is another reader's to count
 
     def length(self) -> int | None:
         return None if self.stop is None else max(0, -(-(self.stop - self.start) // self.stride))
@@ -156,31 +158,29 @@ class ReadPlan:
 
     def _whole_shards(self, worker: int) -> Iterator[Segment]:
         mine, stride, offset = assign_shards(self._order(), self.rank, self.world_size, worker, self.workers)
-        for _ in itertools.count() if self.batches is not None or self.repeat else range(1):  # round again until done
-            yield from (self._segment(i, start=offset, stride=stride) for i in mine)
+        for cycle in itertools.count() if self.batches is not None or self.repeat else range(1):  # round again until done
+            yield from (self._segment(i, start=offset, stride=stride, spare=cycle > 0 and not self.repeat) for i in mine)
 
     def _sample_range(self, worker: int) -> Iterator[Segment]:
-        """From the reader's first sample in the epoch stream on; bounded by its share when no batch count is set."""
+        """From the reader's first sample in the epoch stream on, to the end of its share; with a batch count
+        set, on past it (cyclically, as spare) until its batches are in."""
         order, total = self._order(), sum(self.counts)
         rank_start, rank_end = self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size
         if self.batches is not None:
             start = rank_start + self.batch_size * sum(self.worker_batches(w) for w in range(worker))
-            end = None  # read on (cyclically) until the worker's batches are in
+            share_end, bounded = start + self.batch_size * self.worker_batches(worker), False
         else:
             size = rank_end - rank_start
-            start, end = rank_start + size * worker // self.workers, rank_start + size * (worker + 1) // self.workers
-        position, first = 0, True
-        for i in itertools.cycle(order) if end is None else order:
-            count = self.counts[i]
-            lo, hi = max(start - position, 0) if first else 0, count if end is None else min(count, end - position)
-            position += count
-            if hi <= lo or (first and position <= start):
-                if end is not None and position >= end:
-                    return
-                continue
-            first = False
-            yield self._segment(i, start=lo, stop=hi)
-            if end is not None and position >= end:
+            start, share_end = rank_start + size * worker // self.workers, rank_start + size * (worker + 1) // self.workers
+            bounded = True
+        position = 0  # where shard i starts in the (repeated) epoch stream
+        for i in itertools.cycle(order) if not bounded else order:
+            lo, hi = max(start, position), min(position + self.counts[i], share_end if bounded else position + self.counts[i])
+            for a, b, spare in ((lo, min(hi, share_end), False), (max(lo, share_end), hi, True)):
+                if a < b:
+                    yield self._segment(i, start=a - position, stop=b - position, spare=spare)
+            position += self.counts[i]
+            if bounded and position >= share_end:
                 return
 
 
@@ -240,12 +240,12 @@ class _SegmentReader:
         """``(sample, segment, offset after it)`` from ``segments[segment]``'s ``offset``-th sample on."""
         for g, seg in enumerate(itertools.islice(segments, segment, None), start=segment):
             for o, sample in enumerate(self._segment_samples(seg, offset), start=offset + 1):
-                sample["__source__"] = seg.source
+                sample["__source__"], sample["__spare__"] = seg.source, seg.spare
                 yield sample, g, o
             offset = 0
 
     def _segment_samples(self, seg: Segment, offset: int) -> Iterator[dict]:
-        taken, attempt, length = offset, 0, seg.length()
+        taken, attempt, length, failure = offset, 0, seg.length(), None
         while length is None or taken < length:
             try:
                 for sample in self._read(seg, seg.start + taken * seg.stride):
@@ -255,14 +255,18 @@ class _SegmentReader:
                         return
                 break  # the shard ended
             except Exception as err:  # noqa: BLE001 - any read failure: retry a remote shard, then give up on it
+                failure = f"{type(err).__name__}: {err.args[0] if err.args else err}"
                 if not is_remote(seg.url) or attempt >= self.retries:
-                    warn_once(f"unreadable:{seg.url}", "shard %s could not be read past sample %d (%s: %s); its other "
-                              "samples are skipped and counted", seg.url, seg.start + taken * seg.stride, type(err).__name__, err)
                     break
                 time.sleep(RETRY_DELAY * 2**attempt)
                 attempt += 1
-        if length is not None and taken < length:
+        if seg.spare or (length is None and failure is None):
+            return  # a spare sample is its owner's to count; an unknown length ended normally
+        if length is not None:
             self.lost += length - taken
+        warn_once(f"short:{seg.url}", "shard %s gave %d%s samples (%s, after %d attempts); the rest are skipped and counted",
+                  seg.url, taken - offset, f" of its {length - offset}" if length is not None else "",
+                  failure or "it ended early: damaged or cut short", attempt + 1)
 
     def _read(self, seg: Segment, first: int) -> Iterator[dict]:
         """Samples with an image of ``seg.url`` from index ``first`` on, every ``seg.stride``-th."""
@@ -405,7 +409,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         for i in range(cursor, len(window)):
             item = self.decoder.decode(window[i], self._seed(window[i], worker, number, i), in_worker)
             if isinstance(item, str):
-                skipped[item] += 1
+                skipped[item] += not window[i]["__spare__"]  # a spare sample is its owner's to count
                 warn_once(f"skip:{item}", "skipping samples with %s (first: %s in %s); further ones are only counted "
                           "in 'skipped'", item, window[i].get("__key__"), window[i].get("__url__"))
                 continue

@@ -1,85 +1,107 @@
-"""Multi-process training on the CPU under ``accelerate launch --cpu --num_processes N``.
+"""Processes: starting N of them on the CPU under ``accelerate launch``, and ending every one when one ends.
 
 Accelerate's launcher starts a single process for ``--cpu`` unless an MPI hostfile is configured
-(huggingface/accelerate#2741): it only sets ``ACCELERATE_USE_CPU`` and ``MASTER_ADDR/PORT``. This
-module notices that case, reads N from the launcher's own command line (with Accelerate's own
-argument parser), and starts N worker processes with the torchrun environment (``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ...), which Accelerate turns into a gloo process group
-(``MULTI_CPU``). When one worker fails the others are stopped, so a failure never becomes a hang.
+(huggingface/accelerate#2741): it only sets ``ACCELERATE_USE_CPU`` and ``MASTER_ADDR/PORT``. This module
+notices that case, reads N from the launcher's own command line (with Accelerate's own argument parser),
+and replaces the process with PyTorch's elastic launcher — ``python -m torch.distributed.run --standalone
+--nproc-per-node N`` (a free port, the ranks' environment, and every rank stopped when one fails) — so the
+command does what it says. The ranks get ``OMP_NUM_THREADS`` = their share of the cores minus their data
+workers, unless ``--num_cpu_threads_per_process`` was given (Accelerate sets a default of its own).
 
-Owns process start-up only; gathers live in ``mmcontrast.distributed``.
+In every rank of a multi-process job, ``watch_parent`` ends the process when its launcher dies (SIGKILL
+included), so no rank is left waiting in a collective. ``check_world`` refuses a job whose processes did
+not form one group. Owns process start-up only; gathers live in ``mmcontrast.distributed``.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
-SPAWNED_ENV = "MMCONTRAST_SPAWNED"
+from mmcontrast.errors import UsageError
+
+WATCH_INTERVAL_S = 1.0
 
 
-def requested_cpu_processes() -> int:
-    """N of ``accelerate launch --cpu --num_processes N`` when Accelerate itself started only one process; else 1."""
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
-        return 1
-    if "WORLD_SIZE" in os.environ or SPAWNED_ENV in os.environ or "MASTER_ADDR" not in os.environ:
-        return 1
+def _accelerate_launch_args():
+    """Accelerate's parsed arguments of the ``accelerate launch`` that started this process, or None."""
     try:
         import psutil
 
         parent = psutil.Process(os.getppid()).cmdline()
     except Exception:  # no psutil or no /proc: run as one process, as Accelerate would
-        return 1
+        return None
     if "launch" not in parent:
-        return 1
+        return None
     from accelerate.commands.launch import launch_command_parser
 
     try:
         args, _ = launch_command_parser().parse_known_args(parent[parent.index("launch") + 1 :])
     except SystemExit:
-        return 1
-    if getattr(args, "num_machines", 1) and int(args.num_machines or 1) > 1:
-        return 1  # multi-node CPU runs go through mpirun, which sets the ranks itself
-    return max(1, int(args.num_processes or 1))
+        return None
+    return args
 
 
-def spawn_workers(n: int, module: str, argv: Sequence[str]) -> int:
-    """Run ``python -m module *argv`` in ``n`` processes with torchrun's environment; return the worst exit code."""
-    threads = max(1, (os.cpu_count() or 1) // n)
-    procs = []
-    for rank in range(n):
-        env = dict(os.environ)
-        env.update(
-            {
-                SPAWNED_ENV: "1",
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(n),
-                "LOCAL_WORLD_SIZE": str(n),
-                "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                "MASTER_PORT": os.environ.get("MASTER_PORT", "29500"),
-            }
+def requested_cpu_processes() -> tuple[int, int | None]:
+    """``(N, threads)`` of ``accelerate launch --cpu --num_processes N [--num_cpu_threads_per_process T]`` when
+    Accelerate started only this one process; ``(1, None)`` otherwise."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
+        return 1, None
+    if "WORLD_SIZE" in os.environ or "MASTER_ADDR" not in os.environ:
+        return 1, None
+    args = _accelerate_launch_args()
+    if args is None or int(getattr(args, "num_machines", 1) or 1) > 1:
+        return 1, None  # multi-node CPU runs go through mpirun or torchrun, which set the ranks themselves
+    return max(1, int(args.num_processes or 1)), args.num_cpu_threads_per_process
+
+
+def exec_torchrun(n: int, module: str, argv: Sequence[str], threads: int) -> None:
+    """Replace this process with ``torch.distributed.run --standalone --nproc-per-node n -m module *argv``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}  # torchrun picks a free port
+    env["OMP_NUM_THREADS"] = str(max(1, threads))
+    env["ACCELERATE_USE_CPU"] = "true"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", module, *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, command, env)
+
+
+def cpu_threads_per_process(processes: int, workers: int) -> int:
+    """Compute threads for each of ``processes`` on this machine's cores, leaving its data ``workers`` theirs."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // processes - workers)
+
+
+def watch_parent(interval: float = WATCH_INTERVAL_S) -> None:
+    """End this process (exit 1) as soon as its parent — the launcher — is gone, from a daemon thread."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:  # re-parented: the launcher died without stopping us
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mmcontrast-watch-parent", daemon=True).start()
+
+
+def use_gloo_without_cuda() -> None:
+    """Let Accelerate form a gloo group when a launcher (torchrun, srun) started several ranks on a machine
+    without CUDA: without ``ACCELERATE_USE_CPU`` it would run them as independent single processes."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def check_world(accelerator) -> None:
+    """UsageError when the processes did not form one group of the size the launcher started."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise UsageError(
+            f"the launcher started {launched} processes but they formed a group of {accelerator.num_processes}; "
+            "launch with `accelerate launch` (add --cpu without GPUs) or `torchrun --nproc-per-node N`"
         )
-        env.setdefault("OMP_NUM_THREADS", str(threads))
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
-    codes: dict[int, int] = {}
-    try:
-        while len(codes) < n:
-            for i, p in enumerate(procs):
-                if i not in codes and p.poll() is not None:
-                    codes[i] = p.returncode
-                    if p.returncode != 0:  # a failed rank would leave the others waiting in a collective
-                        for other in procs:
-                            if other.poll() is None:
-                                other.terminate()
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        return 130
-    failed = [c for c in codes.values() if c != 0]
-    # the first failure is the real one; terminated peers report -15
-    return next((c for c in failed if c > 0), failed[0] if failed else 0)

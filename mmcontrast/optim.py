@@ -83,10 +83,14 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """Linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    """Linear warmup to 1 over ``warmup_steps``, then cosine decay that reaches ``min_ratio`` on the last step.
+
+    ``step`` counts from 0, so the last of ``total_steps`` steps is ``total_steps - 1``: its update is made
+    with the schedule's final value, and no part of the schedule is cut off.
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

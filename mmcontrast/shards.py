@@ -179,6 +179,27 @@ class _CommandStream(io.RawIOBase):
         super().close()
 
 
+class _HttpStream(io.RawIOBase):
+    """An HTTP response body that raises when the connection ends before ``Content-Length`` bytes arrived
+    (``http.client`` returns a quiet end of file then, which a tar reader takes for a shorter shard)."""
+
+    def __init__(self, response):
+        self.response = response
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.response.readinto(buffer)
+        if n == 0 and len(buffer) and self.response.length:
+            raise ConnectionError(f"the connection ended {self.response.length} bytes before the end of the shard")
+        return n
+
+    def close(self) -> None:
+        self.response.close()
+        super().close()
+
+
 def _open_raw(url: str, timeout: float) -> io.BufferedReader:
     command = _command(url)
     if command is not None:
@@ -186,7 +207,7 @@ def _open_raw(url: str, timeout: float) -> io.BufferedReader:
     if is_remote(url):
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"cannot read {url}: use a path, http(s)://, s3://, gs:// or pipe:COMMAND")
-        return io.BufferedReader(urllib.request.urlopen(url, timeout=timeout), READ_BUFFER)
+        return io.BufferedReader(_HttpStream(urllib.request.urlopen(url, timeout=timeout)), READ_BUFFER)
     return open(url, "rb", buffering=READ_BUFFER)
 
 

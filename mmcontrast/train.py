@@ -110,16 +110,21 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
 
 
 def _run(argv: list[str]) -> int:
-    from mmcontrast.launch import requested_cpu_processes, spawn_workers
+    from mmcontrast import launch
 
     cfg = config_from_args(argv)
-    n_cpu_processes = requested_cpu_processes()
-    if n_cpu_processes > 1:  # accelerate launch --cpu --num_processes N started only us
-        from mmcontrast.shards import check_fields, expand_shards
+    n_cpu_processes, threads = launch.requested_cpu_processes()
+    if n_cpu_processes > 1:  # accelerate launch --cpu --num_processes N started only us: torchrun starts the N
+        from mmcontrast.shards import check_fields, expand_sources
         from mmcontrast.tasks import needs_captions
 
-        check_fields(expand_shards(cfg.data.train_shards), need_text=needs_captions(cfg.mode))
-        return spawn_workers(n_cpu_processes, "mmcontrast.train", argv)
+        shards = [s for source in expand_sources(cfg.data.train_shards) for s in source]
+        check_fields(shards, need_text=needs_captions(cfg.mode))  # a mistake is one line here, not N tracebacks
+        launch.exec_torchrun(n_cpu_processes, "mmcontrast.train", argv,
+                             threads or launch.cpu_threads_per_process(n_cpu_processes, cfg.data.workers))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        launch.watch_parent()
+        launch.use_gloo_without_cuda()
     train(cfg)
     return 0
 
@@ -369,6 +374,7 @@ def _set_up(cfg: Config, output_dir: Path):
     from accelerate.utils import set_seed
 
     from mmcontrast.feed import find_sources
+    from mmcontrast.launch import check_world
     from mmcontrast.optim import build_optimizer
     from mmcontrast.shards import check_fields
     from mmcontrast.tasks import build_task, needs_captions
@@ -377,6 +383,7 @@ def _set_up(cfg: Config, output_dir: Path):
     check_fields(sources.shards, need_text=needs_captions(cfg.mode))
     trackers = _usable_trackers(list(cfg.log.trackers))
     accelerator = _make_accelerator(cfg.train.mixed_precision, trackers, output_dir)
+    check_world(accelerator)
     set_seed(cfg.train.seed)  # the same initial weights on every process
     _share_cpu_cores(accelerator, cfg.data.workers)
     task = build_task(cfg)

@@ -195,3 +195,78 @@ def trained_tiny_clip(tmp_path_factory):
         classes=names,
         final_loss=loss.item(),
     )
+
+
+# ---------------------------------------------------------------- shards served over HTTP (remote storage, simulated)
+
+
+class ShardServer:
+    """A folder served over HTTP on 127.0.0.1 (an ephemeral port) from a thread, as object storage would.
+
+    ``bytes_served[name]`` counts what each file sent. ``faults[name]`` makes a file misbehave:
+    ``("reset", n)`` ends the connection after n bytes (every time), ``("reset_once", n)`` only the first
+    time, ``("stall_once", seconds)`` sends nothing for that long the first time.
+    """
+
+    def __init__(self, root: Path):
+        import collections
+        import threading
+        from functools import partial
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        server = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def copyfile(self, source, outputfile):
+                server.serve(Path(self.path).name, source, outputfile)
+
+        self.root, self.bytes_served, self.faults = root, collections.Counter(), {}
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+        self.httpd.handle_error = lambda request, address: None  # a cut connection is the point, not news
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def serve(self, name: str, source, out) -> None:
+        import time
+
+        kind, value = self.faults.get(name, (None, None))
+        if kind == "stall_once":
+            del self.faults[name]
+            time.sleep(value)
+        limit = value if kind in ("reset", "reset_once") else None
+        if kind == "reset_once":
+            del self.faults[name]
+        sent = 0
+        while chunk := source.read(64 * 1024 if limit is None else max(0, min(64 * 1024, limit - sent))):
+            out.write(chunk)
+            sent += len(chunk)
+            self.bytes_served[name] += len(chunk)
+        if limit is not None:
+            out.flush()
+            raise ConnectionResetError(f"{name} cut after {sent} bytes")  # the handler drops the connection
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def shard_server():
+    """``serve(folder) -> ShardServer``; every server is stopped when the test ends."""
+    servers = []
+
+    def serve(root: Path) -> ShardServer:
+        servers.append(ShardServer(root))
+        return servers[-1]
+
+    yield serve
+    for server in servers:
+        server.close()

@@ -89,11 +89,12 @@ def test_validate_rejects_inconsistent_configs(change, needle):
 
 
 def test_schedule_warms_up_then_follows_a_cosine():
-    assert lr_factor(0, 10, 110) == pytest.approx(0.1)
-    assert lr_factor(9, 10, 110) == pytest.approx(1.0)
-    assert lr_factor(60, 10, 110) == pytest.approx(0.5)
-    assert lr_factor(110, 10, 110) == pytest.approx(0.0)
-    assert lr_factor(35, 10, 110, min_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert lr_factor(0, 10, 111) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 111) == pytest.approx(1.0)
+    assert lr_factor(60, 10, 111) == pytest.approx(0.5)
+    assert lr_factor(110, 10, 111) == pytest.approx(0.0)  # the last of 111 steps ends the schedule
+    assert lr_factor(35, 10, 111, min_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert lr_factor(110, 10, 111, min_ratio=0.1) == pytest.approx(0.1)
 
 
 def test_no_weight_decay_on_biases_norms_embeddings_and_logit_scale():

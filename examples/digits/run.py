@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         n_train, n_test = write_digits(data_dir)
         print(f"wrote {n_train} training images with captions and {n_test} held-out images to {data_dir}")
     py = sys.executable
-    run([py, "-m", "data_tools.make_shards", str(data_dir / "train"), str(shards), "--shard-size", "500"])
+    run([py, "-m", "data_tools.make_shards", str(data_dir / "train"), str(shards), "--shard-size", "500",
+         "--resume"])  # fmt: skip
     run([
         py, "-m", "mmcontrast.train", "--config", "configs/clip_tiny_cpu.yaml", "--train-shards", str(shards),
         "--output-dir", str(run_dir), "--steps", str(args.steps), "--batch-size", str(args.batch_size),

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {n_train} training and {n_test} held-out digits as class folders under {data_dir}")
     py = sys.executable
     run([py, "-m", "data_tools.make_shards", str(data_dir / "train"), str(shards), "--class-template", "a photo of a {}.",
-         "--shard-size", "500"])  # fmt: skip
+         "--shard-size", "500", "--resume"])  # a second run finds the shards done
     run([
         py, "-m", "mmcontrast.train", "--config", CONFIG, "--train-shards", str(shards), "--output-dir", str(run_dir),
         "--steps", str(args.steps), "--seed", str(args.seed), *RECIPE,

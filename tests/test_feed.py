@@ -1,0 +1,110 @@
+"""Training at scale, end to end: shards over HTTP and pipe:, uneven splits over 3 processes, exact epochs,
+remote failures retried or counted, a resume that reads one window instead of the epoch so far."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "clip_tiny_cpu.yaml")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+SHARD_SIZE = 40  # 192 samples: 40, 40, 40, 40, 32 — five shards that no number of processes above 1 divides
+
+
+def train(shards: str, out: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+    launcher = [ACCELERATE, "launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else [sys.executable]  # fmt: skip
+    cmd = [*launcher, "-m", "mmcontrast.train", "--config", TINY, "--train-shards", shards, "--output-dir", str(out),
+           "--workers", "1", "--set", "optim.warmup_steps=2", *extra]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=420)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uneven(tiny_image_folder, tmp_path_factory) -> Path:
+    from data_tools import make_shards
+
+    out = tmp_path_factory.mktemp("uneven") / "shards"
+    args = [str(tiny_image_folder), str(out), "--captions", str(tiny_image_folder / "captions.jsonl")]
+    assert make_shards.main(args + ["--shard-size", str(SHARD_SIZE), "--workers", "1"]) == 0
+    return out
+
+
+def http_pattern(server) -> str:
+    return server.url + "/{00000..00004}.tar"
+
+
+def test_two_epochs_over_http_on_3_processes_cover_the_data_and_end_the_schedule(uneven, shard_server, tmp_path):
+    server = shard_server(uneven)
+    r = train(http_pattern(server), tmp_path / "run", "--epochs", "2", "--batch-size", "8", "--log-every", "1",
+              "--lr", "1e-3", "--set", "optim.min_lr_ratio=0.1", processes=3)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = records(tmp_path / "run")
+    steps_per_epoch = 192 // 24
+    assert [row["step"] for row in rows] == list(range(1, 2 * steps_per_epoch + 1))
+    assert {row["global_batch"] for row in rows} == {24}
+    assert rows[-1]["samples_seen"] >= 0.97 * 2 * 192  # the old split (shards by rank) lost a fifth of every epoch
+    assert rows[-1]["lr"] == pytest.approx(1e-3 * 0.1, rel=1e-6)  # the schedule's end, on the last step
+    assert rows[-1]["epoch"] == pytest.approx(2.0)
+    assert server.bytes_served["stats.json"] > 0  # the counts came from the stats file beside the shards
+
+
+def test_pipe_shards_count_from_the_stats_beside_them(uneven, tmp_path):
+    shards = f"pipe:cat {uneven}/{{00000..00004}}.tar"
+    r = train(shards, tmp_path / "run", "--epochs", "1", "--batch-size", "24", "--log-every", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [row["step"] for row in records(tmp_path / "run")] == list(range(1, 9))
+
+
+def test_remote_failures_are_retried_then_skipped_and_counted_never_a_hang(uneven, shard_server, tmp_path):
+    server = shard_server(uneven)
+    server.faults = {"00001.tar": ("reset_once", 20_000), "00002.tar": ("stall_once", 4.0), "00003.tar": ("reset", 0)}
+    r = train(http_pattern(server), tmp_path / "run", "--epochs", "1", "--batch-size", "24", "--log-every", "8",
+              "--set", "data.read_timeout=1", "--set", "data.read_retries=1")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = records(tmp_path / "run")[-1]
+    assert last["step"] == 8 and last["skipped_samples"] == SHARD_SIZE  # 00003 never came; the others did, retried
+    assert "00003.tar gave 0 of its 40 samples" in r.stderr and "00001.tar gave" not in r.stderr
+
+
+def test_resume_reads_one_window_not_the_epoch_so_far_and_refuses_another_batch_size(uneven, shard_server, tmp_path):
+    server = shard_server(uneven)
+    run = tmp_path / "run"
+    common = ["--batch-size", "8", "--log-every", "5", "--set", "data.shuffle_buffer=8"]
+    r = train(http_pattern(server), run, "--steps", "15", "--checkpoint-every", "15", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shard_bytes = max((uneven / f"{i:05d}.tar").stat().st_size for i in range(5))
+    server.bytes_served.clear()
+    r = train(http_pattern(server), run, "--steps", "16", "--resume", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tar_bytes = sum(n for name, n in server.bytes_served.items() if name.endswith(".tar"))
+    # the shard being read, plus the start-up check's peek at the first shard (16 samples: all of a tiny shard);
+    # 120 samples in, draining the stream to the position would read three shards more
+    assert tar_bytes <= 2 * shard_bytes, (tar_bytes, shard_bytes)
+
+    r = train(http_pattern(server), run, "--steps", "20", "--resume", *common, "--batch-size", "16")
+    assert r.returncode == 2 and "train.batch_size" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_epochs_over_remote_shards_without_stats_ask_for_num_samples(uneven, shard_server, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for i in range(5):
+        (bare / f"{i:05d}.tar").symlink_to(uneven / f"{i:05d}.tar")
+    server = shard_server(bare)
+    r = train(http_pattern(server), tmp_path / "run", "--epochs", "1", "--batch-size", "24")
+    assert r.returncode == 2 and "--set data.num_samples=N" in r.stderr, r.stderr[-2000:]
+    r = train(http_pattern(server), tmp_path / "run2", "--epochs", "1", "--batch-size", "24", "--log-every", "4",
+              "--set", "data.num_samples=192")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [row["step"] for row in records(tmp_path / "run2")] == [4, 8]
