@@ -19,7 +19,7 @@ LOG_AXIS_SPAN = 10.0
 # A panel is drawn when at least one of its keys is in the records; ``eval/*`` keys join the last panel.
 # A "log" axis is used only when the values span at least LOG_AXIS_SPAN (a learned temperature can).
 RUN_PANELS = (
-    ("loss", "linear", [("loss", "train loss")]),
+    ("loss", "linear", [("loss", "train loss"), ("val/loss", "val loss (held-out pairs)")]),
     ("temperature", "log", [("temperature", "1 / logit_scale")]),
     ("learning rate", "linear", [("lr", "lr")]),
     ("throughput (samples/s)", "linear", [("samples_per_s", "samples/s")]),
@@ -30,6 +30,9 @@ RUN_PANELS = (
                                                    ("health/image_embedding_std", "image"), ("health/text_embedding_std", "text")]),
     ("modality gap", "linear", [("health/modality_gap", "‖mean image − mean text‖")]),
     ("positive accuracy", "linear", [("positive_accuracy", "step batch"), ("health/positive_accuracy", "fixed batch")]),
+    ("validation retrieval", "linear", [("val/image_to_text_R@1", "image→text R@1"), ("val/text_to_image_R@1", "text→image R@1"),
+                                        ("val/image_to_text_R@5", "image→text R@5"), ("val/text_to_image_R@5", "text→image R@5"),
+                                        ("val/view1_to_view2_R@1", "view→view R@1")]),
     ("eval accuracy", "linear", []),
 )
 

@@ -76,6 +76,17 @@ def tiny_shards(tiny_image_folder, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_val_shards(tmp_path_factory) -> Path:
+    """Held-out pairs for validation: 48 other images of the same 12 classes (4 each), one shard."""
+    from data_tools import make_shards
+
+    folder = write_tiny_images(tmp_path_factory.mktemp("val_images"), per_class=4, seed=1)
+    out = tmp_path_factory.mktemp("val_shards") / "shards"
+    assert make_shards.main([str(folder), str(out), "--captions", str(folder / "captions.jsonl"), "--workers", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def two_shards_of_16(tiny_image_folder, tmp_path_factory) -> Path:
     """32 samples in two shards of 16: one shard per process, or both in one batch of 32."""
     from data_tools import make_shards

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -31,10 +32,12 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def clip_run(tiny_shards, tmp_path_factory) -> Path:
-    """100 steps of the tiny CLIP on the tiny shapes (batch 32): the run every test here can read."""
+def clip_run(tiny_shards, tiny_val_shards, tmp_path_factory) -> Path:
+    """100 steps of the tiny CLIP on the tiny shapes (batch 32), validated on held-out pairs every 50: the run every
+    test here can read."""
     out = tmp_path_factory.mktemp("run") / "clip"
-    r = run(train_cmd(tiny_shards, out, "--steps", "100", "--batch-size", "32", "--log-every", "10", "--checkpoint-every", "50"))
+    r = run(train_cmd(tiny_shards, out, "--steps", "100", "--batch-size", "32", "--log-every", "10", "--checkpoint-every", "50",
+                      "--val-shards", str(tiny_val_shards), "--set", "log.val_every=50"))  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -55,6 +58,17 @@ def test_run_dir_has_the_contract_files(clip_run):
 def test_loss_falls_on_learnable_data(clip_run):
     losses = [r["loss"] for r in metrics(clip_run)]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_validation_on_held_out_pairs_rises_above_chance(clip_run):
+    rows = {r["step"]: r for r in metrics(clip_run)}
+    assert not any(k.startswith("val/") for k in rows[40])  # every 50 steps
+    first, last = rows[50], rows[100]
+    assert last["val/samples"] == 48 and first["val/samples"] == 48
+    assert last["val/loss"] < 0.8 * math.log(32)  # ln 32: the loss of embeddings that know nothing, one block of 32
+    chance = 5 / 48  # R@5 of random embeddings over 48 pairs
+    for key in ("val/image_to_text_R@5", "val/text_to_image_R@5"):
+        assert last[key] > 3 * chance, (key, last[key])
 
 
 def test_weights_load_in_open_clip_and_reproduce_embeddings(clip_run):
