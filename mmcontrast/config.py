@@ -115,7 +115,8 @@ class LogConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     trackers: list = field(default_factory=lambda: ["tensorboard"])  # any Accelerate tracker; [] for none
-    val_every: int = 0  # 0: off (a multiple of every). Loss and R@K on data.val_shards
+    # The three below are measured at the first log step at or after each multiple of their number of steps.
+    val_every: int = 0  # 0: off. Loss and R@K on data.val_shards
     eval_every: int = 0  # 0: off. In-loop eval on eval_images (zero-shot in clip mode, kNN in simclr)
     eval_images: str | None = None  # a folder of class subfolders
     eval_train_images: str | None = None  # kNN reference set in simclr mode (class subfolders)
@@ -281,9 +282,8 @@ def validate(cfg: Config) -> None:
     if cfg.mode == "simclr" and cfg.train.batch_size * cfg.train.accum_steps < 2:
         raise UsageError("simclr needs at least 2 samples per step (negatives come from the batch)")
     for name in ("eval_every", "diagnostics_every", "val_every"):
-        every = getattr(cfg.log, name)
-        if every < 0 or (every and every % cfg.log.every):
-            raise UsageError(f"log.{name} must be 0 (off) or a multiple of log.every ({cfg.log.every}), got {every}")
+        if getattr(cfg.log, name) < 0:
+            raise UsageError(f"log.{name} must be 0 (off) or a number of steps, got {getattr(cfg.log, name)}")
     if cfg.log.val_every and not cfg.data.val_shards:
         raise UsageError("log.val_every needs held-out pairs: --val-shards PATTERN")
     if cfg.data.upsampling_factors is not None and not cfg.data.resampled:

@@ -187,17 +187,15 @@ def fixed_batch(shards: list[str], transform: Callable, tokenizer: Callable | No
     """One batch of up to ``samples`` samples for representation health, drawn once with its own seed.
 
     The same samples (and, for views, the same augmentations) every time it is measured, so the curve
-    shows the model changing, not the batch. Raises ``UsageError`` when the shards yield no full batch.
+    shows the model changing, not the batch. Raises ``UsageError`` when the shards yield fewer than 2 samples.
     """
     from mmcontrast.data import make_loader
-    from mmcontrast.shards import count_samples
 
-    size = min(samples, count_samples(shards))
-    loader = make_loader(shards, image_transform=transform, tokenizer=tokenizer, views=views, batch_size=size, workers=0,
-                         seed=seed, shuffle_buffer=shuffle_buffer)
-    batch = next(iter(loader), None)
-    if batch is None:
-        raise UsageError(f"log.diagnostics_samples={size} is more than one pass over the shards yields; lower it")
+    loader = make_loader(shards, image_transform=transform, tokenizer=tokenizer, views=views, batch_size=samples, workers=0,
+                         seed=seed, shuffle_buffer=shuffle_buffer, drop_last=False)
+    batch = next(iter(loader), None)  # all of the data when it holds fewer than `samples`
+    if batch is None or len(batch["__key__"]) < 2:
+        raise UsageError("representation health needs at least 2 usable samples in the shards")
     return batch
 
 

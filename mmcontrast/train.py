@@ -269,10 +269,11 @@ class StepLog:
     """
 
     def __init__(self, accelerator, task, log_cfg: LogConfig, warmup_steps: int, max_nonfinite_steps: int,
-                 metrics_path: Path, trackers: bool, health_batch: dict | None, validate: Callable | None, progress):
+                 metrics_path: Path, trackers: bool, health_batch: Callable[[], dict], validate: Callable | None, progress):
         self.accelerator, self.task, self.cfg, self.warmup_steps = accelerator, task, log_cfg, warmup_steps
         self.max_nonfinite_steps, self.metrics_path, self.trackers = max_nonfinite_steps, metrics_path, trackers
-        self.health_batch, self.validate, self.progress = health_batch, validate, progress
+        self.make_health_batch, self.health_batch = health_batch, None  # drawn at the first health step, not at start-up
+        self.validate, self.progress = validate, progress
         self.streak = torch.zeros((), dtype=torch.long, device=accelerator.device)  # skipped steps in a row
         self.reset()
 
@@ -295,6 +296,10 @@ class StepLog:
 
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.cfg.every == 0 or step == total_steps
+
+    def _crossed(self, step: int, every: int) -> bool:
+        """Whether a multiple of ``every`` fell since the previous log step (any cadence works with any log.every)."""
+        return bool(every) and step // every != max(0, step - self.cfg.every) // every
 
     def fold(self, state: TrainState) -> float:
         """Sum the window over the processes into ``state``; returns the window's mean loss. Raises
@@ -343,16 +348,17 @@ class StepLog:
 
         metrics = batch_monitor(*embeddings, views=self.task.pairs_are_views)
         metrics.update(self.task.scalar_metrics(model))
-        if self.cfg.diagnostics_every and step % self.cfg.diagnostics_every == 0:
+        if self._crossed(step, self.cfg.diagnostics_every):
+            self.health_batch = self.health_batch or self.make_health_batch()
             health = batch_health(self.task.health_pair, model, self.health_batch, views=self.task.pairs_are_views)
             if step > self.warmup_steps:  # a freshly initialised tower can look collapsed; judge after warmup
                 for line in collapse_warnings(health, self.cfg.min_rank_fraction, self.cfg.min_std_ratio):
                     self.progress.write(f"warning: {line} (step {step})", file=sys.stderr)
             metrics.update({f"health/{k}": v for k, v in health.items()})
-        if self.cfg.val_every and step % self.cfg.val_every == 0:
+        if self._crossed(step, self.cfg.val_every):
             with evaluating(model), local_only():
                 metrics.update(self.validate(model))
-        if self.cfg.eval_every and step % self.cfg.eval_every == 0:
+        if self._crossed(step, self.cfg.eval_every):
             with evaluating(model):
                 metrics.update(self.task.evaluate(model))
         return metrics
@@ -469,10 +475,10 @@ def train(cfg: Config) -> Path:
     loader_args = {"image_transform": task.train_transform, "tokenizer": task.tokenizer, "views": task.views, "batch_size": batch,
                    "workers": cfg.data.workers, "seed": cfg.train.seed, "rank": rank, "world_size": world, "with_labels": task.with_labels}
     feed = Feed(sources, cfg.data, per_epoch, accum, loader_args, accelerator.device, state.epoch, (state.data or [None] * world)[rank])
-    health_batch = None
-    if cfg.log.diagnostics_every and accelerator.is_main_process:
-        health_batch = fixed_batch(sources.shards, task.health_transform, task.tokenizer, task.views, cfg.log.diagnostics_samples,
-                                   cfg.train.seed + 1, cfg.data.shuffle_buffer)
+    def health_batch() -> dict:
+        return fixed_batch(sources.shards, task.health_transform, task.tokenizer, task.views, cfg.log.diagnostics_samples,
+                           cfg.train.seed + 1, cfg.data.shuffle_buffer)
+
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train", unit="step")
     log = StepLog(accelerator, task, cfg.log, cfg.optim.warmup_steps, cfg.train.max_nonfinite_steps, output_dir / METRICS_FILE,
                   bool(trackers), health_batch, validate, progress)

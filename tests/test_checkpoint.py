@@ -163,3 +163,85 @@ def test_random_states_that_accelerate_could_not_restore_are_an_error(accelerato
     tiny(fresh, seed=1)
     with pytest.raises(UsageError, match="random_states_0.pkl cannot be read"):
         ck.load_checkpoint(fresh, tmp_path)
+
+
+# ---------------------------------------------------------------- fault injection: SIGKILL at random moments
+
+
+def _train_cmd(shards: Path, out: Path, steps: int, resume: bool) -> list[str]:
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return [sys.executable, "-m", "mmcontrast.train", "--config", str(root / "configs" / "clip_tiny_cpu.yaml"),
+            "--train-shards", str(shards), "--output-dir", str(out), "--steps", str(steps), "--batch-size", "16",
+            "--log-every", "2", "--checkpoint-every", "2", "--workers", "1", "--set", "log.keep_checkpoints=2",
+            *(["--resume"] if resume else [])]  # fmt: skip
+
+
+def _logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+def killed_and_resumed(shards: Path, out: Path, steps: int, kills: int, seed: int) -> list[float]:
+    """Run to ``steps``, SIGKILLing the run ``kills`` times at random moments (resuming after each); returns
+    the seconds each kill came after the run had logged a new step."""
+    import random
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    rng, delays = random.Random(seed), []
+    for _ in range(kills):
+        before = _logged_steps(out)
+        proc = subprocess.Popen(_train_cmd(shards, out, steps, resume=ck.has_checkpoint(out)), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        deadline = time.time() + 240
+        while _logged_steps(out) <= before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)  # wait for progress, so that each kill lands in a different place of the run
+        delays.append(rng.uniform(0.0, 0.6))  # inside a step, a checkpoint write, a metrics line, the export...
+        time.sleep(delays[-1])
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    final = subprocess.run(_train_cmd(shards, out, steps, resume=ck.has_checkpoint(out)), env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert final.returncode == 0, final.stderr[-3000:]
+    return delays
+
+
+def assert_same_run(straight: Path, killed: Path) -> None:
+    from safetensors.torch import load_file
+
+    want, got = load_file(str(straight / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key  # bit for bit
+    rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight, killed)]
+    assert [(r["step"], r["loss"], r["samples_seen"]) for r in rows[0]] == [(r["step"], r["loss"], r["samples_seen"]) for r in rows[1]]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_shards, tmp_path_factory) -> Path:
+    import subprocess
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(_train_cmd(tiny_shards, out, 24, resume=False), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_a_run_killed_at_random_moments_ends_with_the_weights_of_an_uninterrupted_one(tiny_shards, straight_run, tmp_path):
+    killed_and_resumed(tiny_shards, tmp_path / "run", 24, kills=3, seed=0)
+    assert_same_run(straight_run, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_a_run_killed_twelve_times_ends_with_the_weights_of_an_uninterrupted_one(tiny_shards, straight_run, tmp_path):
+    import time
+
+    start = time.time()
+    delays = killed_and_resumed(tiny_shards, tmp_path / "run", 24, kills=12, seed=1)
+    assert_same_run(straight_run, tmp_path / "run")
+    print(f"12 kills survived (delays after a logged step: {', '.join(f'{d:.2f}' for d in delays)} s) in {time.time() - start:.0f} s")

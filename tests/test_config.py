@@ -76,7 +76,7 @@ def test_unknown_yaml_key_names_the_valid_ones(tmp_path):
         ({"train.steps": None}, "how long to train"),
         ({"train.epochs": 2}, "either --steps or --epochs"),
         ({"train.output_dir": ""}, "--output-dir"),
-        ({"log.eval_every": 5}, "multiple of log.every"),
+        ({"log.eval_every": -5}, "must be 0 \\(off\\) or a number of steps"),
         ({"log.eval_every": 10}, "needs log.eval_images"),
     ],
 )

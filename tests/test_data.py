@@ -320,3 +320,36 @@ def test_decode_size_decodes_large_jpegs_at_reduced_scale(tmp_path):
     draft = next(iter(loader([str(shard)], image_transform=image_size, batch_size=1, decode_size=64)))
     assert full["image"].tolist() == [[512, 384]]
     assert draft["image"].tolist() == [[128, 96]]  # 1/4 scale: the smallest keeping both sides >= 64
+
+
+def test_sources_are_mixed_by_their_upsampling_factors():
+    """open_clip's convention: every shard of source i is drawn with weight factor_i (so a source's share is
+    proportional to its shards times its factor)."""
+    import itertools
+
+    from mmcontrast.data import ReadPlan
+
+    shards = tuple(f"a{i}" for i in range(2)) + tuple(f"b{i}" for i in range(6))
+    sources = (0, 0, 1, 1, 1, 1, 1, 1)
+    plan = ReadPlan(shards, None, sources, (3.0, 3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0), seed=0, epoch=0, rank=0,
+                    world_size=1, workers=1, batch_size=8, batches=None, resampled=True)  # fmt: skip
+    drawn = [s.source for s in itertools.islice(plan.segments(0), 6000)]
+    assert drawn.count(0) / len(drawn) == pytest.approx(6 / 12, abs=0.03)  # 2 shards x 3 against 6 shards x 1
+    other_worker = [s.url for s in itertools.islice(plan.segments(1), 50)]
+    assert other_worker != [s.url for s in itertools.islice(plan.segments(0), 50)]  # each reader draws its own
+
+
+def test_a_run_mixing_two_sources_logs_each_ones_samples(tiny_shards, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    spec = f"{tiny_shards}/{{00000..00001}}.tar::{tiny_shards}/{{00002..00003}}.tar"
+    cmd = [sys.executable, "-m", "mmcontrast.train", "--config", str(root / "configs" / "clip_tiny_cpu.yaml"), "--train-shards",
+           spec, "--output-dir", str(out), "--steps", "4", "--batch-size", "16", "--log-every", "4", "--workers", "0",
+           "--set", "data.resampled=true", "--set", "data.upsampling_factors=[1, 3]"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["data/source0_samples"] + row["data/source1_samples"] == 64

@@ -130,3 +130,40 @@ def test_each_process_draws_its_own_dropout_masks_from_the_same_weights(tiny_sha
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])  # one model, initialised once
     assert not torch.allclose(r0["embeddings"], r1["embeddings"])  # patch dropout kept other patches on each
+
+
+STAND_IN_SRUN = """#!/usr/bin/env bash
+# stand-in for srun on one machine: the command once per node, in parallel; any failure fails the step
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node SLURM_PROCID=$node "$@" & pids+=($!); done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+exit $rc
+"""
+
+
+def test_the_slurm_script_trains_on_two_nodes_and_resumes_when_requeued(tiny_shards, tmp_path):
+    import socket
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(STAND_IN_SRUN)
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")  # `show hostnames`: the first node
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "node[1-2]", "GPUS_PER_NODE": "1", "MASTER_PORT": str(port), "OUTPUT_DIR": str(out),
+           "PY": sys.executable}  # fmt: skip
+    script = [str(ROOT / "examples" / "slurm" / "train_multinode.sbatch"), "--config", TINY, "--train-shards", str(tiny_shards),
+              "--workers", "0", "--batch-size", "8", "--log-every", "1", "--checkpoint-every", "2"]  # fmt: skip
+    r = subprocess.run(["bash", *script, "--steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(["bash", *script, "--steps", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]  # "requeued": the script adds --resume itself
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3] and {row["global_batch"] for row in rows} == {16}
