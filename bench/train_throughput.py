@@ -2,10 +2,13 @@
 
     python bench/train_throughput.py [--steps 60] [--batch-size 64] [--workers 1] [--rounds 2] [--model mmc-tiny]
 
-The same tiny model (configs/models), the same shards, batch, steps, optimiser (AdamW, warmup + cosine)
-and one process on the CPU, measured alternately. Samples/s is the steady-state rate each trainer logs
-(its first logging window, which holds start-up, is dropped); peak RSS is the whole process tree's,
-data-loader workers included, sampled every 50 ms. Prints one table.
+The same tiny model (configs/models), the same shards, global batch, steps, optimiser (AdamW, warmup +
+cosine) on the CPU, measured alternately. Samples/s is the steady-state rate each trainer logs (its first
+logging window, which holds start-up, is dropped); peak RSS is the whole process tree's, data-loader
+workers included, sampled every 50 ms; the data-time share is the part of a step spent waiting for the
+next batches (mmcontrast logs it). Besides one process on local files: the same shards served by an HTTP
+server on 127.0.0.1 (what object storage looks like to the loader), and 2 processes (``accelerate launch
+--cpu --num_processes 2``, half the batch each). Prints one table.
 
 open_clip_train runs through a small wrapper (this file, ``--open-clip-worker``) that registers our
 model JSONs with ``open_clip.add_model_config`` and sets webdataset's end-of-shard marker off
@@ -85,16 +88,34 @@ def run_measured(cmd: list[str]) -> tuple[float, str]:
     return peak[0] / 2**20, out
 
 
-def ours(shards: Path, work: Path, args) -> tuple[float, float]:
+def ours(shards: str, work: Path, args, processes: int = 1) -> tuple[float, float, float]:
+    """(samples/s, peak RSS MiB, data-time share) of mmcontrast.train on ``processes`` CPU processes."""
     out = work / f"ours_{time.time_ns()}"
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu", "--num_processes", str(processes), "--num_machines",
+                "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else [sys.executable]  # fmt: skip
     cmd = [
-        sys.executable, "-m", "mmcontrast.train", "--config", "configs/clip_tiny_cpu.yaml", "--train-shards", str(shards),
-        "--output-dir", str(out), "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-        "--model", args.model, "--log-every", "10", "--checkpoint-every", str(10 * args.steps),
+        *launcher, "-m", "mmcontrast.train", "--config", "configs/clip_tiny_cpu.yaml", "--train-shards", shards,
+        "--output-dir", str(out), "--steps", str(args.steps), "--batch-size", str(args.batch_size // processes),
+        "--workers", str(args.workers), "--model", args.model, "--log-every", "10", "--checkpoint-every", str(10 * args.steps),
+        "--set", "log.diagnostics_every=0",
     ]  # fmt: skip
     rss, _ = run_measured(cmd)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["samples_per_s"] for r in rows[1:]), rss
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    return statistics.median(r["samples_per_s"] for r in rows), rss, statistics.median(r["data_time_share"] for r in rows)
+
+
+def serve_over_http(folder: Path) -> tuple[str, object]:
+    """``folder`` served on 127.0.0.1 (an ephemeral port) from a thread: (base URL, server to shut down)."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
 
 
 def open_clip(shards: Path, work: Path, args) -> tuple[float, float]:
@@ -141,21 +162,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shards = make_data(work / "data", max(2048, args.steps * args.batch_size))
-        results: dict[str, list[tuple[float, float]]] = {"mmcontrast": [], "open_clip_train": []}
-        for _ in range(args.rounds):
-            results["mmcontrast"].append(ours(shards, work, args))
-            results["open_clip_train"].append(open_clip(shards, work, args))
-    print(f"\nmodel {args.model}, batch {args.batch_size}, {args.steps} steps, {args.workers} worker(s), 1 process, CPU, "
-          f"{args.rounds} alternating rounds (median)")  # fmt: skip
-    print(f"{'trainer':<18}{'samples/s':>12}{'peak RSS MiB':>15}")
+        n = len(list(shards.glob("*.tar")))
+        url, server = serve_over_http(shards)
+        try:
+            runs = {
+                "mmcontrast, local files": lambda: ours(str(shards), work, args),
+                "mmcontrast, HTTP": lambda: ours(f"{url}/{{00000..{n - 1:05d}}}.tar", work, args),
+                "mmcontrast, 2 processes": lambda: ours(str(shards), work, args, processes=2),
+                "open_clip_train": lambda: (*open_clip(shards, work, args), float("nan")),
+            }
+            results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runs}
+            for _ in range(args.rounds):
+                for name, run in runs.items():
+                    results[name].append(run())
+        finally:
+            server.shutdown()
+    print(f"\nmodel {args.model}, global batch {args.batch_size}, {args.steps} steps, {args.workers} worker(s) per process, "
+          f"CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}), {args.rounds} alternating rounds (median)\n")
+    print("| trainer | samples/s | peak RSS MiB | data-time share |")
+    print("| --- | ---: | ---: | ---: |")
     summary = {}
     for name, rows in results.items():
-        rate = statistics.median(r[0] for r in rows)
-        rss = statistics.median(r[1] for r in rows)
-        summary[name] = (rate, rss)
-        print(f"{name:<18}{rate:>12.1f}{rss:>15.0f}")
-    (r1, m1), (r2, m2) = summary["mmcontrast"], summary["open_clip_train"]
-    print(f"{'ratio ours/oc':<18}{r1 / r2:>12.2f}{m1 / m2:>15.2f}")
+        summary[name] = tuple(statistics.median(r[i] for r in rows) for i in range(3))
+        rate, rss, share = summary[name]
+        print(f"| {name} | {rate:.1f} | {rss:.0f} | {'' if share != share else f'{100 * share:.0f}%'} |")
+    (r1, m1, _), (r2, m2, _) = summary["mmcontrast, local files"], summary["open_clip_train"]
+    print(f"\nours / open_clip_train: {r1 / r2:.2f}x samples/s, {m1 / m2:.2f}x memory; "
+          f"HTTP / local files: {summary['mmcontrast, HTTP'][0] / r1:.2f}x")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ one untimed warm-up of each, and the table shows the median of the timed runs.
 * plain: sorted file list, then per batch ``PIL.Image.open`` + open_clip's preprocess in this process,
   ``encode_image`` under ``torch.no_grad``, cosine logits, softmax;
 * mmcontrast: ``discover_images`` + ``zero_shot_classify`` — what the CLI runs between loading the
-  model and printing (decode and preprocess in DataLoader worker processes, ``torch.inference_mode``).
+  model and printing (decode and preprocess in DataLoader worker processes, ``torch.inference_mode``),
+  once in fp32 and once with the CLI's default ``--precision auto`` (bf16 encoders where the hardware
+  runs bf16 fast: GPUs, CPUs with AVX512-BF16 or AMX; fp32 elsewhere).
 
 Models are random-init (throughput does not depend on the weights); nothing is downloaded.
 
@@ -77,6 +79,15 @@ def mmcontrast_zero_shot(classifier, preprocess, folder: Path, n: int, batch_siz
     return len(probs)
 
 
+def classifier_in(name: str, precision: str):
+    """((model, preprocess, classifier) with the encoders in ``precision``, the precision resolved); same weights each time."""
+    torch.manual_seed(0)
+    bundle = create_clip(name)
+    model = bundle.model.eval()
+    resolved = ev.encoders_in_precision(model, precision)
+    return (model, bundle.preprocess_val, ZeroShotClassifier(model, bundle.tokenizer, LABELS)), resolved
+
+
 def images_per_s(fn, *args) -> float:
     start = time.perf_counter()
     n = fn(*args)
@@ -102,29 +113,30 @@ def main() -> None:
 
     rows = []
     for name, count in models:
-        torch.manual_seed(0)
-        bundle = create_clip(name)
-        model, preprocess = bundle.model.eval(), bundle.preprocess_val
-        classifier = ZeroShotClassifier(model, bundle.tokenizer, LABELS)
+        bundles = {precision: classifier_in(name, precision) for precision in ("fp32", "auto")}
+        (model, preprocess, classifier), resolved = bundles["fp32"][0], bundles["auto"][1]
         plain_args = (model, preprocess, classifier.class_embeddings, classifier.logit_scale, folder, count, args.batch_size)
-        ours_args = (classifier, preprocess, folder, count, args.batch_size, args.workers)
+        ours_args = {p: (b[0][2], preprocess, folder, count, args.batch_size, args.workers) for p, b in bundles.items()}
         warm = min(count, 2 * args.batch_size)  # untimed: page cache, allocator, worker start-up paths
         plain_open_clip(*plain_args[:-2], warm, args.batch_size)
-        mmcontrast_zero_shot(*ours_args[:3], warm, args.batch_size, args.workers)
-        plain, ours = [], []
+        for ours in ours_args.values():
+            mmcontrast_zero_shot(*ours[:3], warm, args.batch_size, args.workers)
+        rates: dict[str, list[float]] = {"plain": [], "fp32": [], "auto": []}
         for _ in range(args.repeats):
-            plain.append(images_per_s(plain_open_clip, *plain_args))
-            ours.append(images_per_s(mmcontrast_zero_shot, *ours_args))
-            print(f"{name}: plain {plain[-1]:.1f} img/s, mmcontrast {ours[-1]:.1f} img/s", file=sys.stderr)
-        rows.append((name, count, statistics.median(plain), statistics.median(ours)))
+            rates["plain"].append(images_per_s(plain_open_clip, *plain_args))
+            for precision, ours in ours_args.items():
+                rates[precision].append(images_per_s(mmcontrast_zero_shot, *ours))
+            print(f"{name}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in rates.items()), file=sys.stderr)
+        rows.append((name, count, resolved, *(statistics.median(rates[k]) for k in ("plain", "fp32", "auto"))))
 
     print(f"\n{len(os.sched_getaffinity(0))} CPUs (load average {os.getloadavg()[0]:.1f}), torch threads "
           f"{torch.get_num_threads()}, decode workers {args.workers}, batch {args.batch_size}, "
           f"median of {args.repeats} alternating runs, device cpu\n")
-    print("| model | images | plain open_clip (img/s) | mmcontrast zero-shot (img/s) | speed-up |")
-    print("|---|---:|---:|---:|---:|")
-    for name, count, plain_rate, ours_rate in rows:
-        print(f"| {name} | {count} | {plain_rate:.1f} | {ours_rate:.1f} | {ours_rate / plain_rate:.2f}× |")
+    print("| model | images | plain open_clip fp32 (img/s) | mmcontrast fp32 | mmcontrast --precision auto | speed-up (auto) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, count, resolved, plain_rate, fp32_rate, auto_rate in rows:
+        print(f"| {name} | {count} | {plain_rate:.1f} | {fp32_rate:.1f} ({fp32_rate / plain_rate:.2f}×) | "
+              f"{auto_rate:.1f} ({resolved}) | {auto_rate / plain_rate:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def _broadcast(accelerator, value):
 
 def save_checkpoint(accelerator, model: nn.Module, output_dir: Path, state: dict, keep: int) -> None:
     """Write ``checkpoints/step_NNNNNN`` (see the module docstring for why a kill never loses a checkpoint)."""
-    _check_finite(accelerator.unwrap_model(model), state["step"])
+    _check_finite(accelerator.unwrap_model(model, keep_torch_compile=False), state["step"])
     root, name = checkpoints_dir(output_dir), step_dir_name(state["step"])
     final, tmp = root / name, root / f".tmp_{name}"
     # the same step saved again (a finished run resumed, an epoch end on a checkpoint step): the complete

@@ -58,6 +58,9 @@ def _model_arguments(p: argparse.ArgumentParser, text_needed: bool = False) -> N
                    + ("" if text_needed else "; CLIP models and image-only (SimCLR) encoders"))
     p.add_argument("--pretrained", metavar="LOCAL_FILE", help="weights for an open_clip model name (never downloaded)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="the encoders' precision; auto: bf16 on GPUs and on CPUs with AVX512-BF16/AMX, else fp32 "
+                   "(similarities and logits stay fp32)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default 128)")
     p.add_argument("--workers", type=int, default=None, help="image-decoding processes (default min(4, CPUs))")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -79,11 +82,12 @@ def _load_for_eval(args: argparse.Namespace, options: dict | None = None):
     """
     from pathlib import Path
 
-    from mmcontrast.evaluate import resolve_device
+    from mmcontrast.evaluate import encoders_in_precision, resolve_device
     from mmcontrast.models import load
 
     device = resolve_device(args.device)
     loaded = load(args.checkpoint, pretrained=args.pretrained, device=str(device))
+    encoders_in_precision(loaded[0], args.precision)
     if not Path(args.checkpoint).exists() and not args.pretrained:
         print(f"note: {args.checkpoint} is an open_clip model name without --pretrained, so its weights are random",
               file=sys.stderr)

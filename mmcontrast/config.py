@@ -105,6 +105,7 @@ class TrainConfig:
     accum_steps: int = 1  # micro-batches per optimizer step, one loss over all (gradient caching)
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
+    compile: bool = False  # torch.compile the model (inductor), as `accelerate launch --dynamo_backend inductor`
     resume: bool = False
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
 

@@ -17,6 +17,7 @@ text. Does not parse arguments or print: the CLI does that. Does not own the pro
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -51,6 +52,58 @@ KNN_TEMPERATURE = 0.07
 LINEAR_PROBE_CS = tuple(10.0**p for p in range(-2, 5))  # inverse L2 strengths tried on the validation split
 LINEAR_PROBE_VAL_FRACTION = 0.2
 _ROWS_PER_CHUNK = 1024  # rows of a similarity matrix held at once (retrieval, kNN)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): autocast to bf16 is then faster, not slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: no way to tell, so no
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → ``bf16`` where the hardware runs it fast (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else ``fp32``."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
+def encoders_in_precision(model: nn.Module, precision: str = "auto") -> str:
+    """Make ``model``'s encoders (``encode_image``, ``encode_text``) run under autocast to ``precision``
+    (``auto``: see ``resolve_precision``); returns the precision resolved. Changes this model object only.
+
+    Only the encoders run in low precision: every function here turns their features to float32 before
+    it normalises them, so similarities, logits and the logit scale stay float32.
+    """
+    device = next(model.parameters()).device
+    resolved = resolve_precision(precision, device)
+    if resolved == "fp32":
+        return resolved
+    for name in ("encode_image", "encode_text"):
+        encode = getattr(model, name, None)
+        if encode is not None:
+            setattr(model, name, _autocast_call(encode, device.type, _DTYPES[resolved]))
+    return resolved
+
+
+def _autocast_call(fn: Callable, device_type: str, dtype: torch.dtype) -> Callable:
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -169,12 +169,15 @@ def _flat_config(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _make_accelerator(mixed_precision: str, trackers: list, output_dir: Path):
+def _make_accelerator(mixed_precision: str, trackers: list, output_dir: Path, compile_model: bool):
+    """Accelerate with the run's precision and trackers; ``compile_model`` compiles the model with torch.compile
+    (inductor), as ``accelerate launch --dynamo_backend inductor`` does for runs started without it."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     return Accelerator(
         mixed_precision=mixed_precision,
+        dynamo_backend="inductor" if compile_model else None,  # None: Accelerate's own (launch --dynamo_backend)
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
@@ -254,7 +257,7 @@ def train_step(accelerator, task, model, optimizer, micro: list[dict], grad_clip
     optimizer.step()
     for buffer, before in bn_before:
         buffer.copy_(torch.where(finite, buffer, before))
-    task.clamp(accelerator.unwrap_model(model))
+    task.clamp(accelerator.unwrap_model(model, keep_torch_compile=False))
     return loss, embeddings, finite
 
 
@@ -388,7 +391,7 @@ def _set_up(cfg: Config, output_dir: Path):
     sources = find_sources(cfg.data.train_shards, cfg.data.upsampling_factors, cfg.data.read_timeout)
     check_fields(sources.shards, need_text=needs_captions(cfg.mode))
     trackers = _usable_trackers(list(cfg.log.trackers))
-    accelerator = _make_accelerator(cfg.train.mixed_precision, trackers, output_dir)
+    accelerator = _make_accelerator(cfg.train.mixed_precision, trackers, output_dir, cfg.train.compile)
     check_world(accelerator)
     set_seed(cfg.train.seed)  # the same initial weights on every process
     _share_cpu_cores(accelerator, cfg.data.workers)
@@ -411,9 +414,9 @@ def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config, identity
     if cfg.train.resume:
         state = TrainState(**load_checkpoint(accelerator, output_dir, check=_refuse_changed_identity(identity)))
         state.identity = identity
-        if accelerator.is_main_process:
-            truncate_metrics(output_dir / METRICS_FILE, state.step)
     if accelerator.is_main_process:
+        # one continuous record: what a killed run logged after its checkpoint (or before its first one) goes
+        truncate_metrics(output_dir / METRICS_FILE, state.step)
         dump_yaml(cfg, output_dir / CONFIG_FILE)
         task.export(unwrapped, output_dir, False)  # configs first: the run dir loads mid-run
     return state
@@ -468,7 +471,7 @@ def train(cfg: Config) -> Path:
     total_steps = cfg.train.steps or cfg.train.epochs * per_epoch
     validate = _validation(cfg, task, batch * world * accum)
     model, optimizer = accelerator.prepare(task.model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)  # the model itself: no DDP, no compile wrapper
     state = _start(accelerator, task, unwrapped, output_dir, cfg, run_identity(cfg, world, sources.shards))
     if trackers:
         accelerator.init_trackers("mmcontrast", config=_flat_config(to_dict(cfg)))

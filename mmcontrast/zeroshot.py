@@ -115,7 +115,7 @@ class ZeroShotClassifier:
             model, tokenizer, self.labels, self.templates,
             num_classes_per_batch=CLASSES_PER_BATCH, device=self.device, use_tqdm=False,
         )  # (d, n_labels)
-        self.class_embeddings = weights.T.contiguous()  # (n_labels, d) L2-normalised
+        self.class_embeddings = weights.T.float().contiguous()  # (n_labels, d) L2-normalised, float32 under autocast too
         scale = getattr(model, "logit_scale", None)
         self.logit_scale = float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else 100.0
 

@@ -237,3 +237,37 @@ def test_cuda_without_a_gpu_is_a_usage_error():
     with pytest.raises(UsageError, match="--device cpu"):
         ev.resolve_device("cuda")
     assert ev.resolve_device(None).type == "cpu"
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_runs_it_fast(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(ev, "cpu_has_fast_bf16", lambda: False)
+    assert ev.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(ev, "cpu_has_fast_bf16", lambda: True)
+    assert ev.resolve_precision("auto", cpu) == "bf16"
+    assert ev.resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(UsageError, match="unknown precision"):
+        ev.resolve_precision("int8", cpu)
+
+
+def test_bf16_zero_shot_agrees_with_fp32(trained_tiny_clip):
+    labels = [ev.prompt_name(c) for c in trained_tiny_clip.classes]
+    paths = ev.discover_images(trained_tiny_clip.test_dir) + ev.discover_images(trained_tiny_clip.train_dir)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model, preprocess, tokenizer = load(trained_tiny_clip.run_dir)
+        assert ev.encoders_in_precision(model, precision) == precision
+        with torch.no_grad():  # the encoder itself runs in the precision asked for
+            assert model.encode_image(torch.zeros(1, 3, 32, 32)).dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        classifier = ZeroShotClassifier(model, tokenizer, labels)
+        assert classifier.class_embeddings.dtype == torch.float32
+        encoded, probs = ev.zero_shot_classify(classifier, preprocess, paths, workers=0)
+        results[precision] = (encoded.features, probs)
+    (f32, p32), (f16, p16) = results["fp32"], results["bf16"]
+    assert p16.dtype == torch.float32 and f16.dtype == torch.float32  # low precision inside the encoders only
+    agreement = (p32.argmax(dim=1) == p16.argmax(dim=1)).float().mean()
+    assert agreement >= 0.99, agreement
+    assert torch.nn.functional.cosine_similarity(f32, f16).min() > 0.99
