@@ -69,8 +69,8 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(folder: Path) -> None:
-    """``manifest.json``: size and SHA-256 of every other file in ``folder``, written last and atomically."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())
+    """``manifest.json``: size and SHA-256 of every other file under ``folder``, written last and atomically."""
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != MANIFEST_FILE}
     tmp = folder / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps({"files": files}, indent=1))
@@ -105,8 +105,11 @@ def _check_finite(model: nn.Module, step: int) -> None:
 
     Buffers may hold infinities by design (a causal attention mask of -inf), never NaN.
     """
-    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-    bad = bad or next((n for n, b in model.named_buffers() if b.is_floating_point() and torch.isnan(b).any()), None)
+    def local(t: torch.Tensor) -> torch.Tensor:  # this process's shard of a sharded (FSDP2) tensor
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(local(p)).all()), None)
+    bad = bad or next((n for n, b in model.named_buffers() if b.is_floating_point() and torch.isnan(local(b)).any()), None)
     if bad is not None:
         raise TrainingError(f"refusing to checkpoint non-finite weights ({bad}) at step {step}; lower the learning rate")
 
@@ -138,8 +141,13 @@ def _broadcast(accelerator, value):
     return broadcast_object_list([value])[0]
 
 
-def save_checkpoint(accelerator, model: nn.Module, output_dir: Path, state: dict, keep: int) -> None:
-    """Write ``checkpoints/step_NNNNNN`` (see the module docstring for why a kill never loses a checkpoint)."""
+def save_checkpoint(accelerator, model: nn.Module, output_dir: Path, state: dict, keep: int,
+                    save_more: Callable[[Path], None] | None = None) -> None:
+    """Write ``checkpoints/step_NNNNNN`` (see the module docstring for why a kill never loses a checkpoint).
+
+    ``save_more(folder)`` runs on every process after Accelerate's state is written (sharded model and
+    optimizer state, for a model Accelerate does not manage).
+    """
     _check_finite(accelerator.unwrap_model(model, keep_torch_compile=False), state["step"])
     root, name = checkpoints_dir(output_dir), step_dir_name(state["step"])
     final, tmp = root / name, root / f".tmp_{name}"
@@ -152,7 +160,9 @@ def save_checkpoint(accelerator, model: nn.Module, output_dir: Path, state: dict
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # every process's RNG file is in before rank 0 seals the directory
+        if save_more is not None:
+            save_more(tmp)
+        accelerator.wait_for_everyone()  # every process's files are in before rank 0 seals the directory
     if accelerator.is_main_process:
         if not reuse:
             (tmp / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -195,10 +205,12 @@ def _check_rng_restored(folder: Path, process_index: int) -> None:
         raise TrainingError(f"--resume: the random state in {path} was not restored")
 
 
-def load_checkpoint(accelerator, output_dir: Path, check: Callable[[dict], None] | None = None) -> dict:
+def load_checkpoint(accelerator, output_dir: Path, check: Callable[[dict], None] | None = None,
+                    load_more: Callable[[Path], None] | None = None) -> dict:
     """Restore model, optimizer and RNG states from the newest complete checkpoint; returns its train state.
 
-    ``check(train_state)`` runs before anything is loaded (the trainer refuses a changed config there).
+    ``check(train_state)`` runs before anything is loaded (the trainer refuses a changed config there);
+    ``load_more(folder)`` after Accelerate's states (the counterpart of ``save_checkpoint``'s ``save_more``).
     Raises ``UsageError`` when there is no complete checkpoint, naming the damaged file.
     """
     chosen, problems = _choose(output_dir) if accelerator.is_main_process else (None, [])
@@ -216,6 +228,8 @@ def load_checkpoint(accelerator, output_dir: Path, check: Callable[[dict], None]
         check(state)
     accelerator.load_state(str(chosen))
     _check_rng_restored(chosen, accelerator.process_index)
+    if load_more is not None:
+        load_more(chosen)
     return state
 
 

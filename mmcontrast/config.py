@@ -106,6 +106,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
     compile: bool = False  # torch.compile the model (inductor), as `accelerate launch --dynamo_backend inductor`
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2, mmcontrast.sharding)
     resume: bool = False
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
 
@@ -264,6 +265,10 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"optim.name must be adamw or lars, got {cfg.optim.name!r}")
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise UsageError(f"train.mixed_precision must be no, bf16 or fp16, got {cfg.train.mixed_precision!r}")
+    if cfg.train.fsdp and cfg.train.mixed_precision == "fp16":
+        raise UsageError("train.fsdp runs in bf16 or float32; fp16 needs a loss scaler FSDP2 does not have: use bf16")
+    if cfg.train.fsdp and cfg.train.compile:
+        raise UsageError("train.compile and train.fsdp together are not supported yet; choose one")
     if cfg.train.steps is not None and cfg.train.epochs is not None:
         raise UsageError("give either --steps or --epochs, not both")
     if cfg.train.steps is None and cfg.train.epochs is None:
@@ -308,7 +313,7 @@ def to_dict(cfg: Config) -> dict:
 # seed, workers, shuffling). ``--resume`` refuses a change in any of them; everything else (learning rate,
 # log cadence, more steps) may change and is recorded in config.yaml.
 RESUME_IDENTITY = (
-    "mode", "model", "train.batch_size", "train.accum_steps", "train.seed", "train.mixed_precision",
+    "mode", "model", "train.batch_size", "train.accum_steps", "train.seed", "train.mixed_precision", "train.fsdp",
     "data.workers", "data.shuffle_buffer", "data.resampled", "data.num_samples", "data.upsampling_factors", "optim.name",
 )
 

@@ -70,6 +70,15 @@ def _replayed_rng(state: tuple):
         yield
 
 
+def _no_sync(accelerator, model: nn.Module):
+    """Backward passes that accumulate gradients without synchronising them (DDP's no_sync, FSDP2's switch)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        from mmcontrast.sharding import gradient_sync
+
+        return gradient_sync(model, enabled=False)
+    return accelerator.no_sync(model)
+
+
 def _concat_labels(micro: Sequence[dict]) -> torch.Tensor | None:
     if "label" not in micro[0]:
         return None
@@ -111,7 +120,7 @@ def _cached_step(accelerator, task: Task, model: nn.Module, micro: Sequence[dict
     # (3) re-embed with autograd and push each slice of the cached gradient through the encoder
     for j, batch in enumerate(micro):
         last = j == len(micro) - 1
-        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        sync = contextlib.nullcontext() if last else _no_sync(accelerator, model)
         with sync, _replayed_rng(rng_states[j]):
             outputs = model(*task.inputs(batch))
             surrogate = sum((outputs[i].float() * emb_grads[i][j]).sum() for i in range(n_emb))

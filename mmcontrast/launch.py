@@ -97,6 +97,16 @@ def use_gloo_without_cuda() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
+def fsdp_requested() -> bool:
+    """Whether ``accelerate launch --use_fsdp`` started this process. Its plugin needs CUDA (on the CPU it falls
+    back to DDP), so the request is taken over by ``train.fsdp`` (torch's ``fully_shard``, on any device) and
+    Accelerate is told to keep out of it."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("true", "1"):
+        return False
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
+    return True
+
+
 def check_world(accelerator) -> None:
     """UsageError when the processes did not form one group of the size the launcher started."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))

@@ -321,12 +321,15 @@ def image_eval_transform(spec: dict) -> Callable:
 # ---------------------------------------------------------------- saving and loading
 
 
-def _state_dict_for_file(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+def _state_dict_for_file(module: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    state = module.state_dict() if state_dict is None else state_dict
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def save_clip_run_files(model: nn.Module, model_cfg: dict, out_dir: str | Path, tokenizer: Any = None, weights: bool = True) -> None:
-    """Write model_config.json, open_clip_config.json (+ HF tokenizer files) and, if ``weights``, model.safetensors."""
+def save_clip_run_files(model: nn.Module, model_cfg: dict, out_dir: str | Path, tokenizer: Any = None, weights: bool = True,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write model_config.json, open_clip_config.json (+ HF tokenizer files) and, if ``weights``, model.safetensors
+    (``state_dict`` when given: a sharded model's gathered weights, else the model's own)."""
     from open_clip.push_to_hf_hub import save_config_for_hf
     from safetensors.torch import save_file
 
@@ -338,18 +341,20 @@ def save_clip_run_files(model: nn.Module, model_cfg: dict, out_dir: str | Path, 
     if hf_tokenizer is not None and hasattr(hf_tokenizer, "save_pretrained"):
         hf_tokenizer.save_pretrained(str(out))  # open_clip's local-dir loader reads HF tokenizers from the run dir
     if weights:
-        _atomic_save(save_file, _state_dict_for_file(model), out / WEIGHTS_FILE)
+        _atomic_save(save_file, _state_dict_for_file(model, state_dict), out / WEIGHTS_FILE)
 
 
-def save_image_encoder_files(encoder: ImageEncoder, out_dir: str | Path, weights: bool = True) -> None:
-    """Write a SimCLR backbone: model_config.json (its spec) and model.safetensors (no projection head)."""
+def save_image_encoder_files(encoder: ImageEncoder, out_dir: str | Path, weights: bool = True,
+                             state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a SimCLR backbone: model_config.json (its spec) and model.safetensors (no projection head;
+    ``state_dict`` when given, in the encoder's own key layout)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_CONFIG_FILE).write_text(json.dumps({IMAGE_ENCODER_KEY: encoder.spec}, indent=2))
     if weights:
-        _atomic_save(save_file, _state_dict_for_file(encoder), out / WEIGHTS_FILE)
+        _atomic_save(save_file, _state_dict_for_file(encoder, state_dict), out / WEIGHTS_FILE)
 
 
 def _atomic_save(save_fn: Callable, state: dict, path: Path) -> None:

@@ -74,12 +74,21 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: list, eps: float, momentum: float):
     """AdamW (torch's fused kernel: fastest on GPUs, and it skips a step on the device when its ``found_inf``
     attribute is set) or LARS, with ``param_groups``."""
-    groups = param_groups(model, weight_decay)
+    groups = _one_kind_per_group(param_groups(model, weight_decay))
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for g in groups:
         g.pop("lars_exclude")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
+
+
+def _one_kind_per_group(groups: list[dict]) -> list[dict]:
+    """A sharded model (FSDP2) has sharded (DTensor) and whole parameters; a fused kernel takes one kind."""
+    from mmcontrast.sharding import param_groups_by_kind
+
+    if any(type(p).__name__ == "DTensor" for g in groups for p in g["params"]):
+        return param_groups_by_kind(groups)
+    return groups
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -36,7 +36,7 @@ def needs_captions(mode: str) -> bool:
     return CAPTIONED_MODES[mode]
 
 
-def _nothing(model: nn.Module) -> None:
+def _nothing(model: nn.Module, *args, **kwargs) -> None:
     return None
 
 
@@ -58,7 +58,7 @@ class Task:
     views: int  # image views per sample: 1 gives batch["image"], 2 batch["view1"], batch["view2"]
     with_labels: bool  # batches carry batch["label"] (SupCon)
     health_pair: Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]  # (unwrapped model, batch) -> (x, y)
-    export: Callable[[nn.Module, Path, bool], None]  # (unwrapped model, run dir, write weights?)
+    export: Callable[..., None]  # (unwrapped model, run dir, write weights?, state_dict=None: gathered weights)
     evaluate: Callable[[nn.Module], dict] | None = None  # in-loop evaluation of the unwrapped model -> eval/* metrics
     clamp: Callable[[nn.Module], None] = _nothing  # after each optimizer step (the logit-scale clamp)
     scalar_metrics: Callable[[nn.Module], dict] = _no_metrics  # per log step (temperature, logit bias)
@@ -131,8 +131,8 @@ def _build_clip(model_cfg: ModelConfig, loss_cfg: LossConfig, loss_name: str, cl
     if model_cfg.grad_checkpointing:
         bundle.model.set_grad_checkpointing(True)
 
-    def export(model: nn.Module, out_dir: Path, weights: bool) -> None:
-        models.save_clip_run_files(model, bundle.model_cfg, out_dir, bundle.tokenizer, weights=weights)
+    def export(model: nn.Module, out_dir: Path, weights: bool, state_dict: dict | None = None) -> None:
+        models.save_clip_run_files(model, bundle.model_cfg, out_dir, bundle.tokenizer, weights=weights, state_dict=state_dict)
 
     evaluate = None
     if log_cfg.eval_every:
@@ -198,8 +198,9 @@ def _build_simclr(model_cfg: ModelConfig, loss_cfg: LossConfig, loss_name: str, 
     )
     eval_transform = models.image_eval_transform(spec)
 
-    def export(model: nn.Module, out_dir: Path, weights: bool) -> None:
-        models.save_image_encoder_files(model.encoder, out_dir, weights=weights)
+    def export(model: nn.Module, out_dir: Path, weights: bool, state_dict: dict | None = None) -> None:
+        encoder_state = None if state_dict is None else {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+        models.save_image_encoder_files(model.encoder, out_dir, weights=weights, state_dict=encoder_state)
 
     evaluate = None
     if log_cfg.eval_every:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mmcontrast.config import (
     CONFIG_FILE,
@@ -125,6 +126,9 @@ def _run(argv: list[str]) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         launch.watch_parent()
         launch.use_gloo_without_cuda()
+    if launch.fsdp_requested():  # `accelerate launch --use_fsdp`: our FSDP2 path, which runs on any device
+        cfg.train.fsdp = True
+        validate(cfg)
     train(cfg)
     return 0
 
@@ -176,7 +180,7 @@ def _make_accelerator(mixed_precision: str, trackers: list, output_dir: Path, co
     from accelerate.utils import ProjectConfiguration
 
     return Accelerator(
-        mixed_precision=mixed_precision,
+        mixed_precision=None if mixed_precision == "no" else mixed_precision,  # None: `accelerate launch --mixed_precision`
         dynamo_backend="inductor" if compile_model else None,  # None: Accelerate's own (launch --dynamo_backend)
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -240,7 +244,8 @@ def _grad_norm(accelerator, model, grad_clip: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
-def train_step(accelerator, task, model, optimizer, micro: list[dict], grad_clip: float) -> tuple[torch.Tensor, list, torch.Tensor]:
+def train_step(accelerator, task, model, optimizer, micro: list[dict], grad_clip: float,
+               grad_norm: Callable = _grad_norm) -> tuple[torch.Tensor, list, torch.Tensor]:
     """Gradients of one step over ``micro``, then the optimizer step unless the gradient is not finite.
 
     Returns the detached loss, this process's embeddings (for the log) and whether the step was taken
@@ -252,12 +257,12 @@ def train_step(accelerator, task, model, optimizer, micro: list[dict], grad_clip
     optimizer.zero_grad(set_to_none=True)
     bn_before = [(b, b.clone()) for b in bn_buffers(model)]
     loss, embeddings = step_gradients(accelerator, task, model, micro)
-    finite = torch.isfinite(_grad_norm(accelerator, model, grad_clip))  # the same on every process: after DDP's average
+    finite = torch.isfinite(grad_norm(accelerator, model, grad_clip))  # the same on every process: after DDP's average
     getattr(optimizer, "optimizer", optimizer).found_inf = (~finite).float()
     optimizer.step()
     for buffer, before in bn_before:
         buffer.copy_(torch.where(finite, buffer, before))
-    task.clamp(accelerator.unwrap_model(model, keep_torch_compile=False))
+    task.clamp(model if hasattr(model, "set_requires_gradient_sync") else accelerator.unwrap_model(model, keep_torch_compile=False))
     return loss, embeddings, finite
 
 
@@ -272,11 +277,13 @@ class StepLog:
     """
 
     def __init__(self, accelerator, task, log_cfg: LogConfig, warmup_steps: int, max_nonfinite_steps: int,
-                 metrics_path: Path, trackers: bool, health_batch: Callable[[], dict], validate: Callable | None, progress):
+                 metrics_path: Path, trackers: bool, health_batch: Callable[[], dict], validate: Callable | None, progress,
+                 everyone_measures: bool = False):
         self.accelerator, self.task, self.cfg, self.warmup_steps = accelerator, task, log_cfg, warmup_steps
         self.max_nonfinite_steps, self.metrics_path, self.trackers = max_nonfinite_steps, metrics_path, trackers
         self.make_health_batch, self.health_batch = health_batch, None  # drawn at the first health step, not at start-up
         self.validate, self.progress = validate, progress
+        self.everyone_measures = everyone_measures  # a sharded model's forward passes need every process
         self.streak = torch.zeros((), dtype=torch.long, device=accelerator.device)  # skipped steps in a row
         self.reset()
 
@@ -338,8 +345,9 @@ class StepLog:
         }  # fmt: skip
         # over the global batch, the candidates the loss saw (rank-major, so pairs stay aligned)
         embeddings = [acc.gather(e.contiguous()) for e in embeddings] if acc.num_processes > 1 else embeddings
-        if acc.is_main_process:
-            record.update(self._main_process_metrics(state.step, model, embeddings))
+        if acc.is_main_process or self.everyone_measures:
+            metrics = self._main_process_metrics(state.step, model, embeddings)
+            record.update(metrics if acc.is_main_process else {})
         self._emit(record)
         self.reset()
         return record
@@ -354,7 +362,7 @@ class StepLog:
         if self._crossed(step, self.cfg.diagnostics_every):
             self.health_batch = self.health_batch or self.make_health_batch()
             health = batch_health(self.task.health_pair, model, self.health_batch, views=self.task.pairs_are_views)
-            if step > self.warmup_steps:  # a freshly initialised tower can look collapsed; judge after warmup
+            if step > self.warmup_steps and self.accelerator.is_main_process:  # a fresh tower can look collapsed: after warmup
                 for line in collapse_warnings(health, self.cfg.min_rank_fraction, self.cfg.min_std_ratio):
                     self.progress.write(f"warning: {line} (step {step})", file=sys.stderr)
             metrics.update({f"health/{k}": v for k, v in health.items()})
@@ -375,11 +383,88 @@ class StepLog:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
+# ---------------------------------------------------------------- how the model is held across processes
+
+
+class Holding:
+    """The model held by Accelerate: DDP across processes, autocast, torch.compile, its checkpoint files."""
+
+    everyone_measures = False  # health, eval and validation run on the first process only
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def prepare(self, model: nn.Module, optimizer) -> tuple:
+        """(model to train, optimizer, the bare model: no DDP, no compile wrapper)."""
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        return model, optimizer, self.accelerator.unwrap_model(model, keep_torch_compile=False)
+
+    grad_norm = staticmethod(_grad_norm)
+
+    def save_more(self, model, optimizer) -> Callable[[Path], None] | None:
+        return None  # Accelerate's save_state holds all
+
+    def load_more(self, model, optimizer) -> Callable[[Path], None] | None:
+        return None
+
+    def full_weights(self, model) -> dict | None:
+        return None  # the model's own state dict
+
+
+class ShardedHolding(Holding):
+    """The model sharded with FSDP2 (``mmcontrast.sharding``): Accelerate keeps the devices, processes and RNG."""
+
+    everyone_measures = True
+
+    def prepare(self, model: nn.Module, optimizer) -> tuple:
+        return model, optimizer, model
+
+    @staticmethod
+    def grad_norm(accelerator, model, grad_clip: float) -> torch.Tensor:
+        from mmcontrast import sharding
+
+        sharding.reduce_unsharded_gradients(model)
+        return sharding.clip_grad_norm_(model, grad_clip)
+
+    def save_more(self, model, optimizer) -> Callable[[Path], None]:
+        from mmcontrast import sharding
+        from mmcontrast.models import WEIGHTS_FILE
+
+        def save(folder: Path) -> None:
+            sharding.save_sharded(model, optimizer, folder)
+            weights = sharding.full_state_dict(model)  # whole weights too: `mmcontrast` commands load a run mid-training
+            if self.accelerator.is_main_process:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_FILE))
+
+        return save
+
+    def load_more(self, model, optimizer) -> Callable[[Path], None]:
+        from mmcontrast import sharding
+
+        return lambda folder: sharding.load_sharded(model, optimizer, folder)
+
+    def full_weights(self, model) -> dict:
+        from mmcontrast import sharding
+
+        return sharding.full_state_dict(model)
+
+
 # ---------------------------------------------------------------- the loop
 
 
+def _use_gpu_fast_paths(model: nn.Module) -> None:
+    """TF32 tensor cores for float32 matmuls and convolutions, and channels-last memory for convolutional towers
+    (timm ResNets: cuDNN's fast kernels want it; the feed sends images channels-last on CUDA)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1:  # more than a ViT's patch embedding
+        model.to(memory_format=torch.channels_last)
+
+
 def _set_up(cfg: Config, output_dir: Path):
-    """Accelerate, seeds, the task (model for the mode), the optimizer, the data's sources: all before the first step."""
+    """Accelerate, seeds, the task (model for the mode), how it is held, the optimizer, the data's sources."""
     from accelerate.utils import set_seed
 
     from mmcontrast.feed import find_sources
@@ -393,6 +478,7 @@ def _set_up(cfg: Config, output_dir: Path):
     trackers = _usable_trackers(list(cfg.log.trackers))
     accelerator = _make_accelerator(cfg.train.mixed_precision, trackers, output_dir, cfg.train.compile)
     check_world(accelerator)
+    cfg.train.mixed_precision = str(accelerator.mixed_precision)  # the launcher's switch, when the config left it at "no"
     set_seed(cfg.train.seed)  # the same initial weights on every process
     _share_cpu_cores(accelerator, cfg.data.workers)
     task = build_task(cfg)
@@ -401,18 +487,27 @@ def _set_up(cfg: Config, output_dir: Path):
         from mmcontrast.distributed import convert_global_batchnorm
 
         task.model = convert_global_batchnorm(task.model, accelerator.device.type)
+    if accelerator.device.type == "cuda":
+        _use_gpu_fast_paths(task.model)
+    holding = Holding(accelerator)
+    if cfg.train.fsdp and accelerator.num_processes > 1:  # before the optimizer: it must hold the sharded parameters
+        from mmcontrast.sharding import shard
+
+        task.model, holding = shard(task.model, accelerator.device, cfg.train.mixed_precision), ShardedHolding(accelerator)
     o = cfg.optim
     optimizer = build_optimizer(task.model, o.name, o.lr, o.weight_decay, o.betas, o.eps, o.momentum)
-    return sources, trackers, accelerator, task, optimizer
+    return sources, trackers, accelerator, task, optimizer, holding
 
 
-def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config, identity: dict) -> TrainState:
+def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config, identity: dict,
+           load_more: Callable[[Path], None] | None) -> TrainState:
     """Resume from ``checkpoints/last`` (or start at step 0) and write the run's config files."""
     from mmcontrast.checkpoint import load_checkpoint, truncate_metrics
 
     state = TrainState(identity=identity)
     if cfg.train.resume:
-        state = TrainState(**load_checkpoint(accelerator, output_dir, check=_refuse_changed_identity(identity)))
+        check = _refuse_changed_identity(identity)
+        state = TrainState(**load_checkpoint(accelerator, output_dir, check=check, load_more=load_more))
         state.identity = identity
     if accelerator.is_main_process:
         # one continuous record: what a killed run logged after its checkpoint (or before its first one) goes
@@ -442,16 +537,61 @@ def _validation(cfg: Config, task, global_batch: int) -> Callable | None:
     return validate
 
 
-def _checkpoint(accelerator, model, output_dir: Path, state: TrainState, feed, log: StepLog, keep: int) -> None:
-    """Save with every process's data position (gathered) and the counters folded in."""
-    from accelerate.utils import gather_object
+@dataclass
+class _Run:
+    """What the loop works with, built once by ``train``."""
 
-    from mmcontrast.checkpoint import save_checkpoint
+    cfg: Config
+    output_dir: Path
+    accelerator: object
+    task: object
+    holding: Holding
+    model: nn.Module
+    optimizer: object
+    unwrapped: nn.Module
+    state: TrainState
+    feed: object
+    log: StepLog
+    total_steps: int
 
-    log.fold(state)
-    state.epoch = feed.epoch
-    state.data = gather_object([feed.position()]) if accelerator.num_processes > 1 else [feed.position()]
-    save_checkpoint(accelerator, model, output_dir, asdict(state), keep)
+    def checkpoint(self) -> None:
+        """Save with every process's data position (gathered) and the counters folded in."""
+        from accelerate.utils import gather_object
+
+        from mmcontrast.checkpoint import save_checkpoint
+
+        acc, state = self.accelerator, self.state
+        self.log.fold(state)
+        state.epoch = self.feed.epoch
+        state.data = gather_object([self.feed.position()]) if acc.num_processes > 1 else [self.feed.position()]
+        save_checkpoint(acc, self.model, self.output_dir, asdict(state), self.cfg.log.keep_checkpoints,
+                        save_more=self.holding.save_more(self.model, self.optimizer))
+
+
+def _loop(run: _Run) -> None:
+    """Step until the schedule ends (or the last epoch's data does): gradients, log records, checkpoints."""
+    from mmcontrast.distributed import equal_shapes
+    from mmcontrast.optim import lr_factor, set_lr
+
+    cfg, state, log = run.cfg, run.state, run.log
+    groups = run.feed.groups(cfg.train.epochs, log.count_skipped)
+    run.model.train()
+    with equal_shapes():  # every process takes full batches of the same size
+        while state.step < run.total_steps and (group := next(groups, None)) is not None:
+            micro, data_seconds = group
+            factor = lr_factor(state.step, cfg.optim.warmup_steps, run.total_steps, cfg.optim.min_lr_ratio)
+            lr = set_lr(run.optimizer, cfg.optim.lr, factor)
+            loss, embeddings, finite = train_step(run.accelerator, run.task, run.model, run.optimizer, micro,
+                                                  cfg.optim.grad_clip, run.holding.grad_norm)
+            state.step += 1
+            log.add(loss, finite, data_seconds, micro)
+            log.progress.update(1)
+            if log.due(state.step, run.total_steps):
+                log.write(state, run.feed, lr, run.unwrapped, embeddings)
+            if state.step % cfg.log.checkpoint_every == 0 and state.step < run.total_steps:
+                run.checkpoint()
+        log.progress.close()
+        run.checkpoint()
 
 
 def train(cfg: Config) -> Path:
@@ -460,49 +600,34 @@ def train(cfg: Config) -> Path:
 
     from mmcontrast.config import to_dict
     from mmcontrast.diagnostics import fixed_batch
-    from mmcontrast.distributed import equal_shapes
     from mmcontrast.feed import Feed, epoch_samples, steps_per_epoch
-    from mmcontrast.optim import lr_factor, set_lr
 
     output_dir = _prepare_output_dir(cfg.train.output_dir, cfg.train.resume)
-    sources, trackers, accelerator, task, optimizer = _set_up(cfg, output_dir)
+    sources, trackers, accelerator, task, optimizer, holding = _set_up(cfg, output_dir)
     world, rank, batch, accum = accelerator.num_processes, accelerator.process_index, cfg.train.batch_size, cfg.train.accum_steps
     per_epoch = steps_per_epoch(epoch_samples(sources, cfg.data.num_samples), batch * world * accum, cfg.train.epochs)
     total_steps = cfg.train.steps or cfg.train.epochs * per_epoch
     validate = _validation(cfg, task, batch * world * accum)
-    model, optimizer = accelerator.prepare(task.model, optimizer)
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)  # the model itself: no DDP, no compile wrapper
-    state = _start(accelerator, task, unwrapped, output_dir, cfg, run_identity(cfg, world, sources.shards))
+    model, optimizer, unwrapped = holding.prepare(task.model, optimizer)
+    state = _start(accelerator, task, unwrapped, output_dir, cfg, run_identity(cfg, world, sources.shards),
+                   holding.load_more(model, optimizer))
     if trackers:
         accelerator.init_trackers("mmcontrast", config=_flat_config(to_dict(cfg)))
     loader_args = {"image_transform": task.train_transform, "tokenizer": task.tokenizer, "views": task.views, "batch_size": batch,
                    "workers": cfg.data.workers, "seed": cfg.train.seed, "rank": rank, "world_size": world, "with_labels": task.with_labels}
     feed = Feed(sources, cfg.data, per_epoch, accum, loader_args, accelerator.device, state.epoch, (state.data or [None] * world)[rank])
+
     def health_batch() -> dict:
         return fixed_batch(sources.shards, task.health_transform, task.tokenizer, task.views, cfg.log.diagnostics_samples,
                            cfg.train.seed + 1, cfg.data.shuffle_buffer)
 
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train", unit="step")
     log = StepLog(accelerator, task, cfg.log, cfg.optim.warmup_steps, cfg.train.max_nonfinite_steps, output_dir / METRICS_FILE,
-                  bool(trackers), health_batch, validate, progress)
-    groups = feed.groups(cfg.train.epochs, log.count_skipped)
-    model.train()
-    with equal_shapes():  # every process takes full batches of the same size
-        while state.step < total_steps and (group := next(groups, None)) is not None:
-            micro, data_seconds = group
-            lr = set_lr(optimizer, cfg.optim.lr, lr_factor(state.step, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
-            loss, embeddings, finite = train_step(accelerator, task, model, optimizer, micro, cfg.optim.grad_clip)
-            state.step += 1
-            log.add(loss, finite, data_seconds, micro)
-            progress.update(1)
-            if log.due(state.step, total_steps):
-                log.write(state, feed, lr, unwrapped, embeddings)
-            if state.step % cfg.log.checkpoint_every == 0 and state.step < total_steps:
-                _checkpoint(accelerator, model, output_dir, state, feed, log, cfg.log.keep_checkpoints)
-        progress.close()
-        _checkpoint(accelerator, model, output_dir, state, feed, log, cfg.log.keep_checkpoints)
+                  bool(trackers), health_batch, validate, progress, holding.everyone_measures)
+    _loop(_Run(cfg, output_dir, accelerator, task, holding, model, optimizer, unwrapped, state, feed, log, total_steps))
+    weights = holding.full_weights(model)  # a sharded model's, gathered on the first process (every process takes part)
     if accelerator.is_main_process:
-        task.export(unwrapped, output_dir, True)
+        task.export(unwrapped, output_dir, True, state_dict=weights)
     if trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()

@@ -105,7 +105,7 @@ def _dropout_rank(rank: int, port: int, shards: str, model_json: str, out_dir: s
 
     cfg = config_from_args(["--config", TINY, "--train-shards", shards, "--output-dir", out_dir, "--steps", "1",
                             "--model", model_json, "--set", "log.trackers=[]"])  # fmt: skip
-    _, _, accelerator, task, _ = _set_up(cfg, Path(out_dir))
+    _, _, accelerator, task, _, _ = _set_up(cfg, Path(out_dir))
     model = task.model.train()
     images = torch.zeros(4, 3, 32, 32)  # the same input on both processes
     with torch.no_grad():
