@@ -343,6 +343,8 @@ class StepLog:
             "data_time_share": data_time / elapsed, "skipped_samples": state.skipped_samples,
             "nonfinite_steps": state.nonfinite_steps, **feed.source_shares(),
         }  # fmt: skip
+        if acc.device.type == "cuda":  # the allocator's own count: read on the host, no wait for the GPU
+            record["gpu_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         # over the global batch, the candidates the loss saw (rank-major, so pairs stay aligned)
         embeddings = [acc.gather(e.contiguous()) for e in embeddings] if acc.num_processes > 1 else embeddings
         if acc.is_main_process or self.everyone_measures:
