@@ -118,7 +118,7 @@ class LogConfig:
     keep_checkpoints: int = 2
     trackers: list = field(default_factory=lambda: ["tensorboard"])  # any Accelerate tracker; [] for none
     # The three below are measured at the first log step at or after each multiple of their number of steps.
-    val_every: int = 0  # 0: off. Loss and R@K on data.val_shards
+    val_every: int | None = None  # loss and R@K on data.val_shards; unset: log.checkpoint_every (0: off)
     eval_every: int = 0  # 0: off. In-loop eval on eval_images (zero-shot in clip mode, kNN in simclr)
     eval_images: str | None = None  # a folder of class subfolders
     eval_train_images: str | None = None  # kNN reference set in simclr mode (class subfolders)
@@ -287,6 +287,8 @@ def validate(cfg: Config) -> None:
             raise UsageError(f"{name} must be at least 1, got {value}")
     if cfg.mode == "simclr" and cfg.train.batch_size * cfg.train.accum_steps < 2:
         raise UsageError("simclr needs at least 2 samples per step (negatives come from the batch)")
+    if cfg.log.val_every is None:  # resolved here, so config.yaml records what ran
+        cfg.log.val_every = cfg.log.checkpoint_every if cfg.data.val_shards else 0
     for name in ("eval_every", "diagnostics_every", "val_every"):
         if getattr(cfg.log, name) < 0:
             raise UsageError(f"log.{name} must be 0 (off) or a number of steps, got {getattr(cfg.log, name)}")

@@ -35,10 +35,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import http.client
 import itertools
 import logging
 import os
 import random
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -228,21 +230,40 @@ class LoaderPosition:
 # ---------------------------------------------------------------- reading: samples of segments, with retries
 
 
-class _SegmentReader:
-    """The samples with an image of a reader's segments, from a position on; counts what was lost to damage."""
+# What a read of a shard can raise when the shard, not our code, is at fault: a damaged tar, a dropped or
+# stalled connection, a failed command, a truncated stream (webdataset passes these on as they are).
+READ_FAILURES = (OSError, EOFError, ValueError, tarfile.TarError, http.client.HTTPException)
 
-    def __init__(self, timeout: float, retries: int):
-        self.timeout, self.retries = timeout, retries
+
+class _SegmentReader:
+    """The samples with an image of a reader's segments, from a position on; counts what was lost to damage.
+
+    ``replayed`` samples are the start of a window a resumed run reads again: what they dropped was counted
+    by the run that read them first. ``give_up_after`` segments in a row without a sample (every shard
+    unreachable, say) end the reading rather than go round the shards forever.
+    """
+
+    def __init__(self, timeout: float, retries: int, give_up_after: int, replayed: int = 0):
+        self.timeout, self.retries, self.give_up_after, self.replayed = timeout, retries, give_up_after, replayed
         self.lost = 0  # samples a damaged or unreachable shard did not deliver (counted as skipped)
         self.dropped: collections.Counter = collections.Counter()  # samples without an image
 
     def samples(self, segments: Iterator[Segment], segment: int, offset: int) -> Iterator[tuple[dict, int, int]]:
         """``(sample, segment, offset after it)`` from ``segments[segment]``'s ``offset``-th sample on."""
+        empty = 0  # segments in a row that gave nothing
         for g, seg in enumerate(itertools.islice(segments, segment, None), start=segment):
             for o, sample in enumerate(self._segment_samples(seg, offset), start=offset + 1):
                 sample["__source__"], sample["__spare__"] = seg.source, seg.spare
+                empty = -1
+                self.replayed = max(0, self.replayed - 1)
                 yield sample, g, o
-            offset = 0
+            offset, empty = 0, empty + 1
+            if empty >= self.give_up_after:
+                return
+
+    def _count_drop(self, reason: str) -> None:
+        if not self.replayed:
+            self.dropped[reason] += 1
 
     def _segment_samples(self, seg: Segment, offset: int) -> Iterator[dict]:
         taken, attempt, length, failure = offset, 0, seg.length(), None
@@ -254,14 +275,14 @@ class _SegmentReader:
                     if taken == length:
                         return
                 break  # the shard ended
-            except Exception as err:  # noqa: BLE001 - any read failure: retry a remote shard, then give up on it
+            except READ_FAILURES as err:  # retry a remote shard, then give up on it
                 failure = f"{type(err).__name__}: {err.args[0] if err.args else err}"
                 if not is_remote(seg.url) or attempt >= self.retries:
                     break
                 time.sleep(RETRY_DELAY * 2**attempt)
                 attempt += 1
-        if seg.spare or (length is None and failure is None):
-            return  # a spare sample is its owner's to count; an unknown length ended normally
+        if seg.spare or (length is None and failure is None) or self.replayed:
+            return  # a spare sample is its owner's to count, a replayed one was; an unknown length ended normally
         if length is not None:
             self.lost += length - taken
         warn_once(f"short:{seg.url}", "shard %s gave %d%s samples (%s, after %d attempts); the rest are skipped and counted",
@@ -277,7 +298,8 @@ class _SegmentReader:
             index = first - skip
             for sample in stream_samples(seg.url, stream):
                 if not any(f in sample for f in IMAGE_FIELDS):  # not a sample of the counts: no index
-                    self.dropped["missing_image"] += index >= first
+                    if index >= first:
+                        self._count_drop("missing_image")
                     continue
                 if index >= first and (index - first) % seg.stride == 0:
                     yield sample
@@ -416,7 +438,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield i, item
 
     def _batches(self, worker: int, start: ReaderPosition, target: int | None, in_worker: bool) -> Iterator[dict]:
-        reader = _SegmentReader(self.read_timeout, self.read_retries)
+        # a reader that went round every shard (and twice as many draws, resampled) without a sample gives up
+        give_up_after = 2 * len(self.plan.shards) + 8
+        reader = _SegmentReader(self.read_timeout, self.read_retries, give_up_after, replayed=start.cursor and start.size)
         samples = reader.samples(self.plan.segments(worker), start.segment, start.offset)
         begin, number, cursor, size = (start.segment, start.offset), start.window, start.cursor, start.size
         skipped: collections.Counter = collections.Counter()
@@ -461,6 +485,14 @@ def _check_loader_arguments(shards: list[str], batch_size: int, views: int, work
         raise UsageError(f"rank {rank} is not in 0..{world_size - 1}")
 
 
+def _known_counts(counts: list[int | None] | str | None, shards: list[str], several_readers: bool,
+                  timeout: float) -> tuple[int, ...] | None:
+    """Every shard's count, or None when one is unknown; ``"auto"`` counts them when several readers share them."""
+    if counts == "auto":
+        counts = shard_sample_counts(shards, timeout) if several_readers else None
+    return tuple(counts) if counts is not None and None not in counts else None
+
+
 def make_loader(
     shards: list[str],
     *,
@@ -479,7 +511,7 @@ def make_loader(
     shuffle: bool = True,
     drop_last: bool = True,
     decode_size: int | None = None,
-    counts: list[int | None] | None = None,
+    counts: list[int | None] | str | None = "auto",
     batches: int | None = None,
     position: LoaderPosition | None = None,
     sources: list[int] | None = None,
@@ -489,32 +521,32 @@ def make_loader(
     read_retries: int = READ_RETRIES,
     repeat: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``shards`` yielding dict batches of exactly ``batch_size`` samples.
+    """A DataLoader over ``shards`` yielding dict batches of ``batch_size`` samples (see ``drop_last``).
 
     Args:
-        shards: shard paths or URLs (``shards.expand_shards`` output; a pattern string is expanded).
+        shards: shard paths or URLs (``shards.expand_shards``'s; a pattern string is expanded).
         image_transform: ``PIL.Image (RGB) -> Tensor (3, H, W)``; random transforms are seeded per sample.
             One with ``sample(image) -> (uint8 crop, params)`` and ``finish(crops, params) -> batch`` methods
             (``augment.SimclrTransform``) runs per image, then per batch in the worker's collate.
         tokenizer: ``list[str] -> LongTensor (n, L)`` (open_clip's tokenizer); None for image-only runs.
         views: transformed copies per image: 1 gives ``"image"``, 2 gives ``"view1"``/``"view2"`` (SimCLR).
         batch_size, workers: samples per batch (per process); DataLoader worker processes (0: this process).
-        seed, epoch, rank, world_size: the order is a deterministic function of these (module docstring).
+        seed, epoch, rank, world_size: the order is a function of these (module docstring).
         resampled: draw shards with replacement, forever (or for ``batches``), with ``weights`` per shard.
         shuffle_buffer: the shuffle window in samples (0 or 1: read in order); ``shuffle=False``: no shuffling.
         with_labels: add ``"label"`` (B,) long from each sample's json: ``label_index``, an integer
             ``label``, or a string ``label`` mapped to its index among the sorted class names.
         drop_last: False also yields each reader's partial last batch (evaluation).
-        decode_size: decode JPEGs at reduced scale (pillow's draft mode), keeping both sides at least this
-            many pixels. Use at least the model's image size (more for crops of a small part of the image).
-        counts: samples per shard (``shards.shard_sample_counts``); None: counted here when several readers
-            share the shards. With counts the split is by sample.
+        decode_size: decode JPEGs at reduced scale (pillow's draft mode), both sides at least this many pixels;
+            at least the model's image size (more for crops of a small part of the image).
+        counts: samples per shard (``shards.shard_sample_counts``), None when unknown, or ``"auto"``: counted
+            here when several readers share the shards. With counts the split is by sample.
         batches: this rank's batches for the epoch (every rank the same number); None: until the data ends.
         position: where a resumed run continues (``LoaderPosition`` of the batches it consumed).
         sources: the source index of each shard (``"A::B"``), reported per sample in ``"__sources__"``.
-        pin_memory, read_timeout, read_retries: page-locked batches (CUDA); seconds a remote read may stall;
-            retries of a remote shard that failed mid-read before its other samples are skipped and counted.
-        repeat: without counts, go round the shards again and again (an endless epoch).
+        pin_memory, read_timeout, read_retries, repeat: page-locked batches (CUDA); seconds a remote read may stall;
+            retries of a remote shard that failed mid-read (then its rest is skipped and counted); without counts,
+            go round the shards again and again (an endless epoch).
 
     Batches: ``{"image" | "view1", "view2": (B, 3, H, W) float, "text": (B, L) long (with a tokenizer),
     "label": (B,) long (with_labels), "__key__": list[str], "__sources__": list[int], "skipped": int,
@@ -524,11 +556,11 @@ def make_loader(
     """
     shards = expand_shards(shards) if isinstance(shards, (str, os.PathLike)) else list(shards)
     _check_loader_arguments(shards, batch_size, views, workers, rank, world_size)
-    if counts is None and not resampled and world_size * max(workers, 1) > 1:
-        counts = shard_sample_counts(shards, read_timeout)
+    counts = _known_counts(counts, shards, several_readers=not resampled and world_size * max(workers, 1) > 1,
+                           timeout=read_timeout)
     names = class_names(shards) if with_labels else None
     plan = ReadPlan(
-        tuple(shards), tuple(counts) if counts is not None and None not in counts else None,
+        tuple(shards), counts,
         tuple(sources or [0] * len(shards)), tuple(weights) if weights else None, seed, epoch, rank, world_size,
         max(workers, 1), batch_size, batches, resampled, shuffle, repeat,
     )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,14 +34,9 @@ from tqdm import tqdm
 
 from data_tools.formats import IMAGE_EXTENSIONS, IMAGE_FIELDS, TEXT_FIELD, ImageDecodeError, decode_image
 from mmcontrast.errors import UsageError
+from mmcontrast.launch import available_cpus
 from mmcontrast.shards import expand_shards
 from mmcontrast.zeroshot import ZeroShotClassifier
-
-
-def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_WORKERS = min(4, available_cpus())
@@ -565,13 +559,15 @@ def knn_top1(encoder: nn.Module, preprocess: Callable, train_dir: str | Path, te
 @torch.inference_mode()
 def held_out_metrics(model: nn.Module, batches: Iterator[dict], inputs: Callable[[dict], tuple],
                      loss: Callable[[Sequence[torch.Tensor], torch.Tensor | None], torch.Tensor], block: int,
-                     names: tuple[str, str], ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+                     names: tuple[str, str], n_embeddings: int = 2, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
     """The training loss and retrieval recall@K between a model's two embeddings of held-out samples.
 
     ``inputs``/``loss`` are the task's (``mmcontrast.tasks``): the loss is averaged over blocks of ``block``
     samples (the training global batch, so the number compares with the training loss; a shorter last
     block is left out unless it is the only one). Recall: ``names[0]`` → ``names[1]`` and back, over all
-    samples, as ``retrieval_recall`` (pairs (i, i)). Call it on one process (``distributed.local_only``).
+    samples, as ``retrieval_recall`` (pairs (i, i)). The model's outputs are ``n_embeddings`` per-sample
+    embeddings, then scalars (logit scale, bias). The loss gathers nothing inside ``distributed.local_only``:
+    every process that calls it computes the same numbers on its own.
     """
     device = next(model.parameters()).device
     outputs, labels = [], []
@@ -580,9 +576,8 @@ def held_out_metrics(model: nn.Module, batches: Iterator[dict], inputs: Callable
         labels.extend(batch["label"].tolist() if "label" in batch else [])
     if not outputs:
         raise UsageError("the validation shards gave no full batch; give more held-out samples or lower the batch size")
-    n_emb = 2
-    a, b = (torch.cat([o[i].float() for o in outputs]) for i in range(n_emb))  # (N, d) each
-    scalars = [s.float() for s in outputs[0][n_emb:]]
+    a, b = (torch.cat([o[i].float() for o in outputs]) for i in range(2))  # (N, d) each
+    scalars = [s.float() for s in outputs[0][n_embeddings:]]
     starts = range(0, max(1, len(a) - block + 1), block) if len(a) >= block else [0]
     label = torch.tensor(labels, device=device) if labels else None  # (N,) for a loss on labels (SupCon)
     losses = [float(loss([a[s : s + block], b[s : s + block], *scalars], None if label is None else label[s : s + block]))

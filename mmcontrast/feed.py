@@ -98,6 +98,7 @@ class Feed:
 
     def _loader(self) -> Iterator[dict]:
         cfg, sources = self.cfg, self.sources
+        # by sample when every count is known (data.num_samples gives the epoch's length, not the shards'): else None
         counts = None if cfg.num_samples is not None or None in sources.counts else sources.counts
         return iter(make_loader(
             sources.shards, **self.loader_args, epoch=self.epoch, batches=self._batches_per_epoch(),

@@ -19,7 +19,7 @@ learning rate or the loss itself (a ``Task``'s ``loss``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -70,36 +70,30 @@ def _replayed_rng(state: tuple):
         yield
 
 
-def _no_sync(accelerator, model: nn.Module):
-    """Backward passes that accumulate gradients without synchronising them (DDP's no_sync, FSDP2's switch)."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        from mmcontrast.sharding import gradient_sync
-
-        return gradient_sync(model, enabled=False)
-    return accelerator.no_sync(model)
-
-
 def _concat_labels(micro: Sequence[dict]) -> torch.Tensor | None:
     if "label" not in micro[0]:
         return None
     return torch.cat([m["label"] for m in micro])
 
 
-def step_gradients(accelerator, task: Task, model: nn.Module, micro: Sequence[dict]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def step_gradients(accelerator, task: Task, model: nn.Module, micro: Sequence[dict],
+                   no_sync: Callable | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Forward and backward for one optimizer step over the micro-batches ``micro`` (K = len(micro)).
 
-    ``accelerator`` needs ``backward(loss)`` and ``no_sync(model)`` (Accelerate's). Returns the detached
-    loss and this process's ``task.n_embeddings`` embedding tensors ``(K·n, d)``, for monitoring.
+    ``accelerator`` needs ``backward(loss)``; ``no_sync(model)`` (default: Accelerate's, for DDP) is the context
+    in which backward passes accumulate without synchronising. Returns the detached loss and this process's
+    ``task.n_embeddings`` embedding tensors ``(K·n, d)``, for monitoring.
     """
     if len(micro) == 1:
         outputs = model(*task.inputs(micro[0]))
         loss = task.loss(outputs, _concat_labels(micro))
         accelerator.backward(loss)
         return loss.detach(), [o.detach() for o in outputs[: task.n_embeddings]]
-    return _cached_step(accelerator, task, model, micro)
+    return _cached_step(accelerator, task, model, micro, no_sync or accelerator.no_sync)
 
 
-def _cached_step(accelerator, task: Task, model: nn.Module, micro: Sequence[dict]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _cached_step(accelerator, task: Task, model: nn.Module, micro: Sequence[dict],
+                 no_sync: Callable) -> tuple[torch.Tensor, list[torch.Tensor]]:
     # (1) embed without autograd; remember each micro-batch's RNG state for the replay in (3)
     cached, rng_states = [], []
     with torch.no_grad(), _frozen_bn_statistics(model):
@@ -120,7 +114,7 @@ def _cached_step(accelerator, task: Task, model: nn.Module, micro: Sequence[dict
     # (3) re-embed with autograd and push each slice of the cached gradient through the encoder
     for j, batch in enumerate(micro):
         last = j == len(micro) - 1
-        sync = contextlib.nullcontext() if last else _no_sync(accelerator, model)
+        sync = contextlib.nullcontext() if last else no_sync(model)
         with sync, _replayed_rng(rng_states[j]):
             outputs = model(*task.inputs(batch))
             surrogate = sum((outputs[i].float() * emb_grads[i][j]).sum() for i in range(n_emb))

@@ -10,7 +10,8 @@ workers, unless ``--num_cpu_threads_per_process`` was given (Accelerate sets a d
 
 In every rank of a multi-process job, ``watch_parent`` ends the process when its launcher dies (SIGKILL
 included), so no rank is left waiting in a collective. ``check_world`` refuses a job whose processes did
-not form one group. Owns process start-up only; gathers live in ``mmcontrast.distributed``.
+not form one group. ``take_over_fsdp_request`` routes ``accelerate launch --use_fsdp`` to ``train.fsdp``. Owns processes: starting
+them, ending them, checking they formed one group; gathers live in ``mmcontrast.distributed``.
 """
 
 from __future__ import annotations
@@ -69,10 +70,14 @@ def exec_torchrun(n: int, module: str, argv: Sequence[str], threads: int) -> Non
     os.execve(sys.executable, command, env)
 
 
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity, where the platform says it; else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_threads_per_process(processes: int, workers: int) -> int:
     """Compute threads for each of ``processes`` on this machine's cores, leaving its data ``workers`` theirs."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // processes - workers)
+    return max(1, available_cpus() // processes - workers)
 
 
 def watch_parent(interval: float = WATCH_INTERVAL_S) -> None:
@@ -97,7 +102,7 @@ def use_gloo_without_cuda() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
-def fsdp_requested() -> bool:
+def take_over_fsdp_request() -> bool:
     """Whether ``accelerate launch --use_fsdp`` started this process. Its plugin needs CUDA (on the CPU it falls
     back to DDP), so the request is taken over by ``train.fsdp`` (torch's ``fully_shard``, on any device) and
     Accelerate is told to keep out of it."""

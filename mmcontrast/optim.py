@@ -61,8 +61,9 @@ class LARS(torch.optim.Optimizer):
                     )
                     grad = grad.mul(trust)
                 state = self.state[p]
-                old = state.get("momentum_buffer", torch.zeros_like(p))
-                new = torch.clone(grad).detach() if "momentum_buffer" not in state else old * group["momentum"] + grad
+                old = state.get("momentum_buffer")
+                new = grad.detach().clone() if old is None else old * group["momentum"] + grad
+                old = torch.zeros_like(p) if old is None else old
                 if keep is not None:
                     new = torch.where(keep, new, old)
                 state["momentum_buffer"] = new

@@ -36,12 +36,6 @@ def _dtensor():
     return DTensor
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one: each child of a ``ModuleList`` (open_clip and HuggingFace
     transformer layers), and of an ``nn.Sequential`` whose children are all of one class (timm blocks, ResNet

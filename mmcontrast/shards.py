@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import select
 import shlex
 import subprocess
 import tarfile
@@ -157,19 +158,30 @@ def _command(url: str) -> list[str] | None:
 
 
 class _CommandStream(io.RawIOBase):
-    """The standard output of a command as a readable stream; closing it stops the command."""
+    """The standard output of a command as a readable stream; closing it stops the command.
 
-    def __init__(self, argv: list[str]):
+    A read that gets no byte for ``timeout`` seconds stops the command and raises ``TimeoutError`` (a stalled
+    ``aws s3 cp`` is retried like a stalled HTTP read), and a command that fails raises ``OSError``: neither
+    may look like a shorter shard.
+    """
+
+    def __init__(self, argv: list[str], timeout: float):
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+        self.timeout = timeout
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        n = self.proc.stdout.readinto(buffer)
-        if n == 0 and self.proc.wait() != 0:  # a failed command must not look like a short shard
+        fd = self.proc.stdout.fileno()
+        if not select.select([fd], [], [], self.timeout)[0]:
+            self.close()
+            raise TimeoutError(f"the command for this shard sent nothing for {self.timeout:g} s")
+        data = os.read(fd, len(buffer))
+        buffer[: len(data)] = data
+        if not data and self.proc.wait(timeout=self.timeout) != 0:
             raise OSError(f"the command for this shard exited with status {self.proc.returncode}")
-        return n
+        return len(data)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -203,7 +215,7 @@ class _HttpStream(io.RawIOBase):
 def _open_raw(url: str, timeout: float) -> io.BufferedReader:
     command = _command(url)
     if command is not None:
-        return io.BufferedReader(_CommandStream(command), READ_BUFFER)
+        return io.BufferedReader(_CommandStream(command, timeout), READ_BUFFER)
     if is_remote(url):
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"cannot read {url}: use a path, http(s)://, s3://, gs:// or pipe:COMMAND")
@@ -249,8 +261,10 @@ def open_shard(url: str, skip: int = 0, timeout: float = READ_TIMEOUT) -> tuple[
     return _open_raw(url, timeout), skip
 
 
-def read_small_file(url: str, timeout: float = READ_TIMEOUT) -> bytes | None:
-    """The content of a small file (a stats file) at a path or URL, None when it is not there."""
+def read_small_file(url: str | None, timeout: float = READ_TIMEOUT) -> bytes | None:
+    """The content of a small file (a stats file) at a path or URL, None when it is not there (or ``url`` is None)."""
+    if url is None:
+        return None
     try:
         with _open_raw(url, timeout) as f:
             return f.read()
@@ -258,11 +272,17 @@ def read_small_file(url: str, timeout: float = READ_TIMEOUT) -> bytes | None:
         return None
 
 
-def sibling(shard: str, name: str) -> str:
-    """The file ``name`` next to ``shard``: the shard's file name replaced in its path, URL or ``pipe:`` command."""
+_TAR_IN_COMMAND = re.compile(r"""[^\s'"]+\.tar\b""")
+
+
+def sibling(shard: str, name: str) -> str | None:
+    """The file ``name`` next to ``shard``: the shard's file name replaced in its path, URL or ``pipe:`` command
+    (the last ``….tar`` in the command). None when the name cannot be found (a command naming no ``.tar``)."""
     base = _shard_name(shard)
-    head, sep, tail = shard.rpartition(base)
-    return head + name + tail if sep else shard
+    if base is None:
+        return None
+    head, _, tail = shard.rpartition(base)
+    return head + name + tail
 
 
 # ---------------------------------------------------------------- reading samples (the webdataset seam)
@@ -372,18 +392,30 @@ def shard_sample_counts(shards: list[str], timeout: float = READ_TIMEOUT) -> lis
             folder_counts[stats_url] = folder_sample_counts(text) if text else {}
         counts.append(folder_counts[stats_url].get(_shard_name(shard)))
     missing = [i for i, n in enumerate(counts) if n is None]
+
+    def per_shard_stats(i: int) -> bytes | None:
+        stats_name = _shard_stats_name(shards[i])
+        return read_small_file(sibling(shards[i], stats_name), timeout) if stats_name else None
+
     with concurrent.futures.ThreadPoolExecutor(COUNT_THREADS) as pool:  # one request per shard: many at once
-        texts = pool.map(lambda i: read_small_file(sibling(shards[i], _shard_name(shards[i])[: -len(".tar")] + SHARD_STATS_SUFFIX),
-                                                   timeout), missing)
+        texts = pool.map(per_shard_stats, missing)
         for i, text in zip(missing, texts):
             counts[i] = shard_sample_count(text) if text else None
     return [_scan_count(shard) if n is None and not is_remote(shard) else n for shard, n in zip(shards, counts)]
 
 
-def _shard_name(shard: str) -> str:
-    """``00012.tar`` of a path, URL or ``pipe:`` command."""
-    target = shard.split()[-1] if shard.startswith("pipe:") else shard
-    return os.path.basename(target.split("?", 1)[0])
+def _shard_name(shard: str) -> str | None:
+    """``00012.tar`` of a path, a URL, or the last ``….tar`` of a ``pipe:`` command; None when there is none."""
+    if shard.startswith("pipe:"):
+        found = _TAR_IN_COMMAND.findall(shard)
+        return os.path.basename(found[-1]) if found else None
+    return os.path.basename(shard.split("?", 1)[0])
+
+
+def _shard_stats_name(shard: str) -> str | None:
+    """``00012_stats.json`` for ``…/00012.tar`` (make_shards' and img2dataset's per-shard stats)."""
+    name = _shard_name(shard)
+    return name[: -len(".tar")] + SHARD_STATS_SUFFIX if name and name.endswith(".tar") else None
 
 
 def count_samples(shards: list[str], timeout: float = READ_TIMEOUT) -> int:

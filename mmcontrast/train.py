@@ -19,6 +19,7 @@ batches). A skipped step still counts as a step: the schedule moves on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -126,7 +127,7 @@ def _run(argv: list[str]) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         launch.watch_parent()
         launch.use_gloo_without_cuda()
-    if launch.fsdp_requested():  # `accelerate launch --use_fsdp`: our FSDP2 path, which runs on any device
+    if launch.take_over_fsdp_request():  # `accelerate launch --use_fsdp`: our FSDP2 path, which runs on any device
         cfg.train.fsdp = True
         validate(cfg)
     train(cfg)
@@ -189,9 +190,10 @@ def _make_accelerator(mixed_precision: str, trackers: list, output_dir: Path, co
 
 def _share_cpu_cores(accelerator, workers: int) -> None:
     """On the CPU, leave the data workers their cores: compute threads spinning on them slow both down."""
+    from mmcontrast.launch import cpu_threads_per_process
+
     if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        cores = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
-        torch.set_num_threads(max(1, cores - workers))
+        torch.set_num_threads(cpu_threads_per_process(accelerator.num_processes, workers))
 
 
 @dataclass
@@ -207,15 +209,16 @@ class TrainState:
     identity: dict = field(default_factory=dict)  # what a resume must not change (config.RESUME_IDENTITY, processes, shards)
 
 
-def run_identity(cfg: Config, processes: int, shards: list[str]) -> dict:
-    """``config.identity`` plus what only the launch knows: the number of processes and the shard list."""
+def run_identity(cfg: Config, processes: int, sources) -> dict:
+    """``config.identity`` plus what only the launch knows: the number of processes and the shards (file names,
+    sources and sample counts: a position in the data means these samples)."""
     import hashlib
 
     from mmcontrast.config import identity
 
-    names = "\n".join(os.path.basename(s) for s in shards)
-    digest = hashlib.sha1(names.encode()).hexdigest()[:12]
-    return {**identity(cfg), "processes": processes, "data.shards": f"{len(shards)} shards ({digest})"}
+    listing = "\n".join(f"{os.path.basename(s)} {i} {n}" for s, i, n in zip(sources.shards, sources.source_of, sources.counts))
+    digest = hashlib.sha1(listing.encode()).hexdigest()[:12]
+    return {**identity(cfg), "processes": processes, "data.shards": f"{len(sources.shards)} shards ({digest})"}
 
 
 def _refuse_changed_identity(now: dict) -> Callable[[dict], None]:
@@ -245,7 +248,7 @@ def _grad_norm(accelerator, model, grad_clip: float) -> torch.Tensor:
 
 
 def train_step(accelerator, task, model, optimizer, micro: list[dict], grad_clip: float,
-               grad_norm: Callable = _grad_norm) -> tuple[torch.Tensor, list, torch.Tensor]:
+               holding: Holding | None = None) -> tuple[torch.Tensor, list, torch.Tensor]:
     """Gradients of one step over ``micro``, then the optimizer step unless the gradient is not finite.
 
     Returns the detached loss, this process's embeddings (for the log) and whether the step was taken
@@ -254,15 +257,16 @@ def train_step(accelerator, task, model, optimizer, micro: list[dict], grad_clip
     """
     from mmcontrast.gradcache import bn_buffers, step_gradients
 
+    holding = holding or Holding(accelerator)
     optimizer.zero_grad(set_to_none=True)
     bn_before = [(b, b.clone()) for b in bn_buffers(model)]
-    loss, embeddings = step_gradients(accelerator, task, model, micro)
-    finite = torch.isfinite(grad_norm(accelerator, model, grad_clip))  # the same on every process: after DDP's average
+    loss, embeddings = step_gradients(accelerator, task, model, micro, no_sync=holding.no_sync)
+    finite = torch.isfinite(holding.grad_norm(accelerator, model, grad_clip))  # the same on every process: after the average
     getattr(optimizer, "optimizer", optimizer).found_inf = (~finite).float()
     optimizer.step()
     for buffer, before in bn_before:
         buffer.copy_(torch.where(finite, buffer, before))
-    task.clamp(model if hasattr(model, "set_requires_gradient_sync") else accelerator.unwrap_model(model, keep_torch_compile=False))
+    task.clamp(holding.bare(model))
     return loss, embeddings, finite
 
 
@@ -309,7 +313,8 @@ class StepLog:
 
     def _crossed(self, step: int, every: int) -> bool:
         """Whether a multiple of ``every`` fell since the previous log step (any cadence works with any log.every)."""
-        return bool(every) and step // every != max(0, step - self.cfg.every) // every
+        previous = (step - 1) // self.cfg.every * self.cfg.every  # the last step that was a multiple of log.every
+        return bool(every) and step // every != previous // every
 
     def fold(self, state: TrainState) -> float:
         """Sum the window over the processes into ``state``; returns the window's mean loss. Raises
@@ -348,13 +353,14 @@ class StepLog:
         # over the global batch, the candidates the loss saw (rank-major, so pairs stay aligned)
         embeddings = [acc.gather(e.contiguous()) for e in embeddings] if acc.num_processes > 1 else embeddings
         if acc.is_main_process or self.everyone_measures:
-            metrics = self._main_process_metrics(state.step, model, embeddings)
+            metrics = self._measurements(state.step, model, embeddings)
             record.update(metrics if acc.is_main_process else {})
         self._emit(record)
         self.reset()
         return record
 
-    def _main_process_metrics(self, step: int, model, embeddings: list[torch.Tensor]) -> dict:
+    def _measurements(self, step: int, model, embeddings: list[torch.Tensor]) -> dict:
+        """Batch monitors, health, validation, evaluation: on the first process (on every one for a sharded model)."""
         from mmcontrast.diagnostics import batch_health, batch_monitor, collapse_warnings
         from mmcontrast.distributed import local_only
         from mmcontrast.models import evaluating
@@ -399,7 +405,14 @@ class Holding:
     def prepare(self, model: nn.Module, optimizer) -> tuple:
         """(model to train, optimizer, the bare model: no DDP, no compile wrapper)."""
         model, optimizer = self.accelerator.prepare(model, optimizer)
-        return model, optimizer, self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        return model, optimizer, self.bare(model)
+
+    def bare(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+
+    def no_sync(self, model: nn.Module):
+        """Backward passes inside accumulate gradients without synchronising them (gradient caching's)."""
+        return self.accelerator.no_sync(model)
 
     grad_norm = staticmethod(_grad_norm)
 
@@ -420,6 +433,14 @@ class ShardedHolding(Holding):
 
     def prepare(self, model: nn.Module, optimizer) -> tuple:
         return model, optimizer, model
+
+    def bare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def no_sync(self, model: nn.Module):
+        from mmcontrast.sharding import gradient_sync
+
+        return gradient_sync(model, enabled=False)
 
     @staticmethod
     def grad_norm(accelerator, model, grad_clip: float) -> torch.Tensor:
@@ -465,24 +486,35 @@ def _use_gpu_fast_paths(model: nn.Module) -> None:
         model.to(memory_format=torch.channels_last)
 
 
-def _set_up(cfg: Config, output_dir: Path):
-    """Accelerate, seeds, the task (model for the mode), how it is held, the optimizer, the data's sources."""
-    from accelerate.utils import set_seed
-
+def _set_up_processes(cfg: Config, output_dir: Path) -> tuple:
+    """The data's sources (checked), trackers and Accelerate: ``(sources, trackers, accelerator)``."""
     from mmcontrast.feed import find_sources
     from mmcontrast.launch import check_world
-    from mmcontrast.optim import build_optimizer
     from mmcontrast.shards import check_fields
-    from mmcontrast.tasks import build_task, needs_captions
+    from mmcontrast.tasks import needs_captions
 
     sources = find_sources(cfg.data.train_shards, cfg.data.upsampling_factors, cfg.data.read_timeout)
     check_fields(sources.shards, need_text=needs_captions(cfg.mode))
     trackers = _usable_trackers(list(cfg.log.trackers))
     accelerator = _make_accelerator(cfg.train.mixed_precision, trackers, output_dir, cfg.train.compile)
     check_world(accelerator)
-    cfg.train.mixed_precision = str(accelerator.mixed_precision)  # the launcher's switch, when the config left it at "no"
-    set_seed(cfg.train.seed)  # the same initial weights on every process
+    # the launcher's switches (--mixed_precision, --dynamo_backend) apply where the config left them off
+    cfg.train.mixed_precision = str(accelerator.mixed_precision)
+    cfg.train.compile = cfg.train.compile or str(accelerator.state.dynamo_plugin.backend) != "NO"
+    validate(cfg)
     _share_cpu_cores(accelerator, cfg.data.workers)
+    return sources, trackers, accelerator
+
+
+def _set_up_model(cfg: Config, accelerator) -> tuple:
+    """The task's model (the same initial weights on every process), how it is held, its optimizer:
+    ``(task, optimizer, holding)``."""
+    from accelerate.utils import set_seed
+
+    from mmcontrast.optim import build_optimizer
+    from mmcontrast.tasks import build_task
+
+    set_seed(cfg.train.seed)
     task = build_task(cfg)
     set_seed(cfg.train.seed, device_specific=True)  # from here on, dropout and drop-path draw differently on every process
     if accelerator.num_processes > 1 and cfg.model.sync_batchnorm:  # per-process statistics let positives find each other
@@ -498,7 +530,7 @@ def _set_up(cfg: Config, output_dir: Path):
         task.model, holding = shard(task.model, accelerator.device, cfg.train.mixed_precision), ShardedHolding(accelerator)
     o = cfg.optim
     optimizer = build_optimizer(task.model, o.name, o.lr, o.weight_decay, o.betas, o.eps, o.momentum)
-    return sources, trackers, accelerator, task, optimizer, holding
+    return task, optimizer, holding
 
 
 def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config, identity: dict,
@@ -525,16 +557,17 @@ def _validation(cfg: Config, task, global_batch: int) -> Callable | None:
         return None
     from mmcontrast.data import make_loader
     from mmcontrast.evaluate import held_out_metrics
-    from mmcontrast.shards import check_fields, expand_shards
+    from mmcontrast.shards import check_fields, expand_shards, shard_sample_counts
 
     shards = expand_shards(cfg.data.val_shards)
     check_fields(shards, need_text=task.tokenizer is not None)
+    counts = shard_sample_counts(shards, cfg.data.read_timeout) if cfg.data.workers > 1 else None  # once, not per validation
 
     def validate(model) -> dict:
         loader = make_loader(shards, image_transform=task.health_transform, tokenizer=task.tokenizer, views=task.views,
-                             batch_size=min(global_batch, 256), workers=cfg.data.workers, seed=cfg.train.seed,
-                             shuffle=False, drop_last=False, with_labels=task.with_labels)
-        return held_out_metrics(model, iter(loader), task.inputs, task.loss, global_batch, task.pair_names)
+                             batch_size=min(global_batch, 256), workers=cfg.data.workers, seed=cfg.train.seed, counts=counts,
+                             shuffle=False, drop_last=False, with_labels=task.with_labels, read_timeout=cfg.data.read_timeout)
+        return held_out_metrics(model, iter(loader), task.inputs, task.loss, global_batch, task.pair_names, task.n_embeddings)
 
     return validate
 
@@ -584,7 +617,7 @@ def _loop(run: _Run) -> None:
             factor = lr_factor(state.step, cfg.optim.warmup_steps, run.total_steps, cfg.optim.min_lr_ratio)
             lr = set_lr(run.optimizer, cfg.optim.lr, factor)
             loss, embeddings, finite = train_step(run.accelerator, run.task, run.model, run.optimizer, micro,
-                                                  cfg.optim.grad_clip, run.holding.grad_norm)
+                                                  cfg.optim.grad_clip, run.holding)
             state.step += 1
             log.add(loss, finite, data_seconds, micro)
             log.progress.update(1)
@@ -596,22 +629,40 @@ def _loop(run: _Run) -> None:
         run.checkpoint()
 
 
+@contextlib.contextmanager
+def _reported_on_every_rank(accelerator):
+    """After set-up a process can fail alone (its shards, its checkpoint file): say so from every process, with
+    its rank (before it, every process meets the same mistake, and the first one reports it)."""
+    try:
+        yield
+    except (UsageError, TrainingError) as err:
+        if not accelerator.is_main_process:
+            print(f"error: process {accelerator.process_index}: {err}", file=sys.stderr)
+        raise
+
+
 def train(cfg: Config) -> Path:
     """Run training as configured; returns the run dir. Raises UsageError for user mistakes."""
+    output_dir = _prepare_output_dir(cfg.train.output_dir, cfg.train.resume)
+    sources, trackers, accelerator = _set_up_processes(cfg, output_dir)
+    task, optimizer, holding = _set_up_model(cfg, accelerator)
+    with _reported_on_every_rank(accelerator):
+        return _train(cfg, output_dir, sources, trackers, accelerator, task, optimizer, holding)
+
+
+def _train(cfg: Config, output_dir: Path, sources, trackers: list, accelerator, task, optimizer, holding: Holding) -> Path:
     from tqdm import tqdm
 
     from mmcontrast.config import to_dict
     from mmcontrast.diagnostics import fixed_batch
     from mmcontrast.feed import Feed, epoch_samples, steps_per_epoch
 
-    output_dir = _prepare_output_dir(cfg.train.output_dir, cfg.train.resume)
-    sources, trackers, accelerator, task, optimizer, holding = _set_up(cfg, output_dir)
     world, rank, batch, accum = accelerator.num_processes, accelerator.process_index, cfg.train.batch_size, cfg.train.accum_steps
     per_epoch = steps_per_epoch(epoch_samples(sources, cfg.data.num_samples), batch * world * accum, cfg.train.epochs)
     total_steps = cfg.train.steps or cfg.train.epochs * per_epoch
     validate = _validation(cfg, task, batch * world * accum)
     model, optimizer, unwrapped = holding.prepare(task.model, optimizer)
-    state = _start(accelerator, task, unwrapped, output_dir, cfg, run_identity(cfg, world, sources.shards),
+    state = _start(accelerator, task, unwrapped, output_dir, cfg, run_identity(cfg, world, sources),
                    holding.load_more(model, optimizer))
     if trackers:
         accelerator.init_trackers("mmcontrast", config=_flat_config(to_dict(cfg)))

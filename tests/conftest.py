@@ -216,7 +216,8 @@ class ShardServer:
 
     ``bytes_served[name]`` counts what each file sent. ``faults[name]`` makes a file misbehave:
     ``("reset", n)`` ends the connection after n bytes (every time), ``("reset_once", n)`` only the first
-    time, ``("stall_once", seconds)`` sends nothing for that long the first time.
+    time, ``("reset_later", n)`` every time but the first, ``("stall_once", seconds)`` sends nothing for that
+    long the first time.
     """
 
     def __init__(self, root: Path):
@@ -248,6 +249,9 @@ class ShardServer:
         import time
 
         kind, value = self.faults.get(name, (None, None))
+        if kind == "reset_later":
+            self.faults[name] = ("reset", value)
+            kind = None
         if kind == "stall_once":
             del self.faults[name]
             time.sleep(value)

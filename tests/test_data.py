@@ -353,3 +353,36 @@ def test_a_run_mixing_two_sources_logs_each_ones_samples(tiny_shards, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["data/source0_samples"] + row["data/source1_samples"] == 64
+
+
+def test_the_stats_beside_a_shard_are_found_through_its_own_scheme():
+    from mmcontrast.shards import sibling
+
+    assert sibling("pipe:aws s3 cp s3://b/x/00001.tar -", "stats.json") == "pipe:aws s3 cp s3://b/x/stats.json -"
+    assert sibling("pipe:curl -s 'http://h/a/00003.tar' | cat", "stats.json") == "pipe:curl -s 'http://h/a/stats.json' | cat"
+    assert sibling("http://h/d/00004.tar?sig=1", "00004_stats.json") == "http://h/d/00004_stats.json?sig=1"
+    assert sibling("pipe:produce-shard --id 7", "stats.json") is None  # no .tar named: no guess
+
+
+def test_a_stalled_command_times_out_instead_of_hanging():
+    import time
+
+    from mmcontrast.shards import open_shard
+
+    stream, _ = open_shard("pipe:sleep 30", timeout=0.5)
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match="sent nothing"):
+        stream.read(1)
+    assert time.perf_counter() - start < 5
+    failing, _ = open_shard("pipe:exit 3", timeout=5)
+    with pytest.raises(OSError, match="status 3"):
+        failing.read(1)
+
+
+def test_a_reader_whose_shards_are_all_unreadable_ends_instead_of_going_round_forever(tmp_path):
+    broken = []
+    for i in range(3):
+        broken.append(tmp_path / f"{i:05d}.tar")
+        broken[-1].write_bytes(b"not a tar at all" * 100)
+    batches = list(loader([str(p) for p in broken], counts=[10, 10, 10], batches=4, batch_size=5))
+    assert batches == []  # the feed then says which process ran out of data

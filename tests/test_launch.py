@@ -44,15 +44,19 @@ def wait_for_step(out: Path, proc: subprocess.Popen, deadline_s: float = 240) ->
     raise AssertionError(f"the job did not log a step (exit {proc.poll()})")
 
 
-def test_torchrun_forms_one_gloo_group_on_the_cpu(tiny_shards, tmp_path):
-    out = tmp_path / "run"
+def test_torchrun_forms_one_gloo_group_on_the_cpu(two_shards_of_16, tmp_path):
+    out, one = tmp_path / "run", tmp_path / "one"
+    common = ["--steps", "2", "--log-every", "1", "--set", "data.shuffle_buffer=0"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           *train_args(tiny_shards, out, "--steps", "2", "--log-every", "1")]  # fmt: skip
+           *train_args(two_shards_of_16, out, *common, "--batch-size", "16")]  # fmt: skip
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    single = subprocess.run([sys.executable, *train_args(two_shards_of_16, one, *common, "--batch-size", "32")], cwd=ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    rows, one_rows = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (out, one))
     assert [row["step"] for row in rows] == [1, 2]  # one record per step, not one per process
-    assert {row["global_batch"] for row in rows} == {16}  # 2 processes x 8, gathered
+    assert rows[0]["loss"] == pytest.approx(one_rows[0]["loss"], rel=1e-5)  # one loss over the gathered 2 x 16
     assert (out / "model.safetensors").is_file()
 
 
@@ -84,6 +88,20 @@ def test_a_killed_rank_or_launcher_ends_the_whole_job_and_leaves_nothing_running
         proc.wait()
 
 
+def test_a_process_that_fails_alone_says_so_with_its_rank(tiny_shards, tmp_path):
+    from mmcontrast import checkpoint as ck
+
+    out = tmp_path / "run"
+    cmd = [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", *train_args(tiny_shards, out, "--steps", "1")]  # fmt: skip
+    assert subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300).returncode == 0
+    last = out / "checkpoints" / "last"
+    (last / "random_states_1.pkl").write_bytes(b"damaged")
+    ck.write_manifest(last)  # a consistent manifest: only process 1, restoring its own RNG file, can notice
+    r = subprocess.run([*cmd[:-2], "--steps", "2", "--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "error: process 1: --resume: " in r.stderr and "random_states_1.pkl" in r.stderr, r.stderr[-2000:]
+
+
 def test_a_group_that_did_not_form_is_refused(monkeypatch):
     from mmcontrast.errors import UsageError
     from mmcontrast.launch import check_world
@@ -101,11 +119,12 @@ def test_a_group_that_did_not_form_is_refused(monkeypatch):
 def _dropout_rank(rank: int, port: int, shards: str, model_json: str, out_dir: str) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ACCELERATE_USE_CPU": "true"})  # fmt: skip
-    from mmcontrast.train import _set_up, config_from_args
+    from mmcontrast.train import _set_up_model, _set_up_processes, config_from_args
 
     cfg = config_from_args(["--config", TINY, "--train-shards", shards, "--output-dir", out_dir, "--steps", "1",
                             "--model", model_json, "--set", "log.trackers=[]"])  # fmt: skip
-    _, _, accelerator, task, _, _ = _set_up(cfg, Path(out_dir))
+    _, _, accelerator = _set_up_processes(cfg, Path(out_dir))
+    task, _, _ = _set_up_model(cfg, accelerator)
     model = task.model.train()
     images = torch.zeros(4, 3, 32, 32)  # the same input on both processes
     with torch.no_grad():

@@ -18,7 +18,8 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 def two_processes(shards, out: Path, *extra: str, launch: tuple = ("--cpu",)) -> subprocess.CompletedProcess:
-    cmd = [ACCELERATE, "launch", *launch, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    precision = () if "--mixed_precision" in launch else ("--mixed_precision", "no")
+    cmd = [ACCELERATE, "launch", *launch, "--num_processes", "2", "--num_machines", "1", *precision,
            "--dynamo_backend", "no", "-m", "mmcontrast.train", "--config", TINY, "--train-shards", str(shards),
            "--output-dir", str(out), "--batch-size", "8", "--log-every", "1", "--workers", "0",
            "--set", "data.shuffle_buffer=0", "--set", "log.diagnostics_every=0", *extra]  # fmt: skip
@@ -65,3 +66,9 @@ def test_accelerate_launch_use_fsdp_takes_the_same_path(tiny_shards, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fsdp: true" in (tmp_path / "run" / "config.yaml").read_text()
     assert (tmp_path / "run" / "checkpoints" / "last" / "sharded" / ".metadata").is_file()
+
+
+def test_fsdp_refuses_the_launchers_fp16(tiny_shards, tmp_path):
+    r = two_processes(tiny_shards, tmp_path / "run", "--steps", "1", "--set", "train.fsdp=true",
+                      launch=("--cpu", "--mixed_precision", "fp16"))  # fmt: skip
+    assert r.returncode != 0 and "train.fsdp runs in bf16 or float32" in r.stderr, r.stderr[-2000:]
