@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
-import http.client
 import itertools
-import logging
 import os
 import random
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +49,7 @@ import torch
 from data_tools.formats import IMAGE_FIELDS, TEXT_FIELD, ImageDecodeError, decode_image
 from mmcontrast.errors import UsageError
 from mmcontrast.shards import (
+    READ_FAILURES,
     READ_TIMEOUT,
     class_names,
     expand_shards,
@@ -62,8 +61,6 @@ from mmcontrast.shards import (
     stream_samples,
     warn_once,
 )
-
-log = logging.getLogger(__name__)
 
 READ_RETRIES = 3  # attempts after the first to read on in a remote shard that failed mid-read
 RETRY_DELAY = 1.0  # seconds before the first retry; doubled for each further one
@@ -230,11 +227,6 @@ class LoaderPosition:
 # ---------------------------------------------------------------- reading: samples of segments, with retries
 
 
-# What a read of a shard can raise when the shard, not our code, is at fault: a damaged tar, a dropped or
-# stalled connection, a failed command, a truncated stream (webdataset passes these on as they are).
-READ_FAILURES = (OSError, EOFError, ValueError, tarfile.TarError, http.client.HTTPException)
-
-
 class _SegmentReader:
     """The samples with an image of a reader's segments, from a position on; counts what was lost to damage.
 
@@ -336,7 +328,7 @@ class Decoder:
     class_to_index: dict[str, int] | None
     decode_size: int | None
 
-    @property
+    @functools.cached_property
     def two_stage(self) -> bool:  # a transform with sample() and finish() (augment.SimclrTransform) runs in two stages
         return callable(getattr(self.image_transform, "sample", None)) and callable(getattr(self.image_transform, "finish", None))
 

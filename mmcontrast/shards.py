@@ -23,6 +23,7 @@ import collections
 import concurrent.futures
 import contextlib
 import glob
+import http.client
 import io
 import itertools
 import json
@@ -62,6 +63,9 @@ SOURCE_SEPARATOR = "::"  # "A::B": several data sources, mixed by data.upsamplin
 REMOTE = re.compile(r"^(\w+://|pipe:)")
 CLOUD_COMMANDS = {"s3": "aws s3 cp {url} -", "gs": "gcloud storage cat {url}"}
 _WARNED: set[str] = set()  # damaged shards already reported by this process
+# What reading a shard can raise when the shard, not our code, is at fault: a damaged tar, a dropped or
+# stalled connection, a failed command, a truncated stream (webdataset passes these on as they are).
+READ_FAILURES = (OSError, EOFError, ValueError, tarfile.TarError, http.client.HTTPException)
 
 
 def is_remote(url: str) -> bool:
@@ -340,7 +344,7 @@ def check_fields(shards: list[str], need_text: bool, need_image: bool = True) ->
                 if has_fields(fields, need_image, need_text):
                     return
             readable += 1
-        except Exception as e:  # not a tar, truncated, unreadable
+        except READ_FAILURES as e:  # not a tar, truncated, unreadable
             unreadable.append(f"shard {shard} cannot be read as a tar file ({type(e).__name__}: {str(e)[:200]})")
             warn_once(f"unreadable:{shard}", "%s; it is passed over (data_tools.inspect lists the shards to re-create)",
                       unreadable[-1])
