@@ -386,3 +386,20 @@ def test_a_reader_whose_shards_are_all_unreadable_ends_instead_of_going_round_fo
         broken[-1].write_bytes(b"not a tar at all" * 100)
     batches = list(loader([str(p) for p in broken], counts=[10, 10, 10], batches=4, batch_size=5))
     assert batches == []  # the feed then says which process ran out of data
+
+
+def test_three_ranks_resumed_mid_epoch_still_see_every_sample_once(tmp_path):
+    """5 uneven shards (40, 40, 40, 40, 32 = 192) over 3 ranks, 8 batches of 8 each: a run stopped after a
+    different number of batches on each rank and resumed from its positions covers the epoch exactly once."""
+    shards = []
+    for i, n in enumerate((40, 40, 40, 40, 32)):
+        samples = [{"__key__": f"s{i}_{j:03d}", "jpg": jpeg(), "txt": b"a red square"} for j in range(n)]
+        shards.append(str(write_tar(tmp_path / f"{i:05d}.tar", samples)))
+    kw = {"world_size": 3, "workers": 2, "batch_size": 8, "batches": 8, "shuffle_buffer": 6}
+    seen = []
+    for rank, stop in ((0, 3), (1, 5), (2, 1)):
+        before = list(loader(shards, rank=rank, **kw))[:stop]  # what ran before the kill
+        after = list(loader(shards, rank=rank, position=consumed(before, 2), **kw))
+        assert len(before) + len(after) == 8
+        seen += keys(before + after)
+    assert len(seen) == 192 and len(set(seen)) == 192
