@@ -35,6 +35,24 @@ MIN_SIZE_FOR_BLUR = 64
 BLUR_SIGMA = (0.1, 2.0)
 FINISH_CHUNK_ELEMENTS = 1 << 20  # floats per slice of the batch in finish() (4 MiB): fewest op calls that stay cache-friendly
 
+# The view recipes of ``data.augment.preset``, per kind of image; explicit ``data.augment.*`` fields override them.
+# Each augmentation teaches the encoder to ignore what it changes: keep out of a recipe whatever carries the signal
+# (docs/simclr.md, "Choosing the views").
+PRESETS = {
+    # SimCLR's ImageNet recipe (Chen et al., 2020): objects in photos, where colour and scale are nuisances.
+    "natural": {"crop_scale": [0.08, 1.0], "hflip": 0.5, "vflip": 0.0, "rot90": False, "color_jitter": [0.4, 0.4, 0.4, 0.1],
+                "color_jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.5},
+    # Surfaces, fabrics, metals, microscopy: views that overlap (a texture's crops all look alike, so two small ones
+    # cannot be matched), any orientation, mild brightness/contrast (a global change of the texture's statistics is
+    # often the defect), no hue or saturation (the material's colour is signal), no blur (fine detail is).
+    "texture": {"crop_scale": [0.35, 1.0], "hflip": 0.5, "vflip": 0.5, "rot90": True, "color_jitter": [0.1, 0.1, 0.0, 0.0],
+                "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.0},
+    # Satellite, aerial and slide images: no "up", so every flip and rotation; scale jitter; brightness/contrast for
+    # sun and stain, no hue (vegetation, water and stain colours are signal).
+    "overhead": {"crop_scale": [0.2, 1.0], "hflip": 0.5, "vflip": 0.5, "rot90": True, "color_jitter": [0.3, 0.3, 0.1, 0.0],
+                 "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.2},
+}
+
 # columns of the per-image parameter row
 _JITTER, _ORDER, _FACTORS, _GRAY, _BLUR, _SIGMA = 0, slice(1, 5), slice(5, 9), 9, 10, 11
 N_PARAMS = 12
@@ -44,7 +62,8 @@ _GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 class SimclrTransform:
     """One random SimCLR view: PIL RGB image → (3, image_size, image_size) normalised float tensor.
 
-    RandomResizedCrop(``crop_scale``, bicubic) → horizontal flip (``hflip``) → colour jitter
+    RandomResizedCrop(``crop_scale``, bicubic) → horizontal flip (``hflip``) → vertical flip (``vflip``) → a
+    random multiple of 90° (``rot90``) → colour jitter
     (brightness, contrast, saturation, hue = ``color_jitter``, in a random order) with probability
     ``color_jitter_p`` → grayscale (``grayscale_p``) → Gaussian blur (kernel ≈ 10% of the side,
     σ ∈ [0.1, 2]) with probability ``blur_p``, off below 64 px → normalise with ``mean``/``std``.
@@ -62,6 +81,8 @@ class SimclrTransform:
         color_jitter_p: float = 0.8,
         grayscale_p: float = 0.2,
         blur_p: float = 0.5,
+        vflip: float = 0.0,
+        rot90: bool = False,
     ):
         self.image_size = image_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -69,6 +90,8 @@ class SimclrTransform:
         self.geometry = T.Compose([
             T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(p=hflip),
+            T.RandomVerticalFlip(p=vflip),
+            *([_RandomQuarterTurns()] if rot90 else []),
         ])  # fmt: skip
         b, c, s, h = color_jitter
         # the factor ranges of torchvision's ColorJitter(b, c, s, h)
@@ -189,6 +212,23 @@ def _gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.T
     y = F.conv2d(y, weights[:, None, None, :], groups=n * c)  # along the width
     y = F.conv2d(y, weights[:, None, :, None], groups=n * c)  # along the height
     return y.reshape(n, c, height, width)
+
+
+class _RandomQuarterTurns:
+    """Rotate a PIL image by 0, 90, 180 or 270 degrees, drawn from torch's RNG like the other steps (exact: no resampling)."""
+
+    _TURNS = (None, "ROTATE_90", "ROTATE_180", "ROTATE_270")
+
+    def __call__(self, image):
+        k = int(torch.randint(4, ()))
+        if k == 0:
+            return image
+        from PIL import Image
+
+        return image.transpose(getattr(Image.Transpose, self._TURNS[k]))
+
+    def __repr__(self) -> str:
+        return "RandomQuarterTurns()"
 
 
 def _to_rgb(image):

@@ -526,6 +526,10 @@ def _diagnose(args: argparse.Namespace) -> int:
     x, y, views = diagnostics.embed_shard_pairs(model, preprocess, tokenizer, shards, samples=args.samples, views=args.views,
                                                 batch_size=options["batch_size"], workers=options["workers"], seed=args.seed)
     metrics = diagnostics.health(x, y, views=views)
+    metrics.update(diagnostics.judge(metrics, int(x.shape[0]), views, args.min_rank_fraction))
+    if metrics["at_chance"]:
+        print(f"warning: positives are found {metrics['positive_accuracy']:.1%} of the time, under twice chance "
+              f"({metrics['chance_positive_accuracy']:.1%}): this encoder does not tell these samples apart", file=sys.stderr)
     for line in diagnostics.collapse_warnings(metrics, args.min_rank_fraction, args.min_std_ratio):
         print(f"warning: {line}", file=sys.stderr)
     result = {**metrics, "pairs": "two views" if views else "image-text", "n_samples": int(x.shape[0]),

@@ -48,15 +48,19 @@ class ModelConfig:
 
 @dataclass
 class AugmentConfig:
-    """SimCLR's augmentation recipe (Chen et al., 2020); used in simclr mode only."""
+    """SimCLR's views; used in simclr mode only. ``preset`` picks a recipe for a kind of image
+    (``augment.PRESETS``: natural | texture | overhead); a field set here overrides the preset's value."""
 
-    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
-    hflip: float = 0.5
-    color_jitter: list = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])
-    color_jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5  # switched off automatically for images under 64 px
-    image_size: int | None = None  # default: the encoder's input size
+    preset: str = "natural"
+    crop_scale: list | None = None  # RandomResizedCrop's area range
+    hflip: float | None = None  # probability of a horizontal flip
+    vflip: float | None = None  # probability of a vertical flip
+    rot90: bool | None = None  # a random multiple of 90 degrees
+    color_jitter: list | None = None  # brightness, contrast, saturation, hue
+    color_jitter_p: float | None = None
+    grayscale_p: float | None = None
+    blur_p: float | None = None  # switched off automatically for images under 64 px
+    image_size: int | None = None  # default: the encoder's input size (a timm encoder: 32)
 
 
 @dataclass
@@ -126,6 +130,7 @@ class LogConfig:
     diagnostics_samples: int = 256  # size of that batch
     min_rank_fraction: float = 0.05  # warn when the effective rank falls below this fraction of the dimension
     min_std_ratio: float = 0.1  # warn when the embedding std falls below this multiple of 1/sqrt(d)
+    chance_tolerance: float = 0.05  # health/at_chance: loss within this fraction of guessing's (and positives < 2x chance)
 
 
 @dataclass
@@ -285,6 +290,7 @@ def validate(cfg: Config) -> None:
     ):
         if value < 1:
             raise UsageError(f"{name} must be at least 1, got {value}")
+    resolve_augment(cfg.data.augment)
     if cfg.mode == "simclr" and cfg.train.batch_size * cfg.train.accum_steps < 2:
         raise UsageError("simclr needs at least 2 samples per step (negatives come from the batch)")
     if cfg.log.val_every is None:  # resolved here, so config.yaml records what ran
@@ -292,6 +298,8 @@ def validate(cfg: Config) -> None:
     for name in ("eval_every", "diagnostics_every", "val_every"):
         if getattr(cfg.log, name) < 0:
             raise UsageError(f"log.{name} must be 0 (off) or a number of steps, got {getattr(cfg.log, name)}")
+    if not 0 < cfg.log.chance_tolerance < 1:
+        raise UsageError(f"log.chance_tolerance is a fraction of the chance loss in (0, 1), got {cfg.log.chance_tolerance}")
     if cfg.log.val_every and not cfg.data.val_shards:
         raise UsageError("log.val_every needs held-out pairs: --val-shards PATTERN")
     if cfg.data.upsampling_factors is not None and not cfg.data.resampled:
@@ -304,6 +312,20 @@ def validate(cfg: Config) -> None:
         raise UsageError("log.eval_every needs log.eval_images: a folder of class subfolders")
     if cfg.log.eval_every and cfg.mode == "simclr" and not cfg.log.eval_train_images:
         raise UsageError("log.eval_every in simclr mode runs kNN: it needs log.eval_train_images (class subfolders) too")
+
+
+def resolve_augment(aug: AugmentConfig) -> None:
+    """Fill the augment fields left unset from ``aug.preset`` (so config.yaml records the recipe that ran)."""
+    # deferred: the recipes live beside the transform, which needs torch
+    from mmcontrast.augment import PRESETS
+
+    if aug.preset not in PRESETS:
+        raise UsageError(f"data.augment.preset must be one of {', '.join(PRESETS)}, got {aug.preset!r}")
+    for name, value in PRESETS[aug.preset].items():
+        if getattr(aug, name) is None:
+            setattr(aug, name, value)
+    if not 0 < aug.crop_scale[0] <= aug.crop_scale[1] <= 1:
+        raise UsageError(f"data.augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {aug.crop_scale}")
 
 
 def to_dict(cfg: Config) -> dict:

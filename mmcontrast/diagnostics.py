@@ -13,6 +13,13 @@ two views in SimCLR mode):
 * ``modality_gap`` — distance between the image and text centroids (Liang et al., 2022), CLIP mode.
 * ``positive_accuracy`` / ``positive_rank`` — is the positive the nearest of all candidates in the batch.
 
+Chance: ``chance_level`` is what guessing scores at global batch N (the loss of uniform logits and the
+positive accuracy of a random pick), ``at_chance`` says whether a run is still there (the loss within
+``CHANCE_TOLERANCE`` of guessing and positives found less than twice as often as by chance): a run can
+sit at chance for its whole length with every other monitor looking healthy, and its loss curve,
+auto-scaled, still seems to fall. ``Alarm`` says such a condition aloud once, and once more if it
+outlasts a quarter of the run.
+
 ``health`` bundles them; ``collapse_warnings`` turns them into warning lines; ``fixed_batch`` and
 ``batch_health`` measure them during training on a batch drawn once; ``embed_shard_pairs`` embeds positive
 pairs from shards for any checkpoint (``mmcontrast diagnose``).
@@ -177,6 +184,84 @@ def collapse_warnings(metrics: dict[str, float], min_rank_fraction: float, min_s
                 "they are converging to a point"
             )
     return lines
+
+
+def dimensionally_collapsed(metrics: dict[str, float], min_rank_fraction: float) -> bool:
+    """Whether ``health()``'s effective rank fraction (of any tower in CLIP mode) is below ``min_rank_fraction``."""
+    fractions = [v for k, v in metrics.items() if k.endswith("effective_rank_fraction")]
+    return any(f < min_rank_fraction for f in fractions)
+
+
+# ---------------------------------------------------------------- chance
+
+
+CHANCE_TOLERANCE = 0.05  # a loss within 5% of guessing's, with positives found under twice chance, is "at chance"
+
+
+def chance_level(loss_name: str, n: int) -> tuple[float, float]:
+    """(loss, positive accuracy) of guessing at global batch ``n``: every logit equal, the positive picked at random.
+
+    ``nt_xent``/``supcon`` (two views of n images): each of the 2n anchors has 2n − 1 candidates,
+    loss ln(2n − 1), accuracy 1/(2n − 1). ``clip``: n captions per image, ln n and 1/n. ``siglip``: the
+    best constant logit (σ(b) = 1/n) gives −ln(1/n) − (n − 1)·ln(1 − 1/n) per image, accuracy 1/n.
+    """
+    if n < 2:
+        raise ValueError(f"chance needs a batch of at least 2, got {n}")
+    if loss_name in ("nt_xent", "supcon"):
+        return math.log(2 * n - 1), 1.0 / (2 * n - 1)
+    if loss_name == "siglip":
+        return math.log(n) - (n - 1) * math.log1p(-1.0 / n), 1.0 / n
+    if loss_name == "clip":
+        return math.log(n), 1.0 / n
+    raise ValueError(f"no chance level for loss {loss_name!r}")
+
+
+def at_chance(loss: float, positive_accuracy: float, chance: tuple[float, float],
+              tolerance: float = CHANCE_TOLERANCE) -> bool:
+    """Whether a run is guessing: its loss at least (1 − ``tolerance``)·chance loss and its positive accuracy
+    below twice chance's. ``chance`` is ``chance_level``'s pair."""
+    chance_loss, chance_accuracy = chance
+    return loss >= (1.0 - tolerance) * chance_loss and positive_accuracy < 2.0 * chance_accuracy
+
+
+def chance_warning(step: int, loss: float, positive_accuracy: float, chance: tuple[float, float], advice: str) -> str:
+    """The warning line for a run at chance at ``step``, with what to try (``advice``, the mode's)."""
+    return (f"training is at chance at step {step}: loss {loss:.3f} against {chance[0]:.3f} for guessing, positives found "
+            f"{positive_accuracy:.1%} of the time (chance {chance[1]:.1%}); the encoder is not learning to tell samples "
+            f"apart. Try {advice}")
+
+
+def judge(metrics: dict[str, float], n: int, views: bool, min_rank_fraction: float) -> dict:
+    """Verdicts on ``health()``'s metrics of ``n`` pairs with no loss at hand (``mmcontrast diagnose``).
+
+    ``at_chance``: positives found less than twice as often as a random pick would (1/n, or 1/(2n − 1)
+    among two views); ``dimensional_collapse``: ``dimensionally_collapsed``.
+    """
+    chance_accuracy = 1.0 / (2 * n - 1) if views else 1.0 / n
+    return {"chance_positive_accuracy": chance_accuracy, "at_chance": metrics["positive_accuracy"] < 2 * chance_accuracy,
+            "dimensional_collapse": dimensionally_collapsed(metrics, min_rank_fraction)}
+
+
+class Alarm:
+    """Says a condition aloud: the first step it holds, and once more if it first held before a quarter of the run
+    and still holds past it (a warning early in a run can be the run finding its feet; past a quarter it is not)."""
+
+    def __init__(self, total_steps: int):
+        self.quarter = total_steps / 4
+        self.first: int | None = None  # the step it was first said
+        self.said_again = False
+
+    def due(self, step: int, holds: bool) -> bool:
+        """Whether to warn at ``step`` (``holds``: the condition's value there)."""
+        if not holds or self.said_again:
+            return False
+        if self.first is None:
+            self.first = step
+            return True
+        if self.first < self.quarter <= step:
+            self.said_again = True
+            return True
+        return False
 
 
 # ---------------------------------------------------------------- the trainer's fixed batch

@@ -215,7 +215,9 @@ class ImageEncoder(nn.Module):
             self.backbone = timm.create_model(spec["name"], pretrained=False, num_classes=0, **spec.get("timm_kwargs", {}))
             if spec.get("cifar_stem"):
                 _cifar_stem(self.backbone, spec["name"])
-            self.output_dim = self.backbone.num_features
+            # what the pooled forward returns: timm's head_hidden_size where a head layer follows the pooling
+            # (MobileNetV3: 576 features, 1024 out), else num_features
+            self.output_dim = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         else:
             from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
@@ -397,9 +399,13 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_image_encoder_weights(encoder: ImageEncoder, weights: str | Path) -> None:
-    """Load an exported backbone (or a training checkpoint of encoder + head) into ``encoder``."""
+    """Load an exported backbone, a training checkpoint of encoder + head, or (a timm encoder) weights in timm's own
+    layout (a classifier's ``timm_model.state_dict()``: its classification head is left out) into ``encoder``."""
     state = _load_weights_file(Path(weights))
     state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith("head.")}
+    if encoder.spec["source"] == "timm" and not any(k.startswith("backbone.") for k in state):
+        classifier = encoder.backbone.default_cfg.get("classifier", "fc") if hasattr(encoder.backbone, "default_cfg") else "fc"
+        state = {f"backbone.{k}": v for k, v in state.items() if k.split(".")[0] != classifier.split(".")[0]}
     try:
         encoder.load_state_dict(state)
     except RuntimeError as err:

@@ -35,6 +35,13 @@ RUN_PANELS = (
                                         ("val/view1_to_view2_R@1", "view→view R@1")]),
     ("eval accuracy", "linear", []),
 )
+# Reference levels drawn as dashed lines: panel → [(metrics.jsonl key, label)]. Guessing's loss and positive
+# accuracy: a run at chance plots a loss that, auto-scaled, seems to fall; beside this line it does not.
+PANEL_REFERENCES = {
+    "loss": [("health/chance_loss", "chance (guessing)")],
+    "positive accuracy": [("health/chance_positive_accuracy", "chance")],
+    "effective rank": [("health/collapse_rank", "collapse threshold")],
+}
 
 
 def _new_figure(width: float, height: float):
@@ -113,6 +120,10 @@ def run_curves_png(records: Sequence[Mapping], path: str | Path, title: str | No
     for ax, (name, scale, series) in zip(axes, panels):
         for label, steps, values in series:
             ax.plot(steps, values, label=label, marker="o" if len(steps) < 30 else None, markersize=3)
+        references = [(label, *_series(records, key)) for key, label in PANEL_REFERENCES.get(name, [])]
+        for label, steps, values in (r for r in references if r[1]):
+            ax.plot(steps, values, label=label, linestyle="--", color="0.4", linewidth=1)
+            series = [*series, (label, steps, values)]
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)

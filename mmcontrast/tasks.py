@@ -24,11 +24,17 @@ import torch
 from torch import nn
 
 from mmcontrast import losses, models
-from mmcontrast.config import Config, DataConfig, LogConfig, LossConfig, ModelConfig
+from mmcontrast.config import Config, DataConfig, LogConfig, LossConfig, ModelConfig, resolve_augment
 from mmcontrast.errors import UsageError
 
 Outputs = Sequence[torch.Tensor]  # (embedding a (n, d), embedding b (n, d), scalars such as logit_scale...)
 CAPTIONED_MODES = {"clip": True, "simclr": False}  # does the mode read captions
+CLIP_ADVICE = ("a lower learning rate or a longer warm-up (optim.lr, optim.warmup_steps), a larger global batch, and check "
+               "that the captions describe their images (python -m data_tools.inspect SHARDS)")
+SIMCLR_ADVICE = ("views that share more: data.augment.preset=texture (surfaces, microscopy) or overhead (aerial, slides), "
+                 "larger crops (data.augment.crop_scale=[0.35,1.0]), weaker colour jitter; more resolution "
+                 "(data.augment.image_size); another learning rate (optim.lr) or a higher loss.temperature; "
+                 "see docs/simclr.md")
 
 
 def needs_captions(mode: str) -> bool:
@@ -64,6 +70,8 @@ class Task:
     scalar_metrics: Callable[[nn.Module], dict] = _no_metrics  # per log step (temperature, logit bias)
     n_embeddings: int = 2  # outputs[:n_embeddings] are per-sample embeddings, the rest scalars
     pair_names: tuple[str, str] = ("image", "text")  # what the two embeddings are (validation metrics' names)
+    loss_name: str = "clip"  # which loss: its chance level (diagnostics.chance_level) is what guessing scores
+    advice: str = CLIP_ADVICE  # what to try when the run sits at chance
 
     @property
     def pairs_are_views(self) -> bool:
@@ -116,6 +124,7 @@ def clip_task(model: nn.Module, tokenizer: Callable, *, loss_name: str = "clip",
         tokenizer=tokenizer, train_transform=train_transform, health_transform=eval_transform,
         eval_transform=eval_transform, views=1, with_labels=False, health_pair=_image_text_embeddings,
         export=export or _nothing, evaluate=evaluate, clamp=clamp, scalar_metrics=_temperature_metrics,
+        loss_name=loss_name, advice=CLIP_ADVICE,
     )
 
 
@@ -177,7 +186,8 @@ def simclr_task(model: models.SimclrModel, *, loss_name: str = "nt_xent", temper
     return Task(
         model=model, inputs=_views, loss=loss, tokenizer=None, train_transform=transform, health_transform=transform,
         eval_transform=eval_transform, views=2, with_labels=loss_name == "supcon", health_pair=_backbone_embeddings,
-        export=export or _nothing, evaluate=evaluate, pair_names=("view1", "view2"),
+        export=export or _nothing, evaluate=evaluate, pair_names=("view1", "view2"), loss_name=loss_name,
+        advice=SIMCLR_ADVICE,
     )
 
 
@@ -192,9 +202,10 @@ def _build_simclr(model_cfg: ModelConfig, loss_cfg: LossConfig, loss_name: str, 
         encoder.backbone.set_grad_checkpointing(True)
     model = models.SimclrModel(encoder, model_cfg.proj_hidden_dim, model_cfg.proj_dim, batchnorm=model_cfg.proj_batchnorm)
     aug = data_cfg.augment
+    resolve_augment(aug)  # the preset's values where the config left fields unset (validate has done it for a run)
     transform = SimclrTransform(
         aug.image_size or spec["image_size"], spec["mean"], spec["std"], aug.crop_scale, aug.hflip,
-        aug.color_jitter, aug.color_jitter_p, aug.grayscale_p, aug.blur_p,
+        aug.color_jitter, aug.color_jitter_p, aug.grayscale_p, aug.blur_p, aug.vflip, aug.rot90,
     )
     eval_transform = models.image_eval_transform(spec)
 

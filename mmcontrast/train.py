@@ -282,8 +282,11 @@ class StepLog:
 
     def __init__(self, accelerator, task, log_cfg: LogConfig, warmup_steps: int, max_nonfinite_steps: int,
                  metrics_path: Path, trackers: bool, health_batch: Callable[[], dict], validate: Callable | None, progress,
-                 everyone_measures: bool = False):
+                 everyone_measures: bool = False, total_steps: int = 0):
+        from mmcontrast.diagnostics import Alarm
+
         self.accelerator, self.task, self.cfg, self.warmup_steps = accelerator, task, log_cfg, warmup_steps
+        self.chance_alarm, self.collapse_alarm = Alarm(total_steps), Alarm(total_steps)
         self.max_nonfinite_steps, self.metrics_path, self.trackers = max_nonfinite_steps, metrics_path, trackers
         self.make_health_batch, self.health_batch = health_batch, None  # drawn at the first health step, not at start-up
         self.validate, self.progress = validate, progress
@@ -355,13 +358,15 @@ class StepLog:
         if acc.is_main_process or self.everyone_measures:
             metrics = self._measurements(state.step, model, embeddings)
             record.update(metrics if acc.is_main_process else {})
+        if acc.is_main_process:
+            record.update(self._judge(record))
         self._emit(record)
         self.reset()
         return record
 
     def _measurements(self, step: int, model, embeddings: list[torch.Tensor]) -> dict:
         """Batch monitors, health, validation, evaluation: on the first process (on every one for a sharded model)."""
-        from mmcontrast.diagnostics import batch_health, batch_monitor, collapse_warnings
+        from mmcontrast.diagnostics import batch_health, batch_monitor
         from mmcontrast.distributed import local_only
         from mmcontrast.models import evaluating
 
@@ -370,9 +375,6 @@ class StepLog:
         if self._crossed(step, self.cfg.diagnostics_every):
             self.health_batch = self.health_batch or self.make_health_batch()
             health = batch_health(self.task.health_pair, model, self.health_batch, views=self.task.pairs_are_views)
-            if step > self.warmup_steps and self.accelerator.is_main_process:  # a fresh tower can look collapsed: after warmup
-                for line in collapse_warnings(health, self.cfg.min_rank_fraction, self.cfg.min_std_ratio):
-                    self.progress.write(f"warning: {line} (step {step})", file=sys.stderr)
             metrics.update({f"health/{k}": v for k, v in health.items()})
         if self._crossed(step, self.cfg.val_every):
             with evaluating(model), local_only():
@@ -381,6 +383,34 @@ class StepLog:
             with evaluating(model):
                 metrics.update(self.task.evaluate(model))
         return metrics
+
+    def _judge(self, record: dict) -> dict:
+        """Is the run guessing, or collapsed? ``health/chance_*`` always (what guessing scores at this global batch);
+        after warm-up (a fresh model is at chance) ``health/at_chance`` and, at health steps,
+        ``health/dimensional_collapse``, each said on stderr when first true and again if it lasts past a quarter of
+        the run."""
+        from mmcontrast import diagnostics as dg
+
+        step = record["step"]
+        chance = dg.chance_level(self.task.loss_name, record["global_batch"])
+        out = {"health/chance_loss": chance[0], "health/chance_positive_accuracy": chance[1]}
+        if step <= self.warmup_steps:
+            return out
+        out["health/at_chance"] = dg.at_chance(record["loss"], record["positive_accuracy"], chance, self.cfg.chance_tolerance)
+        if self.chance_alarm.due(step, out["health/at_chance"]):
+            line = dg.chance_warning(step, record["loss"], record["positive_accuracy"], chance, self.task.advice)
+            self.progress.write(f"warning: {line}", file=sys.stderr)
+        health = {k.removeprefix("health/"): v for k, v in record.items() if k.startswith("health/")}
+        if "effective_rank_fraction" in health:  # a health step
+            out["health/dimensional_collapse"] = dg.dimensionally_collapsed(health, self.cfg.min_rank_fraction)
+            if health["effective_rank_fraction"] > 0:  # the rank below which it warns, for the plot's line
+                scale = health["effective_rank"] / health["effective_rank_fraction"]
+                out["health/collapse_rank"] = self.cfg.min_rank_fraction * scale
+            lines = dg.collapse_warnings(health, self.cfg.min_rank_fraction, self.cfg.min_std_ratio)
+            if self.collapse_alarm.due(step, bool(lines)):
+                for line in lines:
+                    self.progress.write(f"warning: {line} (step {step})", file=sys.stderr)
+        return out
 
     def _emit(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -676,7 +706,7 @@ def _train(cfg: Config, output_dir: Path, sources, trackers: list, accelerator, 
 
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train", unit="step")
     log = StepLog(accelerator, task, cfg.log, cfg.optim.warmup_steps, cfg.train.max_nonfinite_steps, output_dir / METRICS_FILE,
-                  bool(trackers), health_batch, validate, progress, holding.everyone_measures)
+                  bool(trackers), health_batch, validate, progress, holding.everyone_measures, total_steps)
     _loop(_Run(cfg, output_dir, accelerator, task, holding, model, optimizer, unwrapped, state, feed, log, total_steps))
     weights = holding.full_weights(model)  # a sharded model's, gathered on the first process (every process takes part)
     if accelerator.is_main_process:

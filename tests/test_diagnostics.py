@@ -130,6 +130,48 @@ def test_health_and_warnings_for_healthy_and_collapsed_towers():
     assert dg.collapse_warnings(dg.health(x[:1].repeat(64, 1), x[:1].repeat(64, 1), views=True), 0.05, 0.2)
 
 
+# ---------------------------------------------------------------- chance
+
+
+@pytest.mark.parametrize("n", [2, 8, 100])
+def test_chance_levels_are_the_losses_of_guessing(n):
+    """Every embedding the same (every logit equal): each loss equals its chance level, positives are found at
+    chance's rate; for SigLIP at the bias that fits guessing best."""
+    from mmcontrast.losses import clip_loss, nt_xent_loss, siglip_loss, supcon_loss
+
+    same = unit([1.0, 0.0, 0.0]).repeat(n, 1)
+    clip, nt_xent, siglip = dg.chance_level("clip", n), dg.chance_level("nt_xent", n), dg.chance_level("siglip", n)
+    assert float(clip_loss(same, same, torch.tensor(10.0))) == pytest.approx(clip[0], rel=1e-6)
+    assert float(nt_xent_loss(same, same, temperature=0.3)) == pytest.approx(nt_xent[0], rel=1e-6)
+    labels = torch.arange(n)
+    assert float(supcon_loss(torch.stack([same, same], dim=1), labels)) == pytest.approx(dg.chance_level("supcon", n)[0], rel=1e-6)
+    best_bias = math.log(1 / (n - 1))  # sigmoid(b) = 1/n
+    assert float(siglip_loss(same, same, torch.tensor(0.0), torch.tensor(best_bias))) == pytest.approx(siglip[0], rel=1e-6)
+    for bias in (best_bias - 0.5, best_bias + 0.5):  # no constant does better
+        assert float(siglip_loss(same, same, torch.tensor(0.0), torch.tensor(bias))) > siglip[0]
+    assert dg.positive_accuracy(same, same, views=False) == pytest.approx(clip[1])
+    assert dg.positive_accuracy(same, same, views=True) == pytest.approx(nt_xent[1])
+
+
+def test_at_chance_needs_both_the_loss_and_the_accuracy_of_guessing():
+    chance = dg.chance_level("nt_xent", 128)  # ln 255 = 5.541, 1/255
+    assert dg.at_chance(5.53, 0.004, chance)  # the issue's run: loss 5.53, positives at 1/255
+    assert dg.at_chance(5.30, 0.007, chance)  # 4.4% below: still within the 5% tolerance
+    assert not dg.at_chance(5.20, 0.004, chance)  # 6% below chance: learning
+    assert not dg.at_chance(5.53, 0.01, chance)  # positives found 2.5x chance's rate: learning
+    assert not dg.at_chance(5.30, 0.004, chance, tolerance=0.03)
+
+
+def test_an_alarm_speaks_first_and_once_more_past_a_quarter_of_the_run():
+    alarm = dg.Alarm(total_steps=400)  # a quarter: step 100
+    said = [step for step in range(10, 401, 10) if alarm.due(step, holds=step >= 30)]
+    assert said == [30, 100]
+    late = dg.Alarm(total_steps=400)  # first true past the quarter: said once
+    assert [step for step in range(10, 401, 10) if late.due(step, holds=step >= 200)] == [200]
+    never = dg.Alarm(total_steps=400)
+    assert not any(never.due(step, holds=False) for step in range(10, 401, 10))
+
+
 # ---------------------------------------------------------------- real runs and the commands
 
 
@@ -164,12 +206,18 @@ def collapsed_run(tiny_shards, tmp_path_factory) -> tuple[Path, str]:
 
 
 def test_a_collapsed_run_warns(collapsed_run):
+    """A collapsed encoder is also at chance: the loss is exactly guessing's; each alarm is said once in 4 steps."""
     run_dir, stderr = collapsed_run
-    assert "warning: dimensional collapse" in stderr and "warning: collapse of the embeddings" in stderr
+    assert stderr.count("warning: dimensional collapse") == 1 and stderr.count("warning: collapse of the embeddings") == 1
+    assert stderr.count("warning: training is at chance") == 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     health = [r for r in rows if "health/effective_rank" in r]
     assert len(health) == 2
     assert all(r["health/effective_rank"] < 1.01 and r["health/embedding_std"] < 1e-4 for r in health)
+    for row in rows:
+        assert row["health/at_chance"] is True and row["health/dimensional_collapse"] is True
+        assert row["health/chance_loss"] == pytest.approx(math.log(2 * 16 - 1))
+        assert row["loss"] == pytest.approx(row["health/chance_loss"], rel=1e-4)
 
 
 def test_plot_writes_a_png_of_the_run(clip_run, tmp_path, capsys):
@@ -202,6 +250,7 @@ def test_diagnose_prints_health_of_a_clip_checkpoint(clip_run, tiny_shards, tmp_
                 "embedding_std", "positive_accuracy", "positive_rank", "modality_gap", "image_effective_rank"):
         assert math.isfinite(result[key]), key
     assert result["pairs"] == "image-text" and result["n_samples"] == 40 and result["dim"] == 64
+    assert result["chance_positive_accuracy"] == pytest.approx(1 / 40) and result["at_chance"] in (True, False)
     assert 0 <= result["alignment"] <= 4 and -4 <= result["uniformity"] <= 0
 
 
@@ -213,7 +262,9 @@ def test_diagnose_an_image_only_encoder_uses_two_views_and_warns(collapsed_run, 
     result = json.loads(captured.out)
     assert result["pairs"] == "two views" and "modality_gap" not in result
     assert result["effective_rank"] == pytest.approx(1.0, abs=0.01)
-    assert "warning: dimensional collapse" in captured.err
+    assert result["at_chance"] is True and result["dimensional_collapse"] is True
+    assert result["chance_positive_accuracy"] == pytest.approx(1 / 47)  # 24 images, two views: 47 candidates
+    assert "warning: dimensional collapse" in captured.err and "under twice chance" in captured.err
     assert main(["diagnose", "--checkpoint", str(run_dir), "--shards", str(tiny_shards), "--samples", "1"]) == 2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -212,11 +213,15 @@ LEARNING_STEPS = 120
 MARGIN = 0.08  # a clear margin, with room for other platforms' float and decode differences
 
 
-def _digits_example():
-    spec = importlib.util.spec_from_file_location("digits_simclr", ROOT / "examples" / "digits_simclr" / "run.py")
+def _example(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _digits_example():
+    return _example("digits_simclr", ROOT / "examples" / "digits_simclr" / "run.py")
 
 
 def _probe_top1(checkpoint: Path, data: Path) -> float:
@@ -245,3 +250,42 @@ def test_simclr_features_beat_a_random_encoder_on_digits(tmp_path):
     simclr, random_init = _probe_top1(run_dir, data), _probe_top1(tmp_path / "random", data)
     print(f"linear probe on 359 held-out digits: SimCLR {simclr:.1%}, random init {random_init:.1%}")
     assert simclr >= random_init + MARGIN, (simclr, random_init)
+    # a learning run is never flagged: every record after warm-up says it is not at chance, and nothing is said
+    judged = [r for r in metrics(run_dir) if "health/at_chance" in r]
+    assert judged and not any(r["health/at_chance"] for r in judged), [(r["step"], r["loss"]) for r in judged]
+    assert "at chance" not in r.stderr
+
+
+# ---------------------------------------------------------------- not learning, said aloud (real photos)
+
+
+def test_the_tiny_recipe_on_real_texture_photos_is_flagged_at_chance_early(tmp_path):
+    """The failing run of issue 21 on real photos no one here made: scikit-image's photo of gravel cut into 96 px
+    crops (a texture: every crop looks alike) and the 32 px smoke-test config. Its loss stays within a few percent
+    of guessing's; the flag is up and the warning said before 30% of the steps."""
+    import numpy as np
+    from PIL import Image
+
+    from data_tools import make_shards
+
+    real_data = _example("real_data", ROOT / "examples" / "real_data.py")
+    folder = tmp_path / "photos" / "gravel"
+    folder.mkdir(parents=True)
+    for i, crop in enumerate(real_data.crops(real_data.photo("gravel"), 256, 96, held_out=False, rng=np.random.default_rng(0))):
+        Image.fromarray(crop).convert("RGB").save(folder / f"{i:04d}.png")
+    assert make_shards.main([str(tmp_path / "photos"), str(tmp_path / "shards"), "--shard-size", "128", "--workers", "1"]) == 0
+    steps = 60
+    r = run(train_cmd(tmp_path / "shards", tmp_path / "run", "--steps", str(steps), "--batch-size", "64", "--log-every", "3",
+                      "--set", "optim.warmup_steps=6", "--set", "log.diagnostics_every=0"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(tmp_path / "run")
+    judged = [row for row in rows if "health/at_chance" in row]
+    assert [row["step"] for row in judged] == list(range(9, steps + 1, 3))  # every record after warm-up
+    flagged = [row["step"] for row in judged if row["health/at_chance"]]
+    assert flagged and flagged[0] <= 0.3 * steps, flagged
+    assert len(flagged) >= len(judged) // 2, flagged  # it stays there
+    chance = math.log(2 * 64 - 1)
+    assert all(row["health/chance_loss"] == pytest.approx(chance) for row in rows)
+    assert all(row["loss"] > 0.95 * chance for row in judged)
+    said = [line for line in r.stderr.splitlines() if "training is at chance" in line]
+    assert 1 <= len(said) <= 2 and f"at step {flagged[0]}:" in said[0] and "data.augment.preset=texture" in said[0]

