@@ -1,11 +1,13 @@
 """Command-line tools that prepare and check webdataset shards.
 
-- ``python -m data_tools.make_shards INPUT OUTPUT_DIR``: folders of images and captions to shards.
+- ``python -m data_tools.make_shards INPUT OUTPUT_DIR``: folders of images and captions (or images alone,
+  ``--layout images``) to shards.
 - ``python -m data_tools.inspect OUTPUT_DIR`` (alias ``data_tools.verify``): counts, caption and size
   statistics, and a check that every shard opens and every sample decodes.
 
 make_shards' pieces, one concern each: ``inputs`` (finding the samples, streamed in sorted order),
-``manifest`` (the listing saved in OUTPUT_DIR), ``samples`` (checking and encoding one input), ``output``
+``shuffle`` (the seeded order that spreads them over the shards), ``manifest`` (the listing saved in
+OUTPUT_DIR), ``samples`` (checking and encoding one input), ``output``
 (writing one shard; which files in OUTPUT_DIR are ours), ``engines`` (the local pool or Ray). ``formats``
 holds the names every tool shares.
 

@@ -1,14 +1,21 @@
 """Finding the samples of INPUT, streamed in a fixed order: make_shards' listing.
 
-Owns: the three layouts of INPUT (``sidecar``, ``captions``, ``classes``), the order of the samples (sorted
-relative path; a captions file's row order), their keys (``make_key``), and how labels become integer
-``label_index`` values (``Labels``). Does not own reading or checking the files themselves (``samples``) or
-where the listing is stored (``manifest``).
+Owns: the four layouts of INPUT (``sidecar``, ``captions``, ``classes``, and ``images``: image-only, no
+captions), the order of the samples (sorted relative path; a captions file's row order), their keys
+(``make_key``), which folders the walk enters (symlinks included), and how labels become integer
+``label_index`` values (``Labels``). Does not own reading or checking the files themselves (``samples``),
+where the listing is stored (``manifest``) or how it is spread over the shards (``shuffle``).
 
 The walk never holds the whole listing: it visits folders depth first, each folder's entries sorted with
 ``name/`` as a folder's sort key, which yields every file in the order of its sorted relative path. Memory is
 bounded by the largest single folder. A captions file is read row by row; only a count per distinct path is
 kept (to give a file listed twice two different keys).
+
+Symlinks: a symlinked file is listed like any file (``samples`` skips it as ``symlink_outside_input`` when it
+points outside INPUT, unless ``--follow-symlinks``). A symlinked folder that points outside INPUT is entered
+and its images listed, so that they are counted (and read with ``--follow-symlinks``), never passed over in
+silence; one that points inside INPUT is not entered (its files are listed under their own path already),
+nor is a folder the walk is already inside (a symlink loop).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from data_tools.formats import IMAGE_EXTENSIONS, is_image_file
 
 DEFAULT_CLASS_TEMPLATE = "a photo of a {}."
-LAYOUTS = ("auto", "sidecar", "captions", "classes")
+LAYOUTS = ("auto", "sidecar", "captions", "classes", "images")
 # --layout auto decides on the images seen so far once this many are undecided (sidecar needs one image
 # with a same-stem .txt among them); below it, it looks at every image, as a full listing would.
 AUTO_LAYOUT_LOOKAHEAD = 100_000
@@ -105,8 +112,16 @@ class Labels:
 # ---------------------------------------------------------------- the walk
 
 
-def _scan(folder: str) -> list[tuple[str, bool]]:
-    """Sorted non-hidden (name, is_folder) entries of ``folder``; symlinked folders are left out, not entered."""
+def is_inside(real: str, root_real: str) -> bool:
+    """Whether the resolved path ``real`` is ``root_real`` or lies under it (both ``os.path.realpath``-ed)."""
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def _scan(folder: str, root_real: str, walked: frozenset[str]) -> list[tuple[str, str | None]]:
+    """Sorted non-hidden entries of ``folder``: (name, None) for a file, (name, real path) for a folder to enter.
+
+    Left out: a symlinked folder that points inside INPUT (listed under its own path), and a folder the walk
+    is already inside (``walked``: the real paths from INPUT down to here; a symlink loop)."""
     entries = []
     try:
         with os.scandir(folder) as it:
@@ -117,32 +132,39 @@ def _scan(folder: str) -> list[tuple[str, bool]]:
                     is_dir = entry.is_dir()
                 except OSError:
                     is_dir = False
-                if not is_dir or not entry.is_symlink():
-                    entries.append((entry.name, is_dir))
+                if not is_dir:
+                    entries.append((entry.name, None))
+                    continue
+                real = os.path.realpath(entry.path)
+                if real not in walked and not (entry.is_symlink() and is_inside(real, root_real)):
+                    entries.append((entry.name, real))
     except OSError:  # an unreadable folder is passed over, as os.walk does
         return []
     # "name/" as a folder's key: the walk then lists relative paths in plain sorted-string order
     return sorted(entries, key=lambda e: e[0] + "/" if e[1] else e[0])
 
 
-def walk_files(
-    root: str, on_folder: Callable[[int], None] = lambda n: None, rel: str = ""
-) -> Iterator[tuple[str, list[str], set[str]]]:
+def walk_files(root: str, on_folder: Callable[[int], None] = lambda n: None) -> Iterator[tuple[str, list[str], set[str]]]:
     """Runs of files under ``root`` in sorted relative-path order: (folder relative to root, POSIX; a run of
     its file names; all file names of that folder, for finding siblings). ``on_folder(n)`` is called with each
     folder's entry count (listing progress)."""
-    entries = _scan(os.path.join(root, rel) if rel else root)
+    root_real = os.path.realpath(root)
+    yield from _walk(root, on_folder, "", root_real, frozenset([root_real]))
+
+
+def _walk(root: str, on_folder: Callable[[int], None], rel: str, root_real: str, walked: frozenset[str]):
+    entries = _scan(os.path.join(root, rel) if rel else root, root_real, walked)
     on_folder(len(entries))
-    names = {name for name, is_dir in entries if not is_dir}
+    names = {name for name, real in entries if real is None}
     run: list[str] = []
-    for name, is_dir in entries:
-        if not is_dir:
+    for name, real in entries:
+        if real is None:
             run.append(name)
             continue
         if run:
             yield rel, run, names
             run = []
-        yield from walk_files(root, on_folder, posixpath.join(rel, name) if rel else name)
+        yield from _walk(root, on_folder, posixpath.join(rel, name) if rel else name, root_real, walked | {real})
     if run:
         yield rel, run, names
 
@@ -170,6 +192,8 @@ class Listing:
             raise ArgumentError(f"unknown --layout {layout!r}; use {', '.join(LAYOUTS)}")
         if layout == "captions" and not captions:
             raise ArgumentError("--layout captions needs --captions FILE")
+        if layout == "images" and captions:
+            raise ArgumentError("--layout images writes image-only shards and reads no --captions FILE; drop one of the two")
         self.root, self.captions, self.class_template, self.on_folder = root, captions, class_template, on_folder
         self.layout = "captions" if captions else layout
         self.labels = Labels()
@@ -222,18 +246,19 @@ class Listing:
         """No image has a caption file: class folders if images sit in subfolders, else nothing to go on."""
         if not any(rel for rel, _, _ in images):
             raise ArgumentError(
-                f"INPUT {self.root} has images but no captions: put a .txt beside each image, "
-                "pass --captions FILE, or sort the images into class subfolders"
+                f"INPUT {self.root} has images but no captions: put a .txt beside each image, pass --captions FILE, "
+                "sort the images into class subfolders, or pass --layout images for image-only shards (--mode simclr)"
             )
         self.layout = "classes"
         self._check_template()
 
     def _folder_item(self, rel: str, name: str, names: set[str]) -> Item:
         path = posixpath.join(rel, name) if rel else name
-        if self.layout == "sidecar":
+        if self.layout in ("sidecar", "images"):
             stem = posixpath.splitext(name)[0]
             sibling = {ext: posixpath.join(rel, stem + ext) if stem + ext in names else None for ext in (".txt", ".json")}
-            return Item(path, make_key(path), caption_path=sibling[".txt"], meta_path=sibling[".json"])
+            caption_path = sibling[".txt"] if self.layout == "sidecar" else None
+            return Item(path, make_key(path), caption_path=caption_path, meta_path=sibling[".json"])
         if not rel:
             return Item(path, make_key(path), reason="no_class_folder")
         folder = rel.split("/", 1)[0]

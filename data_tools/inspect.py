@@ -1,7 +1,9 @@
 """Check and summarise finished shards: ``python -m data_tools.inspect OUTPUT_DIR`` (alias ``data_tools.verify``).
 
-Owns: counts (shards, samples, fields, labels), caption length statistics, an image size histogram, and
-a full check that every shard opens and every sample decodes (image, UTF-8 caption, JSON), compared with
+Owns: counts (shards, samples, fields, labels), caption length statistics (or the verdict that the shards are
+image-only: no sample has a caption, as ``make_shards --layout images`` writes them for ``--mode simclr``), an
+image size histogram, and a full check that every shard opens and every sample decodes (image, UTF-8
+caption when there is one, JSON), compared with
 the per-shard counts in ``stats.json`` (or each shard's ``NNNNN_stats.json``) when present. A report with
 problems ends with the line ``fix or re-create: 00003.tar, ...`` naming every shard that has one. Exit 0
 when all is well, 1 when a problem was found, 2 for unusable arguments. Does not own writing shards
@@ -83,6 +85,7 @@ def _check_sample(sample: dict, decode: bool, report: dict) -> str | None:
     except Exception as e:
         return f"{image_field} does not decode ({type(e).__name__}: {e})"
     if TEXT_FIELD in sample:
+        report["captioned"] += 1
         try:
             caption = sample[TEXT_FIELD].decode("utf-8")
         except UnicodeDecodeError:
@@ -117,7 +120,7 @@ def _expected_counts(shards: list[str]) -> dict[str, int]:
 def inspect_shards(shards: list[str], decode: bool = True) -> dict:
     """Read every sample of ``shards``; returns the report (counts, statistics, problems)."""
     report = {
-        "fields": Counter(), "sizes": [], "caption_chars": [], "caption_words": [], "labels": Counter(),
+        "fields": Counter(), "sizes": [], "captioned": 0, "caption_chars": [], "caption_words": [], "labels": Counter(),
         "per_shard": {}, "problems": [], "bad_shards": [],
     }
     expected = _expected_counts(shards)
@@ -156,15 +159,25 @@ def _histogram(sizes: list[int]) -> list[tuple[str, int]]:
     return rows[nonzero[0] : nonzero[-1] + 1] if nonzero else []
 
 
+def _captions(captioned: int, samples: int) -> str:
+    if not samples:
+        return "none"
+    if not captioned:
+        return "none: image-only shards (KEY.<image> + KEY.json), for --mode simclr; clip mode needs KEY.txt"
+    return "every sample" if captioned == samples else f"{captioned} of {samples} samples (the others are image-only)"
+
+
 def format_report(report: dict, source: str) -> str:
     samples = sum(report["per_shard"].values())
     lines = [
         f"shards        {len(report['per_shard'])}  ({source})",
         f"samples       {samples}",
         "fields        " + ", ".join(f"{k} {v}" for k, v in sorted(report["fields"].items())),
-        f"caption chars {_describe(report['caption_chars'])}",
-        f"caption words {_describe(report['caption_words'])}",
+        f"captions      {_captions(report['captioned'], samples)}",
     ]
+    if report["captioned"]:
+        lines.append(f"caption chars {_describe(report['caption_chars'])}")
+        lines.append(f"caption words {_describe(report['caption_words'])}")
     if report["labels"]:
         top = ", ".join(f"{k} {v}" for k, v in report["labels"].most_common(5))
         lines.append(f"labels        {len(report['labels'])} distinct; most common: {top}")
@@ -199,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = inspect_shards(shards, decode=not args.no_decode)
     if args.json:
+        samples = sum(report["per_shard"].values())
         summary = {
-            "shards": len(shards), "samples": sum(report["per_shard"].values()), "fields": dict(report["fields"]),
+            "shards": len(shards), "samples": samples, "fields": dict(report["fields"]),
+            "captioned": report["captioned"], "image_only": samples > 0 and not report["captioned"],
             "caption_chars": _describe(report["caption_chars"]), "image_sizes": dict(_histogram(report["sizes"])),
             "labels": len(report["labels"]), "problems": report["problems"], "fix_or_recreate": report["bad_shards"],
         }

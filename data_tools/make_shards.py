@@ -3,13 +3,15 @@
 Owns: the command line, and the order of a run: claim OUTPUT_DIR (refuse a folder that holds files unless
 ``--resume`` or ``--overwrite``; never touch files make_shards did not write), list INPUT once into the
 manifest (``manifest``), write the shards that are missing on an engine (``engines``: the local pool or Ray;
-``--part I/N`` writes only every N-th), and, when every shard is done, ``stats.json`` and ``sizes.json``.
+``--part I/N`` writes only every N-th), and, when every shard is done, ``stats.json`` and ``sizes.json`` — or,
+when no sample was written, exit 2 naming the main skip reason and what to do (``SKIP_ADVICE``).
 
-The pieces: ``inputs`` finds the samples (three layouts), ``samples`` checks and encodes one input,
-``output`` writes one shard and knows which files are ours. Shard *i* is a pure function of manifest rows
-``[i*S, (i+1)*S)`` and the settings, so every engine, worker count, part split and resume writes the same
-bytes. Tars are written with ``tarfile`` in webdataset's layout (what ``webdataset.TarWriter`` writes, with
-fixed header fields): importing webdataset would import torch, seconds of start-up for a data-only tool.
+The pieces: ``inputs`` finds the samples (four layouts), ``shuffle`` spreads them over the shards (a seeded
+order), ``samples`` checks and encodes one input, ``output`` writes one shard and knows which files are ours.
+Shard *i* is a pure function of manifest rows ``[i*S, (i+1)*S)`` and the settings, so every engine, worker
+count, part split and resume writes the same bytes. Tars are written with ``tarfile`` in webdataset's layout
+(what ``webdataset.TarWriter`` writes, with fixed header fields): importing webdataset would import torch,
+seconds of start-up for a data-only tool.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_tools.engines import WorkerDied, check_ray_address, ray_session, run_local, run_ray
-from data_tools.formats import MANIFEST_FILE, SIZES_FILE, STATS_FILE
+from data_tools.formats import IMAGE_EXTENSIONS, MANIFEST_FILE, SIZES_FILE, STATS_FILE
 from data_tools.inputs import DEFAULT_CLASS_TEMPLATE, LAYOUTS, ArgumentError, Listing
 from data_tools.manifest import read_header, shard_rows, write_manifest
 from data_tools.output import (
@@ -44,6 +46,23 @@ from data_tools.samples import Settings
 
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_LOCAL_WORKERS = min(4, os.cpu_count() or 1)
+# What to do when no sample was written and this is the main skip reason (the message names it and its count).
+SKIP_ADVICE = {
+    "symlink_outside_input": "the images are symlinks to files outside INPUT; pass --follow-symlinks to read them",
+    "missing_caption": "the images have no caption; put a .txt beside each image, pass --captions FILE, "
+                       "or pass --layout images for image-only shards (--mode simclr)",
+    "no_class_folder": "the images are not in class subfolders; sort them into subfolders named after their "
+                       "class, or pass --layout images for image-only shards (--mode simclr)",
+    "caption_not_utf8": "the caption files are not UTF-8; save them as UTF-8",
+    "missing_file": "the --captions rows name files that are not in INPUT; filepath must be relative to INPUT",
+    "path_outside_input": "the --captions rows name paths outside INPUT; filepath must be relative to INPUT",
+    "zero_byte": "the image files are empty (0 bytes); copy them again",
+    "corrupt_image": "the images are truncated or corrupt; copy them again",
+    "not_an_image": f"the files are not images ({', '.join(IMAGE_EXTENSIONS)}) whatever their names say",
+    "decompression_bomb": "the images have more pixels than --max-pixels; raise it",
+    "unreadable_file": "the files cannot be read; check their permissions",
+    "not_a_file": "the image names are not regular files",
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------- command line
@@ -66,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m data_tools.make_shards",
         description="Convert a folder of images and captions into webdataset shards (00000.tar, ...).",
     )
-    p.add_argument("input", metavar="INPUT", help="folder of images (sidecar .txt captions, --captions, or class subfolders)")
+    p.add_argument("input", metavar="INPUT", help="folder of images (sidecar .txt captions, --captions, class subfolders, "
+                                                  "or image-only with --layout images)")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="where 00000.tar ... and stats.json are written")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="inputs per shard (default %(default)s)")
     p.add_argument(
@@ -75,7 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--captions", default=None, help="CSV/TSV (filepath,caption columns) or JSONL with paths relative to INPUT")
     p.add_argument("--class-template", default=DEFAULT_CLASS_TEMPLATE, help="caption for class subfolders (default %(default)r)")
-    p.add_argument("--layout", default="auto", choices=LAYOUTS, help="force an INPUT layout")
+    p.add_argument(
+        "--layout", default="auto", choices=LAYOUTS,
+        help="INPUT's layout (default auto: sidecar if an image has a .txt, else classes); images: image-only shards",
+    )  # fmt: skip
+    p.add_argument("--follow-symlinks", action="store_true", help="read the files of symlinks that point outside INPUT "
+                                                                  "(default: skip and count them)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order that spreads the inputs over the shards "
+                                                       "(default %(default)s)")
     p.add_argument(
         "--workers", type=int, default=None,
         help=f"processes that decode/encode (default {DEFAULT_LOCAL_WORKERS}; with --engine ray, the CPUs of a local cluster, default all)",
@@ -102,6 +129,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
     for name in ("shard_size", "workers", "max_pixels", "max_image_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seed < 0:
+        raise ArgumentError("--seed must be 0 or more")
     if args.ray_address and args.engine != "ray":
         raise ArgumentError("--ray-address needs --engine ray")
     if args.part and args.overwrite:
@@ -157,6 +186,8 @@ def _request(args: argparse.Namespace) -> dict:
         "shard_size": args.shard_size,
         "max_image_size": args.max_image_size,
         "max_pixels": args.max_pixels,
+        "follow_symlinks": args.follow_symlinks,
+        "seed": args.seed,
     }
 
 
@@ -189,6 +220,8 @@ def _run_settings(header: dict) -> dict:
         "shard_size": request["shard_size"],
         "max_image_size": request["max_image_size"],
         "max_pixels": request["max_pixels"],
+        "follow_symlinks": request["follow_symlinks"],
+        "seed": request["seed"],
     }
 
 
@@ -221,7 +254,8 @@ def _write_missing_shards(args: argparse.Namespace, header: dict) -> dict[int, d
     mine = {s for s in range(n_shards) if args.part is None or s % args.part[1] == args.part[0]}
     stats = {s: _counts(st) for s in sorted(mine) if (st := completed_shard(out, s, run)) is not None}
     _remove_stale(out, n_shards, mine, set(stats), whole_run=args.part is None)
-    settings = Settings(os.path.realpath(args.input), args.max_image_size, args.max_pixels)
+    image_only = header["layout"] == "images"
+    settings = Settings(os.path.realpath(args.input), args.max_image_size, args.max_pixels, image_only, args.follow_symlinks)
     ctx = ShardContext(out, settings, run, header["classes"])
     jobs = ((s, lines) for s, lines in shard_rows(os.path.join(out, MANIFEST_FILE), size) if s in mine and s not in stats)
     if args.engine == "ray":
@@ -259,12 +293,33 @@ def _convert(args: argparse.Namespace, created: bool) -> dict | None:
     if args.part:
         return None
     stats = summarise([shard_stats[s] for s in sorted(shard_stats)], _run_settings(header))
+    if not stats["written"]:
+        _remove_empty_output(args.output_dir, created)
+        raise ArgumentError(_nothing_written(stats))
     stats["layout"] = header["layout"]
     if header["classes"] is not None:
         stats["classes"] = header["classes"]
     write_json_atomic(os.path.join(args.output_dir, SIZES_FILE), {s["name"]: s["samples"] for s in stats["shards"]})
     write_json_atomic(os.path.join(args.output_dir, STATS_FILE), stats)
     return stats
+
+
+def _remove_empty_output(output_dir: str, created: bool) -> None:
+    """Shards without a sample are of no use, and a second run should not need --overwrite: remove ours."""
+    remove(output_dir, scan(output_dir)[0])
+    if created and not os.listdir(output_dir):
+        os.rmdir(output_dir)
+
+
+def _nothing_written(stats: dict) -> str:
+    """One line: the main skip reason, its count, and what to do about it."""
+    reasons = sorted(stats["skipped_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))
+    if not reasons:
+        return "wrote no samples: INPUT listed no inputs; point it at a folder of images"
+    (main, count), others = reasons[0], ", ".join(f"{k} {v}" for k, v in reasons[1:])
+    advice = SKIP_ADVICE.get(main, "see the skip reasons in docs/data.md")
+    return (f"wrote no samples: {count} of {stats['seen']} inputs were skipped as {main}"
+            f"{f' (also {others})' if others else ''}; {advice}")  # fmt: skip
 
 
 def _report(args: argparse.Namespace, stats: dict | None) -> str:
@@ -275,8 +330,9 @@ def _report(args: argparse.Namespace, stats: dict | None) -> str:
         return (f"part {i}/{n} done in {args.output_dir}; when every part has finished, run the same command with "
                 "--resume instead of --part: it writes what is missing and stats.json")  # fmt: skip
     reasons = ", ".join(f"{k} {v}" for k, v in stats["skipped_reasons"].items())
+    image_only = "image-only (for --mode simclr) " if stats["layout"] == "images" else ""
     return (
-        f"wrote {stats['written']} samples in {len(stats['shards'])} shards to {args.output_dir}"
+        f"wrote {stats['written']} {image_only}samples in {len(stats['shards'])} shards to {args.output_dir}"
         f" (seen {stats['seen']}, skipped {stats['skipped']}{': ' + reasons if reasons else ''})"
     )
 

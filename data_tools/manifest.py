@@ -1,13 +1,15 @@
 """The manifest ``OUTPUT_DIR/_manifest.jsonl.gz``: INPUT's listing, written once, read by every executor.
 
-Owns: writing the listing (streamed, atomically, byte-identical for the same INPUT and settings), its
-header (what the command asked for, the layout found, the class names, the row count and a fingerprint of
-the rows), and reading it back a shard's rows at a time. Shard *i* is rows ``[i*S, (i+1)*S)``. Does not own
-finding the inputs (``inputs``) or writing shards (``output``).
+Owns: writing the listing (streamed, atomically, byte-identical for the same INPUT and settings) in shard
+order, its header (what the command asked for, ``--seed`` included, the layout found, the class names, the
+row count and a fingerprint of the sorted listing), and reading it back a shard's rows at a time. Shard *i*
+is rows ``[i*S, (i+1)*S)`` of the file. Does not own finding the inputs (``inputs``), the seeded order of
+the rows (``shuffle``) or writing shards (``output``).
 
 The file is gzip-compressed JSON lines: the header line, then one ``Item`` row per input. It is two gzip
-members (header, rows), so the rows can be streamed to disk before the header, which needs their count
-and fingerprint, is known; ``gzip``, ``zcat`` and ``pandas.read_json(lines=True)`` read it as one stream.
+members (header, rows): the listing is streamed to a temporary file first (its count and fingerprint, which
+the header needs, are known at the end), then rearranged into shard order behind the header; ``gzip``,
+``zcat`` and ``pandas.read_json(lines=True)`` read it as one stream.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import socket
 from collections.abc import Iterator
 
 from data_tools.formats import MANIFEST_FILE
 from data_tools.inputs import ArgumentError, Listing
 from data_tools.output import crash_for_tests
+from data_tools.shuffle import shard_order
 
-MANIFEST_FORMAT = "make_shards manifest 1"
+MANIFEST_FORMAT = "make_shards manifest 2"  # 2: rows in the seeded shard order
 
 
 def _gzip_writer(f):
@@ -43,13 +45,15 @@ def _temporary(output_dir: str, what: str) -> str:
 
 
 def write_manifest(output_dir: str, request: dict, listing: Listing, exclusive: bool = False) -> dict:
-    """Stream ``listing`` into OUTPUT_DIR's manifest; returns its header.
+    """Stream ``listing`` into OUTPUT_DIR's manifest, its rows in the order of ``request["seed"]``; returns
+    its header.
 
     ``request`` is what the command asked for (INPUT, layout, settings): a resume must ask for the same.
     With ``exclusive`` (``--part`` runs, which may list at the same time), a manifest another run published
-    meanwhile is kept if it has the same rows, and is an error if not.
+    meanwhile is kept if it has the same rows and request, and is an error if not.
     """
     rows_path, final_tmp = _temporary(output_dir, "rows"), _temporary(output_dir, "jsonl.gz")
+    buckets: list[str] = []  # shard_order's temporary files: removed here if it stops half way
     digest, count = hashlib.sha1(), 0
     try:
         with open(rows_path, "xb") as raw, _gzip_writer(raw) as rows:
@@ -63,14 +67,19 @@ def write_manifest(output_dir: str, request: dict, listing: Listing, exclusive: 
             "format": MANIFEST_FORMAT, "request": request, "layout": listing.layout,
             "classes": listing.labels.classes, "rows": count, "fingerprint": digest.hexdigest(),
         }  # fmt: skip
+        def bucket(name: str) -> str:
+            buckets.append(_temporary(output_dir, name))
+            return buckets[-1]
+
         with open(final_tmp, "xb") as out:
             with _gzip_writer(out) as head:
                 head.write(_json_line(header))
-            with open(rows_path, "rb") as rows:
-                shutil.copyfileobj(rows, out, 1 << 20)
+            with gzip.open(rows_path, "rb") as listed, _gzip_writer(out) as rows:
+                for line in shard_order(listed, count, request["seed"], bucket):
+                    rows.write(line)
         _publish(final_tmp, os.path.join(output_dir, MANIFEST_FILE), header, exclusive)
     finally:
-        for path in (rows_path, final_tmp):
+        for path in (rows_path, final_tmp, *buckets):
             if os.path.exists(path):
                 os.remove(path)
     return header
@@ -84,10 +93,10 @@ def _publish(tmp: str, final: str, header: dict, exclusive: bool) -> None:
         os.link(tmp, final)  # atomic, and fails if another run published first
     except FileExistsError:
         theirs = read_header(final)
-        if theirs is None or theirs["fingerprint"] != header["fingerprint"]:
+        if theirs is None or (theirs["fingerprint"], theirs["request"]) != (header["fingerprint"], header["request"]):
             raise ArgumentError(
-                f"{final} was written meanwhile by another run from a different listing of INPUT (did INPUT "
-                "change?); write the manifest once with --manifest-only before starting the --part runs"
+                f"{final} was written meanwhile by another run from a different listing of INPUT or other settings "
+                "(did INPUT change?); write the manifest once with --manifest-only before starting the --part runs"
             ) from None
     except OSError:  # a file system without hard links
         os.replace(tmp, final)

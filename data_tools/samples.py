@@ -1,7 +1,8 @@
 """One input to one sample: read, check and (optionally) resize an image and its caption.
 
-Owns: the checks that turn a bad input into a counted skip reason (``zero_byte``, ``corrupt_image``, ...), the
-copy-or-re-encode decision and the sample's files (``KEY.jpg|png|webp``, ``KEY.txt``, ``KEY.json``). Runs in
+Owns: the checks that turn a bad input into a counted skip reason (``zero_byte``, ``corrupt_image``,
+``symlink_outside_input`` unless ``--follow-symlinks``, ...), the copy-or-re-encode decision and the sample's
+files (``KEY.jpg|png|webp``, ``KEY.txt`` unless the shards are image-only, ``KEY.json``). Runs in
 any worker: a local process, a Ray task. Does not own finding the inputs (``inputs``) or writing tars
 (``output``).
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_tools.formats import upright_size
-from data_tools.inputs import Item, Labels
+from data_tools.inputs import Item, Labels, is_inside
 
 STORED_EXTENSION = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # other formats are re-encoded as PNG
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
@@ -30,12 +31,14 @@ class Settings:
     root: str  # INPUT with symlinks resolved
     max_image_size: int | None
     max_pixels: int
+    image_only: bool = False  # --layout images: no caption is read or stored
+    follow_symlinks: bool = False  # read files whose symlinks point outside INPUT
 
 
 def _resolve(settings: Settings, relpath: str) -> tuple[str | None, str | None]:
     """(real path, None) or (None, reason to skip)."""
     real = os.path.realpath(os.path.join(settings.root, relpath))
-    if not real.startswith(settings.root + os.sep):
+    if not settings.follow_symlinks and not is_inside(real, settings.root):
         return None, "symlink_outside_input"
     if not os.path.lexists(os.path.join(settings.root, relpath)) or not os.path.exists(real):
         return None, "missing_file"
@@ -45,7 +48,9 @@ def _resolve(settings: Settings, relpath: str) -> tuple[str | None, str | None]:
 
 
 def _read_caption(item: Item, settings: Settings) -> tuple[str | None, str | None]:
-    """(caption, None) or (None, reason)."""
+    """(caption, None) or (None, reason); (None, None) for image-only shards."""
+    if settings.image_only:
+        return None, None
     if item.caption is not None:
         text = item.caption
     elif item.caption_path is None:
@@ -159,12 +164,16 @@ def process_item(item: Item, settings: Settings, labels: Labels) -> tuple[str | 
             width, height = img.size
         else:
             ext = STORED_EXTENSION[img.format]
-        meta.update(key=item.key, source_path=item.relpath, width=width, height=height, caption=caption)
+        meta.update(key=item.key, source_path=item.relpath, width=width, height=height)
+        files = {ext: data}
+        if caption is not None:
+            meta["caption"] = caption
+            files["txt"] = caption.encode("utf-8")
         if item.label is not None:
             label, label_index = labels.resolve(item.label)
             meta.update(label=label, label_index=label_index)
-        sample_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
-        return None, {ext: data, "txt": caption.encode("utf-8"), "json": sample_json.encode("utf-8")}
+        files["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+        return None, files
     except OSError:
         return "unreadable_file", {}
     except Exception:  # a bad input must never end the run; it is counted instead

@@ -131,8 +131,11 @@ def test_rerun_with_more_workers_gives_byte_identical_shards(messy_folder, tmp_p
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
-    with tarfile.open(tmp_path / "one/00000.tar") as tar:
-        assert {(m.mtime, m.uid, m.gid, m.uname) for m in tar.getmembers()} == {(0, 0, 0, "")}
+    headers = set()
+    for tar_path in (tmp_path / "one").glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            headers |= {(m.mtime, m.uid, m.gid, m.uname) for m in tar.getmembers()}
+    assert headers == {(0, 0, 0, "")}
 
 
 def test_captions_file_layouts_keep_extra_fields_and_index_labels(tmp_path):
@@ -377,3 +380,159 @@ def test_inspect_names_the_shards_to_re_create_and_resume_re_creates_them(small_
     capsys.readouterr()
     assert inspect_tool.main([str(out)]) == 0
     assert "fix or re-create" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- image-only shards, symlinks, nothing written, mixing
+
+
+def test_layout_images_writes_image_only_shards_that_webdataset_and_inspect_read(tmp_path, capsys):
+    import webdataset as wds
+
+    root = tmp_path / "in"
+    for i in range(5):
+        write(root / f"trip/day{i % 2}/{i}.jpg", image_bytes((16 + i, 12), (50 * i, 90, 0)))
+    write(root / "trip/day0/0.txt", "a caption the image-only layout ignores")
+    write(root / "top.png", image_bytes((10, 10), fmt="PNG"))
+    write(root / "top.json", json.dumps({"camera": "pinhole"}))  # a sidecar JSON is kept, as in the sidecar layout
+    out = tmp_path / "out"
+    assert make_shards.main([str(root), str(out), "--layout", "images", "--workers", "1", "--shard-size", "4"]) == 0
+    assert "wrote 6 image-only (for --mode simclr) samples" in capsys.readouterr().out
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["layout"], stats["written"], stats["skipped"]) == ("images", 6, 0)
+    samples = read_shards(out)
+    assert all(set(s) in ({"jpg", "json"}, {"png", "json"}) for s in samples.values()), samples
+    metas = {json.loads(s["json"])["source_path"]: json.loads(s["json"]) for s in samples.values()}
+    assert set(metas) == {"top.png", *(f"trip/day{i % 2}/{i}.jpg" for i in range(5))}
+    assert "caption" not in metas["trip/day0/0.jpg"] and metas["top.png"]["camera"] == "pinhole"
+
+    urls = [str(out / s["name"]) for s in stats["shards"]]
+    read = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg;png", "json"))
+    assert len(read) == 6 and all(meta["width"] == image.size[0] for image, meta in read)
+    assert inspect_tool.main([str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "image-only" in report and "OK" in report and "problems" not in report
+
+
+def test_images_without_captions_are_refused_by_auto_naming_layout_images(tmp_path, capsys):
+    root = tmp_path / "in"
+    for i in range(3):
+        write(root / f"{i}.jpg", image_bytes())
+    assert make_shards.main([str(root), str(tmp_path / "out"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no captions" in err[0] and "--layout images" in err[0], err
+    write(root / "captions.csv", "filepath,caption\n0.jpg,zero\n")
+    assert make_shards.main([str(root), str(tmp_path / "out"), "--layout", "images", "--captions", str(root / "captions.csv")]) == 2
+    assert "--layout images writes image-only shards and reads no --captions" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlinks_outside_input_are_counted_unless_follow_symlinks_reads_them(tmp_path, capsys):
+    elsewhere = tmp_path / "disk2" / "cats"  # e.g. a class folder linked in from another disk
+    for i in range(3):
+        write(elsewhere / f"{i}.jpg", image_bytes((12, 12), (0, 80 * i, 0)))
+    os.symlink(elsewhere, elsewhere / "loop")  # a symlink loop must not hang the walk
+    root = tmp_path / "in"
+    write(root / "dogs/0.jpg", image_bytes((12, 12), (200, 0, 0)))
+    write(root / "dogs/1.jpg", image_bytes((12, 12), (0, 0, 200)))
+    os.symlink(elsewhere, root / "cats")
+    os.symlink(root / "dogs", root / "dogs_again")  # points inside INPUT: not entered (no duplicates)
+
+    out = tmp_path / "out"
+    assert make_shards.main([str(root), str(out), "--workers", "1"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["written"], stats["skipped_reasons"]) == (2, {"symlink_outside_input": 3})
+
+    followed = tmp_path / "followed"
+    assert make_shards.main([str(root), str(followed), "--workers", "1", "--follow-symlinks"]) == 0
+    metas = [json.loads(s["json"]) for s in read_shards(followed).values()]
+    assert sorted(m["source_path"] for m in metas) == ["cats/0.jpg", "cats/1.jpg", "cats/2.jpg", "dogs/0.jpg", "dogs/1.jpg"]
+    assert read_shards(followed)[make_key("cats/2.jpg")]["jpg"] == (elsewhere / "2.jpg").read_bytes()
+    assert json.loads((followed / "stats.json").read_text())["classes"] == ["cats", "dogs"]
+
+    capsys.readouterr()
+    only_links = tmp_path / "only_links"
+    only_links.mkdir()
+    os.symlink(elsewhere, only_links / "cats")
+    assert make_shards.main([str(only_links), str(tmp_path / "none"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 of 3 inputs were skipped as symlink_outside_input" in err[0], err
+    assert "--follow-symlinks" in err[0] and not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [("corrupt", "2 of 3 inputs were skipped as corrupt_image (also zero_byte 1); the images are truncated"),
+     ("loose", "3 of 3 inputs were skipped as no_class_folder; the images are not in class subfolders")],
+)  # fmt: skip
+def test_a_run_that_writes_nothing_exits_2_naming_the_main_skip_reason(tmp_path, case, needle):
+    root = tmp_path / "in"
+    if case == "corrupt":
+        for i, data in enumerate([image_bytes()[:200], image_bytes()[:100], b""]):
+            write(root / f"{i}.jpg", data)
+            write(root / f"{i}.txt", f"caption {i}")
+        extra = []
+    else:
+        for i in range(3):
+            write(root / f"{i}.jpg", image_bytes())
+        extra = ["--layout", "classes"]
+    out = tmp_path / "out"
+    result = run_cli(str(root), str(out), "--workers", "1", *extra)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert not out.exists(), "nothing written, but OUTPUT_DIR was left behind"
+
+
+def test_class_sorted_input_gives_shards_that_each_hold_every_class(tmp_path, capsys):
+    from collections import Counter
+
+    classes = {"ants": (200, 0, 0), "bees": (0, 200, 0), "wasps": (0, 0, 200)}
+    root = tmp_path / "in"
+    for name, colour in classes.items():
+        for i in range(40):
+            write(root / name / f"{i:02d}.jpg", image_bytes((8, 8), colour))
+    out = tmp_path / "out"
+    assert make_shards.main([str(root), str(out), "--shard-size", "30", "--workers", "1"]) == 0
+    per_shard = {}
+    for tar_path in sorted(out.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            labels = [json.loads(tar.extractfile(m).read())["label"] for m in tar.getmembers() if m.name.endswith(".json")]
+        per_shard[tar_path.name] = Counter(labels)
+    assert len(per_shard) == 4 and all(sum(c.values()) == 30 for c in per_shard.values())
+    for name, counts in per_shard.items():  # 10 of each class expected; every shard holds every class
+        assert set(counts) == set(classes) and min(counts.values()) >= 5, (name, counts)
+    assert json.loads((out / "stats.json").read_text())["settings"]["seed"] == 0
+
+    reseeded = tmp_path / "seed1"
+    assert make_shards.main([str(root), str(reseeded), "--shard-size", "30", "--workers", "1", "--seed", "1"]) == 0
+    assert read_shards(reseeded) == read_shards(out)  # the same samples, spread another way
+    assert (reseeded / "00000.tar").read_bytes() != (out / "00000.tar").read_bytes()
+    capsys.readouterr()
+    assert make_shards.main([str(root), str(out), "--shard-size", "30", "--workers", "1", "--seed", "1", "--resume"]) == 2
+    assert "seed 0 there, 1 here" in capsys.readouterr().err
+
+
+def test_the_seeded_order_is_a_permutation_that_does_not_depend_on_the_memory_used(tmp_path):
+    from data_tools.shuffle import shard_order
+
+    lines = [f'{{"key": "k{i}"}}\n'.encode() for i in range(100)]
+    in_memory = list(shard_order(iter(lines), 100, 7, lambda name: str(tmp_path / name)))
+    bucketed = list(shard_order(iter(lines), 100, 7, lambda name: str(tmp_path / name), bucket_rows=9))
+    assert bucketed == in_memory and sorted(in_memory) == sorted(lines) and in_memory != lines
+    assert list(tmp_path.iterdir()) == []  # the bucket files are gone
+    assert list(shard_order(iter(lines), 100, 8, str)) != in_memory
+
+
+def test_a_listing_too_long_for_memory_gives_the_same_bytes(small_folder, tmp_path, monkeypatch):
+    import functools
+
+    from data_tools import manifest, shuffle
+
+    args = ["--shard-size", "2", "--workers", "1"]
+    assert make_shards.main([str(small_folder), str(tmp_path / "in_memory"), *args]) == 0
+    monkeypatch.setattr(manifest, "shard_order", functools.partial(shuffle.shard_order, bucket_rows=2))  # 3 buckets
+    assert make_shards.main([str(small_folder), str(tmp_path / "bucketed"), *args]) == 0
+    names = sorted(p.name for p in (tmp_path / "in_memory").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "bucketed").iterdir())  # no temporary left behind
+    for name in names:
+        assert (tmp_path / "bucketed" / name).read_bytes() == (tmp_path / "in_memory" / name).read_bytes(), name
