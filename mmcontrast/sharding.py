@@ -3,8 +3,11 @@
 Owns the one code path that runs on NCCL and gloo alike — torch's own ``fully_shard``. (Accelerate's FSDP
 plugin needs CUDA, and with ``--cpu`` falls back to DDP.) It covers:
 
-* ``shard``: every repeated block (transformer layers, ResNet blocks), then the whole model, each with a
-  mixed-precision policy from ``train.mixed_precision`` (compute in bf16, reduce in float32);
+* ``shard``: every repeated block (transformer layers, ResNet blocks, timm stages and the blocks inside them,
+  innermost first), then the whole model, each with a mixed-precision policy from ``train.mixed_precision``
+  (compute in bf16, reduce in float32); BatchNorm layers in float32 (their running statistics are float32
+  buffers, which no policy casts); the methods measurements call outside ``forward`` (``encode_image``,
+  ``encode_text``, on the model or on a tower such as SimCLR's encoder) take FSDP's forward hooks too;
 * the scalars (``logit_scale``, ``logit_bias``): FSDP2 cannot shard 0-dim parameters, so they stay
   whole on every process, and ``reduce_unsharded_gradients`` averages their gradients as DDP would;
 * ``clip_grad_norm_`` over sharded and whole parameters together;
@@ -36,18 +39,39 @@ def _dtensor():
     return DTensor
 
 
+def _post_order(module: nn.Module):
+    """``module``'s submodules, each after all of its own (``nn.Module.modules()`` is pre-order)."""
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one: each child of a ``ModuleList`` (open_clip and HuggingFace
     transformer layers), and of an ``nn.Sequential`` whose children are all of one class (timm blocks, ResNet
-    stages), when it holds parameters."""
+    stages), when it holds parameters. Every block comes after the blocks inside it (timm's stages of blocks):
+    ``fully_shard`` must wrap a module's sharded children before the module."""
     found = []
-    for module in model.modules():
+    for module in _post_order(model):
         children = list(module.children())
         repeated = isinstance(module, nn.ModuleList) or (
             isinstance(module, nn.Sequential) and len(children) > 1 and len({type(c) for c in children}) == 1)
         if repeated:
-            found += [c for c in children if any(True for _ in c.parameters())]
+            found += [c for c in children if any(True for _ in c.parameters()) and not _is_batchnorm(c)]
     return found
+
+
+FORWARD_METHODS = ("encode_image", "encode_text")  # what health, in-loop evaluation and validation call
+
+
+def towers(model: nn.Module) -> list[nn.Module]:
+    """Submodules other than the root with a ``FORWARD_METHODS`` method (SimCLR's image encoder): sharded as
+    their own unit, so that calling the method gathers their parameters."""
+    return [m for m in _post_order(model) if m is not model and any(hasattr(m, name) for name in FORWARD_METHODS)]
 
 
 def scalar_parameters(model: nn.Module) -> set[nn.Parameter]:
@@ -55,17 +79,42 @@ def scalar_parameters(model: nn.Module) -> set[nn.Parameter]:
     return {p for p in model.parameters() if p.dim() == 0}
 
 
+def _contiguous_parameters(model: nn.Module) -> None:
+    """``fully_shard`` refuses parameters in another memory format (channels-last convolution weights on
+    CUDA). Sharding loses it anyway — the gathered parameters are contiguous — and convolutions still run
+    channels-last, because their inputs are."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+
+
 def shard(model: nn.Module, device: torch.device, mixed_precision: str) -> nn.Module:
-    """``fully_shard`` ``model``'s blocks, then the model, across all processes; returns the (same) model."""
+    """``fully_shard`` ``model``'s BatchNorms, blocks and towers, then the model, across all processes; returns
+    the (same) model.
+
+    BatchNorm layers keep float32 parameters, and take their inputs as they come (bf16 under ``bf16``): their
+    running statistics are float32 buffers, and ``batch_norm`` wants its weight and statistics in one dtype.
+    """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=_PRECISION[mixed_precision], reduce_dtype=torch.float32)
+    float32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
     model.to(device)
-    for block in blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+    _contiguous_parameters(model)
+    for norm in [m for m in model.modules() if _is_batchnorm(m) and any(True for _ in m.parameters())]:
+        fully_shard(norm, mesh=mesh, mp_policy=float32)
+    units = blocks(model)
+    units += [t for t in towers(model) if t not in units]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=scalar_parameters(model))
+    for module in (model, *towers(model)):
+        for name in FORWARD_METHODS:
+            if hasattr(module, name):
+                register_fsdp_forward_method(module, name)
     return model
 
 

@@ -711,9 +711,9 @@ def _train(cfg: Config, output_dir: Path, sources, trackers: list, accelerator, 
     weights = holding.full_weights(model)  # a sharded model's, gathered on the first process (every process takes part)
     if accelerator.is_main_process:
         task.export(unwrapped, output_dir, True, state_dict=weights)
+    accelerator.wait_for_everyone()  # before end_training, which destroys the process group (accelerate >= 0.34)
     if trackers:
         accelerator.end_training()
-    accelerator.wait_for_everyone()
     return output_dir
 
 

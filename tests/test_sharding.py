@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "clip_tiny_cpu.yaml")
+SIMCLR_TINY = str(ROOT / "configs" / "simclr_tiny_cpu.yaml")
+NESTED_TIMM = "mobilenetv3_small_050"  # stages of blocks, BatchNormAct2d (BatchNorm + fused activation) throughout
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
-def two_processes(shards, out: Path, *extra: str, launch: tuple = ("--cpu",)) -> subprocess.CompletedProcess:
+def two_processes(shards, out: Path, *extra: str, launch: tuple = ("--cpu",), config: str = TINY) -> subprocess.CompletedProcess:
     precision = () if "--mixed_precision" in launch else ("--mixed_precision", "no")
     cmd = [ACCELERATE, "launch", *launch, "--num_processes", "2", "--num_machines", "1", *precision,
-           "--dynamo_backend", "no", "-m", "mmcontrast.train", "--config", TINY, "--train-shards", str(shards),
+           "--dynamo_backend", "no", "-m", "mmcontrast.train", "--config", config, "--train-shards", str(shards),
            "--output-dir", str(out), "--batch-size", "8", "--log-every", "1", "--workers", "0",
            "--set", "data.shuffle_buffer=0", "--set", "log.diagnostics_every=0", *extra]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=420)
@@ -72,3 +79,87 @@ def test_fsdp_refuses_the_launchers_fp16(tiny_shards, tmp_path):
     r = two_processes(tiny_shards, tmp_path / "run", "--steps", "1", "--set", "train.fsdp=true",
                       launch=("--cpu", "--mixed_precision", "fp16"))  # fmt: skip
     assert r.returncode != 0 and "train.fsdp runs in bf16 or float32" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_sharded_run_measures_every_step_and_a_tracked_run_ends_with_its_export(tiny_shards, tiny_val_shards,
+                                                                                 tiny_image_folder, tmp_path):
+    """Health, validation and zero-shot call ``encode_image``/``encode_text`` outside the model's forward: FSDP
+    must gather the root's parameters for them too (they were sharded DTensors: "mixed torch.Tensor and
+    DTensor"). And a run with a tracker ends with every process at the barrier before ``end_training`` tears
+    the process group down (it raised on every process, and the launcher could kill the export half-written)."""
+    run = tmp_path / "run"
+    r = two_processes(tiny_shards, run, "--steps", "2", "--val-shards", str(tiny_val_shards), "--set", "train.fsdp=true",
+                      "--set", "log.diagnostics_every=1", "--set", "log.val_every=1", "--set", "log.eval_every=1",
+                      "--set", f"log.eval_images={tiny_image_folder}", "--set", "log.trackers=[tensorboard]")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "model.safetensors").is_file() and list((run / "logs").rglob("events.out.tfevents.*"))
+    for record in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()):
+        assert record["health/effective_rank"] > 1 and 0 <= record["eval/zeroshot_top1"] <= 1, record
+        assert any(k.startswith("val/") for k in record), record
+
+
+@pytest.mark.parametrize("model, global_batchnorm", [("mmc-tiny", "false"), (f"timm:{NESTED_TIMM}", "true")])
+def test_fsdp_in_bf16_trains_batchnorm_models_and_measures_their_health(tiny_shards, tmp_path, model, global_batchnorm):
+    """SimCLR in bf16 under FSDP: BatchNorm keeps float32 weights beside its float32 running statistics (one dtype
+    for ``batch_norm``), per-process and global; a timm MobileNet, whose stages hold blocks, is sharded
+    innermost first ("Invariant encountered" otherwise); health every step goes through the encoder."""
+    run = tmp_path / "run"
+    r = two_processes(tiny_shards, run, "--steps", "2", "--model", model, "--set", "data.augment.image_size=32",
+                      "--set", "train.fsdp=true", "--set", f"model.sync_batchnorm={global_batchnorm}",
+                      "--set", "log.diagnostics_every=1", launch=("--cpu", "--mixed_precision", "bf16"), config=SIMCLR_TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) and r["health/effective_rank"] > 1 for r in records), records
+    assert "mixed_precision: bf16" in (run / "config.yaml").read_text()
+
+
+def test_blocks_come_after_the_blocks_inside_them():
+    """``fully_shard`` must wrap a module's sharded children before the module: a timm stage after its blocks."""
+    import timm
+
+    from mmcontrast.sharding import blocks
+
+    found = blocks(timm.create_model(NESTED_TIMM, num_classes=0))
+    inside = [{m for m in block.modules() if m is not block} for block in found]
+    assert any(inside[i] & set(found) for i in range(len(found)))  # the model does nest blocks
+    for i, block in enumerate(found):
+        assert not any(block in inside[j] for j in range(i + 1)), f"block {i} comes after a block that holds it"
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()) for _ in range(2)])
+
+
+def _channels_last_rank(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        from mmcontrast.sharding import shard
+
+        torch.set_num_threads(1)
+        model = _conv_net().to(memory_format=torch.channels_last)  # what the trainer does on CUDA, before sharding
+        shard(model, torch.device("cpu"), "no")
+        x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1)).to(memory_format=torch.channels_last)
+        torch.save(model(x).detach(), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_channels_last_model_shards_and_computes_what_it_did(tmp_path):
+    """``fully_shard`` refuses parameters that are not contiguous; on CUDA the trainer makes convolutional towers
+    channels-last before sharding them."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_channels_last_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two gloo ranks did not finish within 120 s")
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    want = _conv_net()(x).detach()
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), want)
