@@ -159,9 +159,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     sums ``x - shift`` and ``(x - shift)²`` per channel (``shift`` = the running mean, the same on
     every rank, which keeps the one-pass variance accurate), one differentiable all-reduce of 2C+1
     numbers makes them global, and the gradient flows back through that sum to every process.
-    ``torch.nn.SyncBatchNorm`` does the same with fused kernels but only for GPU tensors; the trainer
-    uses it on CUDA and this module elsewhere (gloo on the CPU). Outside training, or with one process,
-    this is exactly ``nn.BatchNorm{1,2,3}d``.
+    ``torch.nn.SyncBatchNorm`` does the same with fused kernels but only for GPU tensors, and reads a
+    count on the host in every layer (a wait for the GPU per BatchNorm); this module reads nothing on the
+    host, so the trainer uses it on every device. Outside training, or with one process, this is exactly
+    ``nn.BatchNorm{1,2,3}d``.
+
+    A converted timm ``BatchNormAct2d`` keeps its ``drop`` and ``act`` children, applied after the norm as
+    timm does: EfficientNet, MobileNet and RegNet fuse their activations into their norms.
     """
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -169,6 +173,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._normalize(x)
+        for name in ("drop", "act"):  # timm's BatchNormAct2d: dropout, then the activation
+            if name in self._modules:
+                y = self._modules[name](y)
+        return y
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(x)
         self._check_input_dim(x)
@@ -196,12 +207,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
-def convert_global_batchnorm(module: nn.Module, device_type: str = "cpu") -> nn.Module:
-    """Every BatchNorm in ``module`` with global-batch statistics: ``torch.nn.SyncBatchNorm`` on CUDA,
-    ``GlobalBatchNorm`` elsewhere. Parameters, buffers and state-dict keys are kept, so checkpoints and
-    exported weights are those of the plain model. Returns the (possibly new) root module."""
-    if device_type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+def convert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Every BatchNorm in ``module`` as a ``GlobalBatchNorm`` (global-batch statistics, on any device).
+    Parameters, buffers, state-dict keys and timm's fused ``act``/``drop`` are kept, so the model computes
+    what it did (in one process, or in eval) and checkpoints and exported weights are those of the plain
+    model. Returns the (possibly new) root module."""
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (GlobalBatchNorm, nn.SyncBatchNorm)):
         out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
@@ -213,6 +223,6 @@ def convert_global_batchnorm(module: nn.Module, device_type: str = "cpu") -> nn.
         out.running_var = module.running_var
         out.num_batches_tracked = module.num_batches_tracked
         out.train(module.training)
-    for name, child in module.named_children():
-        out.add_module(name, convert_global_batchnorm(child, device_type))
+    for name, child in module.named_children():  # timm's act and drop among them
+        out.add_module(name, convert_global_batchnorm(child))
     return out

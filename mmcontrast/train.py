@@ -550,7 +550,7 @@ def _set_up_model(cfg: Config, accelerator) -> tuple:
     if accelerator.num_processes > 1 and cfg.model.sync_batchnorm:  # per-process statistics let positives find each other
         from mmcontrast.distributed import convert_global_batchnorm
 
-        task.model = convert_global_batchnorm(task.model, accelerator.device.type)
+        task.model = convert_global_batchnorm(task.model)
     if accelerator.device.type == "cuda":
         _use_gpu_fast_paths(task.model)
     holding = Holding(accelerator)

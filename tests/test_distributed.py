@@ -157,6 +157,37 @@ def bn_step(model: nn.Module, inputs: dict[str, torch.Tensor], rows: slice):
     return out
 
 
+def global_bn_step(inputs: dict[str, torch.Tensor], rows: slice) -> None:
+    """A forward and backward through ``GlobalBatchNorm`` layers alone (no loss, whose gathers are another matter)."""
+    from mmcontrast.distributed import convert_global_batchnorm
+
+    z1, z2 = convert_global_batchnorm(tiny_bn_encoder())(inputs["bn_view1"][rows], inputs["bn_view2"][rows])
+    (z1.sum() + z2.square().sum()).backward()
+
+
+def host_reads(fn) -> int:
+    """How many times ``fn()`` read a tensor's value on the host (on a GPU each read waits for the device)."""
+    names = ("item", "tolist", "__bool__", "__float__", "__int__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    reads = []
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return saved[name](self, *args, **kwargs)
+
+        return read
+
+    for name in names:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        fn()
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+    return len(reads)
+
+
 def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -178,6 +209,7 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
         global_bn = nn.parallel.DistributedDataParallel(convert_global_batchnorm(tiny_bn_encoder()))
         results["bn-global"] = bn_step(global_bn, inputs, rows)
         results["bn-local"] = bn_step(nn.parallel.DistributedDataParallel(tiny_bn_encoder()), inputs, rows)
+        results["bn-host-reads"] = host_reads(lambda: global_bn_step(inputs, rows))
         # The trainer's gathers (equal shapes guaranteed) read nothing on the host: no pipeline stall on GPUs.
         from mmcontrast.distributed import equal_shapes
 
@@ -285,3 +317,57 @@ def test_global_batchnorm_is_plain_batchnorm_in_one_process_and_in_eval() -> Non
     converted.eval()
     with torch.no_grad():
         torch.testing.assert_close(converted(inputs["bn_view1"], inputs["bn_view2"]), plain(inputs["bn_view1"], inputs["bn_view2"]))
+
+
+def test_global_batchnorm_reads_nothing_on_the_host(ranks: list[dict]) -> None:
+    """A training step's all-reduce BatchNorm on two processes waits for no device value: torch's SyncBatchNorm
+    does, in every layer, which is why the trainer uses this one on CUDA too."""
+    assert [r["bn-host-reads"] for r in ranks] == [0, 0]
+
+
+def test_the_trainer_gives_cuda_processes_the_all_reduce_batchnorm(monkeypatch) -> None:
+    """On CUDA with several processes the model's BatchNorms become ``GlobalBatchNorm``, not torch's SyncBatchNorm."""
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    from mmcontrast.config import load_config, set_value, validate
+    from mmcontrast.distributed import GlobalBatchNorm
+    from mmcontrast.train import _set_up_model
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / "configs" / "simclr_tiny_cpu.yaml"))
+    set_value(cfg, "train.output_dir", "unused")
+    set_value(cfg, "data.train_shards", "unused")
+    validate(cfg)
+    monkeypatch.setattr(accelerate.utils, "set_seed", lambda seed, device_specific=False: torch.manual_seed(seed))
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # the set-up turns them on for CUDA
+    try:
+        task, _, _ = _set_up_model(cfg, SimpleNamespace(num_processes=2, device=torch.device("cuda")))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert any(isinstance(m, GlobalBatchNorm) for m in task.model.modules())
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in task.model.modules())
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenetv3_small_050"])
+def test_global_batchnorm_keeps_timms_fused_activations(name: str) -> None:
+    """timm's BatchNormAct2d holds an activation (and dropout) inside the norm; the converted model computes what
+    the original does, in training (one process) and in eval, and keeps its state-dict keys."""
+    import copy
+
+    import timm
+
+    from mmcontrast.distributed import GlobalBatchNorm, convert_global_batchnorm
+
+    torch.manual_seed(0)
+    plain = timm.create_model(name, num_classes=0)
+    converted = convert_global_batchnorm(copy.deepcopy(plain))
+    assert any(isinstance(m, GlobalBatchNorm) for m in converted.modules())
+    assert converted.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), plain(x))  # training: batch statistics, running ones updated
+        plain.eval()
+        converted.eval()
+        torch.testing.assert_close(converted(x), plain(x))
