@@ -57,3 +57,33 @@ def test_data_tools_import_neither_torch_nor_the_training_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
+
+
+# What the code calls, with the first release that has it: the declared minimums must not be below these.
+NEWEST_CALLS = {
+    "torch": ("2.7", "fully_shard(ignored_params=...) in sharding.shard (torch.nn.utils.get_total_norm and "
+                     "register_fsdp_forward_method need 2.6)"),
+    "torchvision": ("0.22", "the release built for torch 2.7"),
+    "accelerate": ("1.3", "Accelerator.unwrap_model(keep_torch_compile=...) in train.Holding and checkpoint"),
+    "open_clip_torch": ("3.0", "create_model_and_transforms('local-dir:RUN') in models.load"),
+}
+
+
+def test_declared_minimum_versions_cover_what_the_code_calls():
+    """An install that satisfies setup.cfg must run: pip keeps an older torch or accelerate that it allows."""
+    import configparser
+    import inspect
+
+    from accelerate import Accelerator
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    from torch.distributed.fsdp import fully_shard
+
+    assert "ignored_params" in inspect.signature(fully_shard).parameters  # the table's claims, on what is installed
+    assert "keep_torch_compile" in inspect.signature(Accelerator.unwrap_model).parameters
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    requirements = [Requirement(line) for line in setup["options"]["install_requires"].splitlines() if line.strip()]
+    minimums = {r.name: max((Version(s.version) for s in r.specifier if s.operator == ">="), default=None) for r in requirements}
+    for name, (version, why) in NEWEST_CALLS.items():
+        assert minimums[name] is not None and minimums[name] >= Version(version), f"{name}>={minimums[name]}, but the code calls {why}"
