@@ -76,7 +76,9 @@ def _json_output_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _load_for_eval(args: argparse.Namespace, options: dict | None = None):
-    """(model, preprocess, tokenizer) on the chosen device; a UsageError for any unusable argument.
+    """(model, preprocess, tokenizer) on the chosen device; a UsageError for any unusable argument. Sets
+    ``args.precision`` to the precision the encoders run in (``auto`` resolved): every result records it, so a
+    number can be reproduced (bf16 and fp32 top-1 can differ by a few images in a thousand).
 
     Adds ``on_batch`` to the image-folder loader ``options`` when given: CPU threads shared with the decoders.
     """
@@ -87,7 +89,7 @@ def _load_for_eval(args: argparse.Namespace, options: dict | None = None):
 
     device = resolve_device(args.device)
     loaded = load(args.checkpoint, pretrained=args.pretrained, device=str(device))
-    encoders_in_precision(loaded[0], args.precision)
+    args.precision = encoders_in_precision(loaded[0], args.precision)  # the one resolved: results record it
     if not Path(args.checkpoint).exists() and not args.pretrained:
         print(f"note: {args.checkpoint} is an open_clip model name without --pretrained, so its weights are random",
               file=sys.stderr)
@@ -316,7 +318,8 @@ def _eval_zero_shot(args: argparse.Namespace) -> int:
 
         metrics["plot"] = str(confusion_matrix_png(ok_targets, probs.argmax(dim=1).tolist(), classes, args.plot))
     result = {**metrics, "n_images": len(paths), "n_classes": len(classes), "n_errors": len(encoded.errors),
-              "errors": _errors_list(encoded), "templates": args.templates, "checkpoint": args.checkpoint}
+              "errors": _errors_list(encoded), "templates": args.templates, "checkpoint": args.checkpoint,
+              "precision": args.precision}
     return _emit_json(result, args.output)
 
 
@@ -338,7 +341,7 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
     expand_shards(args.shards)  # a bad pattern fails before the model loads
     model, preprocess, tokenizer = _load_for_eval(args)
     result = ev.evaluate_retrieval(model, preprocess, tokenizer, args.shards, **options)
-    return _emit_json({**result, "checkpoint": args.checkpoint}, args.output)
+    return _emit_json({**result, "checkpoint": args.checkpoint, "precision": args.precision}, args.output)
 
 
 def _probe_arguments(p: argparse.ArgumentParser) -> None:
@@ -371,7 +374,8 @@ def _eval_linear_probe(args: argparse.Namespace) -> int:
     result = ev.linear_probe(train.features.numpy(), train.labels.numpy(), test.features.numpy(), test.labels.numpy(),
                              classes, val_fraction=val_fraction, seed=args.seed)
     result.update(n_train=len(train.labels), n_test=len(test.labels), n_classes=len(classes),
-                  n_errors=len(train.errors) + len(test.errors), errors=train.errors + test.errors, checkpoint=args.checkpoint)
+                  n_errors=len(train.errors) + len(test.errors), errors=train.errors + test.errors, checkpoint=args.checkpoint,
+                  precision=args.precision)
     return _emit_json(result, args.output)
 
 
@@ -399,7 +403,7 @@ def _eval_knn(args: argparse.Namespace) -> int:
     result = ev.classification_metrics(votes, test.labels.tolist(), classes)
     result.update(k=k, temperature=temperature, n_train=len(train.labels), n_test=len(test.labels),
                   n_classes=len(classes), n_errors=len(train.errors) + len(test.errors),
-                  errors=train.errors + test.errors, checkpoint=args.checkpoint)
+                  errors=train.errors + test.errors, checkpoint=args.checkpoint, precision=args.precision)
     return _emit_json(result, args.output)
 
 
@@ -445,7 +449,8 @@ def _embed(args: argparse.Namespace) -> int:
     paths_file.write_text("".join(f"{paths[i]}\n" for i in encoded.ok), encoding="utf-8")
     result = {"embeddings": str(out), "paths": str(paths_file), "n_images": len(paths), "n_embedded": len(encoded.ok),
               "dim": int(encoded.features.shape[1]) if encoded.ok else 0, "normalized": not args.no_normalize,
-              "n_errors": len(encoded.errors), "errors": _errors_list(encoded), "checkpoint": args.checkpoint}
+              "n_errors": len(encoded.errors), "errors": _errors_list(encoded), "checkpoint": args.checkpoint,
+              "precision": args.precision}
     return _emit_json(result, None)
 
 
@@ -533,7 +538,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     for line in diagnostics.collapse_warnings(metrics, args.min_rank_fraction, args.min_std_ratio):
         print(f"warning: {line}", file=sys.stderr)
     result = {**metrics, "pairs": "two views" if views else "image-text", "n_samples": int(x.shape[0]),
-              "dim": int(x.shape[1]), "checkpoint": args.checkpoint, "shards": args.shards}
+              "dim": int(x.shape[1]), "checkpoint": args.checkpoint, "shards": args.shards,
+              "precision": args.precision}
     return _emit_json(result, args.output)
 
 

@@ -22,6 +22,13 @@ from mmcontrast.cli import main
 LABELS = "red_square,green_square,blue_square,yellow_square"
 
 
+def auto_precision() -> str:
+    """What ``--precision auto`` (the default) resolves to on this machine's CPU."""
+    from mmcontrast.evaluate import resolve_precision
+
+    return resolve_precision("auto", torch.device("cpu"))
+
+
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "mmcontrast.cli", *args], capture_output=True, text=True,
@@ -71,7 +78,17 @@ def test_eval_zero_shot_uses_class_folders_and_prints_one_json(trained_tiny_clip
     assert rc == 0, err
     result = json.loads(out)
     assert result["top1"] >= 0.9 and result["top5"] == 1.0 and result["n_classes"] == 4 and result["n_errors"] == 0
+    assert result["precision"] == auto_precision()  # what the number was computed in, not "auto"
     assert json.loads((tmp_path / "r.json").read_text()) == result
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eval_records_the_precision_it_computed_in(trained_tiny_clip, capsys, precision):
+    """bf16 and fp32 can differ by a few images: a reported number says which one it is, so it can be reproduced."""
+    rc, out, err = run_main(capsys, "eval", "zero-shot", "--images", str(trained_tiny_clip.test_dir), "--checkpoint",
+                            str(trained_tiny_clip.run_dir), "--workers", "0", "--precision", precision)
+    assert rc == 0, err
+    assert json.loads(out)["precision"] == precision
 
 
 @pytest.mark.parametrize("evaluation", ["knn", "linear-probe"])
@@ -81,6 +98,7 @@ def test_knn_and_linear_probe_commands(trained_tiny_clip, capsys, evaluation):
     assert rc == 0, err
     result = json.loads(out)
     assert result["top1"] >= 0.9 and result["n_train"] == 80 and result["n_test"] == 40
+    assert result["precision"] == auto_precision()
 
 
 def test_embed_and_knn_work_with_an_image_only_encoder(image_only_checkpoint, trained_tiny_clip, capsys, tmp_path):
@@ -91,6 +109,7 @@ def test_embed_and_knn_work_with_an_image_only_encoder(image_only_checkpoint, tr
     emb = np.load(tmp_path / "e" / "emb.npy")
     paths = (tmp_path / "e" / "emb.paths.txt").read_text().splitlines()
     assert emb.shape == (40, 64) and len(paths) == 40 and result["n_embedded"] == 40
+    assert result["precision"] == auto_precision()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     assert paths[0].endswith("blue_square/000.png")
     rc, out, err = run_main(capsys, "eval", "knn", "--train", str(trained_tiny_clip.train_dir), "--test",
@@ -104,7 +123,7 @@ def test_eval_retrieval_on_made_shards(trained_tiny_clip, tiny_shards, capsys):
                             str(trained_tiny_clip.run_dir), "--workers", "0")
     assert rc == 0, err
     result = json.loads(out)
-    assert result["n_images"] == 192 and result["n_captions"] == 192
+    assert result["n_images"] == 192 and result["n_captions"] == 192 and result["precision"] == auto_precision()
     for direction in ("image_to_text", "text_to_image"):
         recall = result[direction]
         assert 0 <= recall["R@1"] <= recall["R@5"] <= recall["R@10"] <= 1

@@ -250,6 +250,7 @@ def test_diagnose_prints_health_of_a_clip_checkpoint(clip_run, tiny_shards, tmp_
                 "embedding_std", "positive_accuracy", "positive_rank", "modality_gap", "image_effective_rank"):
         assert math.isfinite(result[key]), key
     assert result["pairs"] == "image-text" and result["n_samples"] == 40 and result["dim"] == 64
+    assert result["precision"] in ("fp32", "bf16")  # what the encoders ran in, "auto" resolved
     assert result["chance_positive_accuracy"] == pytest.approx(1 / 40) and result["at_chance"] in (True, False)
     assert 0 <= result["alignment"] <= 4 and -4 <= result["uniformity"] <= 0
 
