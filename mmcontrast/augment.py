@@ -51,6 +51,10 @@ PRESETS = {
     # sun and stain, no hue (vegetation, water and stain colours are signal).
     "overhead": {"crop_scale": [0.2, 1.0], "hflip": 0.5, "vflip": 0.5, "rot90": True, "color_jitter": [0.3, 0.3, 0.1, 0.0],
                  "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.2},
+    # Supervised fine-tuning on a few labelled images (mmcontrast finetune): the label, not a second view, says what
+    # to keep, so the views only need to vary a little — SimCLR fine-tunes with crops and flips alone.
+    "finetune": {"crop_scale": [0.35, 1.0], "hflip": 0.5, "vflip": 0.0, "rot90": False, "color_jitter": [0.1, 0.1, 0.0, 0.0],
+                 "color_jitter_p": 0.5, "grayscale_p": 0.0, "blur_p": 0.0},
 }
 
 # columns of the per-image parameter row

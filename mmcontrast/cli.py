@@ -56,7 +56,10 @@ def _model_arguments(p: argparse.ArgumentParser, text_needed: bool = False) -> N
     p.add_argument("--checkpoint", required=True, metavar="C",
                    help="run dir, model.safetensors (model_config.json beside it), or an open_clip model name with --pretrained"
                    + ("" if text_needed else "; CLIP models and image-only (SimCLR) encoders"))
-    p.add_argument("--pretrained", metavar="LOCAL_FILE", help="weights for an open_clip model name (never downloaded)")
+    p.add_argument("--pretrained", metavar="LOCAL_FILE",
+                   help="weights for an open_clip model name or a timm:NAME encoder (timm's layout); never downloaded")
+    p.add_argument("--image-size", type=int, metavar="PX",
+                   help="input size of a timm:NAME checkpoint (default: its pretrained config's, 224 for ImageNet models)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="the encoders' precision; auto: bf16 on GPUs and on CPUs with AVX512-BF16/AMX, else fp32 "
@@ -88,9 +91,12 @@ def _load_for_eval(args: argparse.Namespace, options: dict | None = None):
     from mmcontrast.models import load
 
     device = resolve_device(args.device)
-    loaded = load(args.checkpoint, pretrained=args.pretrained, device=str(device))
+    if args.image_size is not None and (args.image_size < 8 or not args.checkpoint.startswith("timm:")):
+        raise UsageError("--image-size sets the input size of a timm:NAME checkpoint (at least 8 px); "
+                         "run dirs and open_clip models preprocess at their own size")
+    loaded = load(args.checkpoint, pretrained=args.pretrained, device=str(device), image_size=args.image_size)
     args.precision = encoders_in_precision(loaded[0], args.precision)  # the one resolved: results record it
-    if not Path(args.checkpoint).exists() and not args.pretrained:
+    if not Path(args.checkpoint).exists() and not args.pretrained and not args.checkpoint.startswith("timm:"):
         print(f"note: {args.checkpoint} is an open_clip model name without --pretrained, so its weights are random",
               file=sys.stderr)
     if options is not None:
@@ -379,6 +385,65 @@ def _eval_linear_probe(args: argparse.Namespace) -> int:
     return _emit_json(result, args.output)
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes whole numbers separated by commas, e.g. 1,2,5,10; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} needs at least one number, each 1 or more; got {text!r}")
+    return sorted(set(values))
+
+
+def _few_shot_arguments(p: argparse.ArgumentParser) -> None:
+    _probe_arguments(p)
+    p.add_argument("--shots", default="1,2,5,10,20,50", metavar="K,K,...",
+                   help="labelled images per class to draw from --train (default 1,2,5,10,20,50)")
+    p.add_argument("--repeats", type=int, default=5, help="seeded draws per shot count (default 5)")
+    p.add_argument("--baselines", default="pixels,random-init", metavar="pixels,random-init",
+                   help="baselines fit the same way: raw pixels, the same architecture at random init ('none': neither)")
+    _template_argument(p)
+    p.add_argument("--plot", metavar="curve.png", help="draw accuracy against shots (log x, bands of 1 std)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@_eval_command("few-shot", "label efficiency: accuracy against labelled images per class, with baselines beside it",
+               _few_shot_arguments)
+def _eval_few_shot(args: argparse.Namespace) -> int:
+    shots = _int_list(args.shots, "--shots")
+    if args.repeats < 1:
+        raise UsageError("--repeats must be at least 1")
+    baselines = [] if args.baselines == "none" else [b.strip() for b in args.baselines.split(",") if b.strip()]
+    from mmcontrast.fewshot import BASELINES, label_efficiency
+
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)} or none")
+    _require_dir(args.train, "--train")
+    _require_dir(args.test, "--test")
+    options = _loader_options(args)
+    loaded = _load_for_eval(args, options)
+
+    def load(random_init: bool) -> tuple:
+        if not random_init:
+            return loaded
+        from mmcontrast.evaluate import encoders_in_precision
+        from mmcontrast.models import load as load_model
+
+        baseline = load_model(args.checkpoint, pretrained=args.pretrained, device=str(next(loaded[0].parameters()).device),
+                              image_size=args.image_size, random_init=True)
+        encoders_in_precision(baseline[0], args.precision)
+        return baseline
+
+    result = label_efficiency(load, args.train, args.test, shots, args.repeats, baselines, args.templates, options, args.seed)
+    result["checkpoint"] = args.checkpoint
+    if args.plot:
+        from mmcontrast.plots import few_shot_png
+
+        result["plot"] = str(few_shot_png(result["curves"], args.plot, result["chance"], title=f"label efficiency: {args.checkpoint}"))
+    return _emit_json(result, args.output)
+
+
 def _knn_arguments(p: argparse.ArgumentParser) -> None:
     _probe_arguments(p)
     p.add_argument("--k", type=int, help="neighbours (default 20)")
@@ -421,18 +486,24 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _embed_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", required=True, metavar="DIR", help="folder of images, searched recursively")
-    p.add_argument("--output", required=True, metavar="emb.npy", help="(N, d) float32; the N paths go to emb.paths.txt beside it")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", metavar="DIR", help="folder of images, searched recursively")
+    source.add_argument("--texts", metavar="FILE", help="texts to embed, one per line (blank lines left out; CLIP checkpoints)")
+    p.add_argument("--output", required=True, metavar="emb.npy",
+                   help="(N, d) float32; the N paths (or texts) go to emb.paths.txt (emb.texts.txt) beside it")
     _model_arguments(p)
     p.add_argument("--no-normalize", action="store_true", help="keep raw features (default: L2-normalised)")
 
 
-@subcommand("embed", "write image embeddings (N, d) to a .npy file and their paths beside it", _embed_arguments)
+@subcommand("embed", "write image (or text) embeddings (N, d) to a .npy file and their paths (texts) beside it",
+            _embed_arguments)
 def _embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     if not args.output.endswith(".npy"):
         raise UsageError(f"--output {args.output}: name the embeddings file NAME.npy (paths go to NAME.paths.txt)")
+    if args.texts is not None:
+        return _embed_texts(args)
     _require_dir(args.images, "--images")
     import numpy as np
 
@@ -452,6 +523,362 @@ def _embed(args: argparse.Namespace) -> int:
               "n_errors": len(encoded.errors), "errors": _errors_list(encoded), "checkpoint": args.checkpoint,
               "precision": args.precision}
     return _emit_json(result, None)
+
+
+def _embed_texts(args: argparse.Namespace) -> int:
+    """``embed --texts FILE``: one embedding per non-blank line, through the checkpoint's text tower."""
+    from pathlib import Path
+
+    if not Path(args.texts).is_file():
+        raise UsageError(f"--texts {args.texts}: no such file (give a text file, one text per line)")
+    texts = [line.strip() for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise UsageError(f"--texts {args.texts} holds no text; write one text per line")
+    if args.no_normalize:
+        raise UsageError("--no-normalize applies to images; text embeddings are always L2-normalised")
+    import numpy as np
+
+    from mmcontrast.evaluate import encode_texts
+
+    options = _loader_options(args)
+    model, _, tokenizer = _load_for_eval(args)
+    if tokenizer is None or not hasattr(model, "encode_text"):
+        raise UsageError(f"{args.checkpoint} is an image-only encoder; text embeddings need a CLIP checkpoint")
+    features = encode_texts(model, tokenizer, texts, options["batch_size"])
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, features.numpy().astype(np.float32))
+    texts_file = out.with_name(out.name[: -len(".npy")] + ".texts.txt")
+    texts_file.write_text("".join(f"{t}\n" for t in texts), encoding="utf-8")
+    return _emit_json({"embeddings": str(out), "texts": str(texts_file), "n_texts": len(texts),
+                       "dim": int(features.shape[1]), "normalized": True, "checkpoint": args.checkpoint}, None)
+
+
+# ---- search: index a collection, query it, find its near-duplicates, serve a page (mmcontrast.search, .dedup, .web)
+
+
+def _index_arguments(p: argparse.ArgumentParser) -> None:
+    from mmcontrast import search
+
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", metavar="DIR", help="folder of images, searched recursively")
+    source.add_argument("--shards", metavar="PATTERN", help="webdataset shards (brace pattern, directory, glob, list file); "
+                        "captions are kept and embedded too")
+    p.add_argument("--output-dir", required=True, metavar="INDEX", help="folder for the embeddings, metadata and faiss index")
+    _model_arguments(p)
+    p.add_argument("--index-key", default="auto", metavar="auto|FAISS_KEY",
+                   help=f"auto: exact (Flat) under {search.EXACT_BELOW} images, else the approximate index autofaiss "
+                   "would choose for the size (HNSW, IVF, OPQ+IVF+PQ); or any faiss index_factory string (HNSW32, IVF64,Flat)")
+    p.add_argument("--recall-target", type=float, default=search.RECALL_TARGET, metavar="R",
+                   help=f"an approximate index searches with the cheapest setting reaching this recall@10 (default {search.RECALL_TARGET})")
+    p.add_argument("--part-size", type=int, default=search.DEFAULT_PART_SIZE, metavar="N",
+                   help=f"images per part, the unit of resuming and of sharing work between processes (default {search.DEFAULT_PART_SIZE}; "
+                   "shards: one part each)")
+    p.add_argument("--resume", action="store_true", help="finish an index that was stopped: finished parts are kept, not embedded again")
+    p.add_argument("--overwrite", action="store_true", help="replace the index in --output-dir")
+
+
+@subcommand("index", "embed a folder of images or shards into a searchable faiss index (runs under accelerate launch too)",
+            _index_arguments)
+def _index(args: argparse.Namespace) -> int:
+    if args.images is not None:
+        _require_dir(args.images, "--images")
+    if not 0 < args.recall_target <= 1:
+        raise UsageError("--recall-target must be in (0, 1]")
+    import os
+
+    from mmcontrast import launch, search
+
+    options = _loader_options(args)
+    search.check_index_key(args.index_key)
+    plan = search.make_plan(args.images, args.shards, args.checkpoint, args.pretrained, args.precision, args.part_size)
+    n_processes, threads = launch.requested_cpu_processes()
+    if int(os.environ.get("RANK", "0")) == 0:
+        search.check_folder(args.output_dir, plan, args.resume, args.overwrite)  # a mistake is one line, not one per process
+    if n_processes > 1:  # accelerate launch --cpu --num_processes N started only us: torchrun starts the N
+        launch.exec_torchrun(n_processes, "mmcontrast.cli", sys.argv[1:],
+                             threads or launch.cpu_threads_per_process(n_processes, options["workers"]))
+    processes = search.join_processes(args.device)
+    args.device = processes.device
+    infos = search.build_index(plan, args.output_dir, processes, lambda: _load_for_eval(args, options), options,
+                               resume=args.resume, overwrite=args.overwrite, index_key=args.index_key,
+                               recall_target=args.recall_target, progress=options["progress"])
+    return 0 if infos is None else _emit_json({"index": args.output_dir, **infos}, None)
+
+
+def _search_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True, metavar="INDEX", help="a folder made by `mmcontrast index`")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="find the images that match this text (CLIP checkpoints)")
+    query.add_argument("--image", metavar="FILE", help="find the images most like this one")
+    p.add_argument("--k", type=int, default=10, help="results (default 10)")
+    p.add_argument("--output", metavar="results.json|results.html",
+                   help="also write the results: JSON, or an HTML contact sheet with the images inside it")
+    p.add_argument("--device", help="cpu, cuda or cuda:N for the query's encoder (default: cuda when available)")
+
+
+def _print_results(result: dict) -> None:
+    rows = [(str(i + 1), f"{r['score']:.4f}", str(r.get("path") or r.get("key")), r.get("caption") or "")
+            for i, r in enumerate(result["results"])]
+    width = min(max((len(r[2]) for r in rows), default=4), 80)
+    print(f"{'rank':>4}  {'score':>6}  {'path':<{width}}  caption")
+    for rank, score, name, caption in rows:
+        print(f"{rank:>4}  {score:>6}  {name:<{width}}  {caption}".rstrip())
+
+
+@subcommand("search", "the images of an index nearest to a text or an image (a table; JSON or an HTML contact sheet)",
+            _search_arguments)
+def _search(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.k < 1:
+        raise UsageError(f"--k must be at least 1, not {args.k}")
+    if args.output and Path(args.output).suffix.lower() not in (".json", ".html", ".htm"):
+        raise UsageError(f"--output {args.output}: use a .json or .html file name")
+    if args.text is not None and not args.text.strip():
+        raise UsageError("--text is empty; give some words to search for")
+    if args.image is not None and not Path(args.image).is_file():
+        raise UsageError(f"--image {args.image}: no such file")
+    from mmcontrast.evaluate import resolve_device
+    from mmcontrast.search import Searcher
+
+    searcher = Searcher(args.index, device=str(resolve_device(args.device)))
+    result = searcher.search_text(args.text, args.k) if args.text is not None else searcher.search_image(args.image, args.k)
+    _print_results(result)
+    if args.output:
+        import json
+
+        from mmcontrast import web
+
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        is_json = out.suffix.lower() == ".json"
+        out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n" if is_json else web.contact_sheet(searcher, result),
+                       encoding="utf-8")
+        print(f"\nresults: {out}")
+    return 0
+
+
+def _dedup_arguments(p: argparse.ArgumentParser) -> None:
+    from mmcontrast.dedup import DEFAULT_THRESHOLD
+
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--index", metavar="INDEX", help="a folder made by `mmcontrast index`")
+    source.add_argument("--images", metavar="DIR", help="a folder of images (embedded with --checkpoint, not kept)")
+    _model_arguments(p)
+    next(a for a in p._actions if a.dest == "checkpoint").required = False  # only --images needs one
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="T",
+                   help=f"cosine at or above which two images are near-duplicates (default {DEFAULT_THRESHOLD}; "
+                   "see README 'Search' for its measured precision and recall)")
+    p.add_argument("--output", required=True, metavar="dups.csv", help="group,path,score rows; each group's first row is the one to keep")
+    p.add_argument("--html", metavar="report.html", help="also a self-contained page of the groups with their images")
+
+
+def _dedup_searcher(args: argparse.Namespace, tmp: str):
+    """The Searcher of --index, or of an exact index of --images built in ``tmp``."""
+    from mmcontrast import search
+    from mmcontrast.evaluate import resolve_device
+
+    if args.index is not None:
+        return search.Searcher(args.index, device=str(resolve_device(args.device)))
+    if not args.checkpoint:
+        raise UsageError("--images needs --checkpoint to embed them (or give --index of an index made by `mmcontrast index`)")
+    _require_dir(args.images, "--images")
+    options = _loader_options(args)
+    plan = search.make_plan(args.images, None, args.checkpoint, args.pretrained, args.precision)
+    processes = search.join_processes(args.device)
+    search.build_index(plan, tmp, processes, lambda: _load_for_eval(args, options), options, progress=options["progress"])
+    return search.Searcher(tmp, device=processes.device)
+
+
+@subcommand("dedup", "groups of near-duplicate images (resized, recompressed, cropped copies) to a CSV", _dedup_arguments)
+def _dedup(args: argparse.Namespace) -> int:
+    import csv
+    import tempfile
+    from pathlib import Path
+
+    if not 0 < args.threshold <= 1:
+        raise UsageError(f"--threshold must be a cosine similarity in (0, 1], not {args.threshold}")
+    if not args.output.lower().endswith(".csv"):
+        raise UsageError(f"--output {args.output}: use a .csv file name")
+    from mmcontrast import dedup, web
+
+    with tempfile.TemporaryDirectory(prefix="mmcontrast-dedup-") as tmp:
+        searcher = _dedup_searcher(args, tmp)
+        groups = dedup.find_duplicates(searcher, args.threshold)
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["group", "path", "score"])
+            writer.writeheader()
+            writer.writerows(dedup.duplicate_rows(searcher, groups))
+        if args.html:
+            Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.html).write_text(web.dedup_report(searcher, groups, args.threshold), encoding="utf-8")
+        result = {"groups": len(groups), "duplicates": sum(len(g.ids) - 1 for g in groups), "images": len(searcher),
+                  "threshold": args.threshold, "output": str(out), "html": args.html}
+    return _emit_json(result, None)
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    from mmcontrast.web import DEFAULT_HOST, DEFAULT_PORT
+
+    p.add_argument("--index", required=True, metavar="INDEX", help="a folder made by `mmcontrast index`")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free one)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N for the queries' encoder (default: cuda when available)")
+
+
+@subcommand("serve", "a web page to search an index: GET /?q=TEXT, GET /api/search?q=TEXT&k=K", _serve_arguments)
+def _serve(args: argparse.Namespace) -> int:
+    from mmcontrast import web
+    from mmcontrast.evaluate import resolve_device
+    from mmcontrast.search import Searcher
+
+    searcher = Searcher(args.index, device=str(resolve_device(args.device)))
+    searcher.model  # noqa: B018 (load the encoders now, not on the first query)
+    server = web.make_server(searcher, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving {len(searcher)} images of {args.index} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+# ---- the labelled slice: fine-tune into a classifier, predict with it, evaluate it
+
+
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
+    from mmcontrast.finetune import Settings
+
+    p.add_argument("--train", required=True, metavar="DIR_OF_CLASS_FOLDERS", help="labelled images, one subfolder per class")
+    p.add_argument("--checkpoint", required=True, metavar="C",
+                   help="where the encoder starts: a SimCLR or CLIP run, an open_clip name or timm:NAME with --pretrained")
+    p.add_argument("--pretrained", metavar="LOCAL_FILE", help="weights for an open_clip name or timm:NAME (never downloaded)")
+    p.add_argument("--output-dir", required=True, metavar="RUN", help="the run directory (config, metrics, checkpoints, weights)")
+    p.add_argument("--val", metavar="DIR", help="validation class folders that choose the epoch (default: a tenth of --train)")
+    p.add_argument("--epochs", type=int, default=Settings.epochs, help=f"passes over --train (default {Settings.epochs})")
+    p.add_argument("--lr", type=float, default=Settings.lr,
+                   help=f"the head's peak learning rate; the encoder's is {Settings.backbone_lr_scale}x (default {Settings.lr})")
+    p.add_argument("--batch-size", type=int, default=Settings.batch_size, help=f"default {Settings.batch_size}")
+    p.add_argument("--image-size", type=int, metavar="PX", help="input size of a timm:NAME encoder (default: its pretrained size)")
+    p.add_argument("--init", default=Settings.init, choices=("probe", "zero-shot", "random"),
+                   help="the head's start: a linear probe on frozen features (LP-FT), the class names (CLIP), or random")
+    _template_argument(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=Settings.workers, help="data-loading processes")
+    p.add_argument("--resume", action="store_true", help="continue RUN from its last checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE", help="any config field")
+
+
+@subcommand("finetune", "fine-tune an encoder with a linear head on class folders (LP-FT): the labelled slice into a classifier",
+            _finetune_arguments)
+def _finetune(args: argparse.Namespace) -> int:
+    _require_dir(args.train, "--train")
+    if args.val:
+        _require_dir(args.val, "--val")
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise UsageError("--epochs and --batch-size must be at least 1 and --lr positive")
+    from mmcontrast import finetune
+    from mmcontrast.config import apply_overrides, validate
+    from mmcontrast.train import train
+
+    settings = finetune.Settings(args.train, args.checkpoint, args.output_dir, args.val, args.pretrained, args.epochs, args.lr,
+                                 batch_size=args.batch_size, image_size=args.image_size, init=args.init,
+                                 templates=args.templates, seed=args.seed, workers=args.workers)
+    cfg = finetune.prepare(settings)
+    cfg.train.resume = args.resume
+    apply_overrides(cfg, args.overrides)
+    validate(cfg)
+    run_dir = train(cfg)
+    print(f"classifier: {run_dir} (predict with: mmcontrast predict --images DIR --checkpoint {run_dir}); on several GPUs: "
+          f"accelerate launch -m mmcontrast.train --config {run_dir}/config.yaml --resume")
+    return 0
+
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of images, searched recursively")
+    _model_arguments(p)
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help="classes shown per image (default 1)")
+    p.add_argument("--output", metavar="preds.csv|preds.jsonl", help="one row per image: path,label,score (+ top-k, error)")
+
+
+def _load_classifier(args: argparse.Namespace, options: dict):
+    from mmcontrast.classifier import ImageClassifier
+
+    model, preprocess, _ = _load_for_eval(args, options)
+    if not isinstance(model, ImageClassifier):
+        raise UsageError(f"{args.checkpoint} is not a fine-tuned classifier (make one with mmcontrast finetune); "
+                         "for a CLIP checkpoint use mmcontrast zero-shot")
+    return model, preprocess
+
+
+@subcommand("predict", "classify a folder of images with a fine-tuned classifier (mmcontrast finetune)", _predict_arguments)
+def _predict(args: argparse.Namespace) -> int:
+    _require_dir(args.images, "--images")
+    if args.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    if args.output and not args.output.lower().endswith(PREDICTION_FORMATS):
+        raise UsageError(f"--output {args.output}: use a .csv or .jsonl file name")
+    from mmcontrast import evaluate as ev
+    from mmcontrast.classifier import predict
+
+    options = _loader_options(args)
+    model, preprocess = _load_classifier(args, options)
+    paths = ev.discover_images(args.images)
+    targets = ev.match_labels(ev.folder_names(args.images, paths), model.classes)
+    encoded, probs = predict(model, preprocess, paths, **options)
+    rows = ev.zero_shot_rows(encoded, probs, model.classes, args.top_k, targets)
+    _print_prediction_table(rows, args.images)
+    print(f"\n{len(paths)} images, {len(encoded.ok)} classified, {len(encoded.errors)} unreadable")
+    ok_targets = [targets[i] for i in encoded.ok]
+    if max(ok_targets, default=-1) >= 0:
+        metrics = ev.classification_metrics(probs, ok_targets, model.classes)
+        print(f"accuracy over {metrics['n_labelled']} images in class-named folders: top-1 {metrics['top1']:.4f}")
+    if args.output:
+        print(f"predictions: {write_predictions(rows, args.output)}")
+    return 0
+
+
+def _eval_classifier_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, metavar="DIR_OF_CLASS_FOLDERS", help="one subfolder per class, named as trained")
+    _model_arguments(p)
+    p.add_argument("--plot", metavar="confusion.png", help="also draw the confusion matrix")
+    _json_output_argument(p)
+
+
+@_eval_command("classifier", "accuracy, per-class recall and confusion of a fine-tuned classifier on class folders",
+               _eval_classifier_arguments)
+def _eval_classifier(args: argparse.Namespace) -> int:
+    _require_dir(args.images, "--images")
+    from mmcontrast import evaluate as ev
+    from mmcontrast.classifier import predict
+
+    paths, names = ev.class_folders(args.images)
+    options = _loader_options(args)
+    model, preprocess = _load_classifier(args, options)
+    unknown = sorted(set(names) - set(model.classes))
+    if unknown:
+        raise UsageError(f"classes {', '.join(unknown)} in {args.images} are not among the classifier's: {', '.join(model.classes)}")
+    targets = [model.classes.index(n) for n in names]
+    encoded, probs = predict(model, preprocess, paths, **options)
+    import numpy as np
+
+    ok_targets = [targets[i] for i in encoded.ok]
+    predicted = probs.argmax(dim=1).tolist()
+    metrics = ev.classification_metrics(probs, ok_targets, model.classes)
+    confusion = np.zeros((len(model.classes), len(model.classes)), dtype=int)
+    np.add.at(confusion, (ok_targets, predicted), 1)
+    result = {"top1": metrics["top1"], "mean_per_class_recall": metrics["mean_per_class_recall"], "per_class": metrics["per_class"],
+              "confusion": confusion.tolist(), "classes": model.classes, "n_images": len(paths),
+              "n_errors": len(encoded.errors), "errors": _errors_list(encoded), "checkpoint": args.checkpoint}
+    if args.plot:
+        from mmcontrast.plots import confusion_matrix_png
+
+        result["plot"] = str(confusion_matrix_png(ok_targets, predicted, model.classes, args.plot))
+    return _emit_json(result, args.output)
 
 
 # ---- representation health: plot a run's curves, diagnose any checkpoint

@@ -19,7 +19,7 @@ import yaml
 
 from mmcontrast.errors import UsageError
 
-MODES = ("clip", "simclr")
+MODES = ("clip", "simclr", "classify")
 
 # Files of a run directory written by the trainer (model files are named in models.py).
 CONFIG_FILE = "config.yaml"
@@ -44,6 +44,7 @@ class ModelConfig:
     proj_dim: int = 128
     proj_batchnorm: bool = True  # BN in the head (SimCLR); off makes gradient caching bit-exact
     sync_batchnorm: bool = True  # several processes: BatchNorm statistics over the global batch (SimCLR's global BN)
+    frozen_batchnorm: bool = True  # classify: the encoder's BatchNorm keeps its running statistics (small batches)
 
 
 @dataclass
@@ -85,6 +86,8 @@ class LossConfig:
     temperature: float = 0.1  # fixed τ of nt_xent / supcon
     init_temperature: float = 0.07  # learnable τ of clip: logit_scale starts at log(1/0.07)
     max_logit_scale: float = 100.0  # clamp of exp(logit_scale), as CLIP does
+    label_smoothing: float = 0.1  # classify: cross-entropy's label smoothing
+    class_weights: list | None = None  # classify: per-class loss weights (mmcontrast finetune balances uneven classes)
 
 
 @dataclass
@@ -98,6 +101,7 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # max global grad norm; 0 switches clipping off
+    lr_scale: dict = field(default_factory=dict)  # lr multiplier per kind of parameter: image, text, logit_scale, head
 
 
 @dataclass
@@ -263,7 +267,8 @@ def validate(cfg: Config) -> None:
 
     if cfg.loss.clip_mode not in CLIP_LOSS_MODES:
         raise UsageError(f"loss.clip_mode must be one of {', '.join(CLIP_LOSS_MODES)}, got {cfg.loss.clip_mode!r}")
-    valid_losses = {"clip": ("auto", "clip", "siglip"), "simclr": ("auto", "nt_xent", "supcon")}[cfg.mode]
+    valid_losses = {"clip": ("auto", "clip", "siglip"), "simclr": ("auto", "nt_xent", "supcon"),
+                    "classify": ("auto", "cross_entropy")}[cfg.mode]
     if cfg.loss.name not in valid_losses:
         raise UsageError(f"loss.name {cfg.loss.name!r} does not fit mode {cfg.mode}; use one of {', '.join(valid_losses)}")
     if cfg.optim.name not in ("adamw", "lars"):
@@ -308,6 +313,11 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"data.num_samples must be positive, got {cfg.data.num_samples}")
     if cfg.data.read_timeout <= 0 or cfg.data.read_retries < 0:
         raise UsageError("data.read_timeout must be positive and data.read_retries at least 0")
+    if cfg.mode == "classify" and cfg.log.diagnostics_every:
+        raise UsageError("log.diagnostics_every measures contrastive embeddings; set it to 0 in classify mode")
+    unknown_kinds = sorted(set(cfg.optim.lr_scale) - {"image", "text", "logit_scale", "head"})
+    if unknown_kinds or any(not isinstance(v, (int, float)) or v < 0 for v in cfg.optim.lr_scale.values()):
+        raise UsageError(f"optim.lr_scale maps image, text, logit_scale or head to a multiplier >= 0, got {cfg.optim.lr_scale}")
     if cfg.log.eval_every and not cfg.log.eval_images:
         raise UsageError("log.eval_every needs log.eval_images: a folder of class subfolders")
     if cfg.log.eval_every and cfg.mode == "simclr" and not cfg.log.eval_train_images:

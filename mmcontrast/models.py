@@ -323,7 +323,7 @@ def image_eval_transform(spec: dict) -> Callable:
 # ---------------------------------------------------------------- saving and loading
 
 
-def _state_dict_for_file(module: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def state_dict_for_file(module: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     state = module.state_dict() if state_dict is None else state_dict
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
@@ -343,7 +343,7 @@ def save_clip_run_files(model: nn.Module, model_cfg: dict, out_dir: str | Path, 
     if hf_tokenizer is not None and hasattr(hf_tokenizer, "save_pretrained"):
         hf_tokenizer.save_pretrained(str(out))  # open_clip's local-dir loader reads HF tokenizers from the run dir
     if weights:
-        _atomic_save(save_file, _state_dict_for_file(model, state_dict), out / WEIGHTS_FILE)
+        atomic_save(save_file, state_dict_for_file(model, state_dict), out / WEIGHTS_FILE)
 
 
 def save_image_encoder_files(encoder: ImageEncoder, out_dir: str | Path, weights: bool = True,
@@ -356,10 +356,10 @@ def save_image_encoder_files(encoder: ImageEncoder, out_dir: str | Path, weights
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_CONFIG_FILE).write_text(json.dumps({IMAGE_ENCODER_KEY: encoder.spec}, indent=2))
     if weights:
-        _atomic_save(save_file, _state_dict_for_file(encoder, state_dict), out / WEIGHTS_FILE)
+        atomic_save(save_file, state_dict_for_file(encoder, state_dict), out / WEIGHTS_FILE)
 
 
-def _atomic_save(save_fn: Callable, state: dict, path: Path) -> None:
+def atomic_save(save_fn: Callable, state: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_fn(state, str(tmp))
     tmp.replace(path)
@@ -379,7 +379,7 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return {bare(k): v for k, v in state.items()}
 
 
-def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -401,7 +401,7 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 def load_image_encoder_weights(encoder: ImageEncoder, weights: str | Path) -> None:
     """Load an exported backbone, a training checkpoint of encoder + head, or (a timm encoder) weights in timm's own
     layout (a classifier's ``timm_model.state_dict()``: its classification head is left out) into ``encoder``."""
-    state = _load_weights_file(Path(weights))
+    state = load_weights_file(Path(weights))
     state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith("head.")}
     if encoder.spec["source"] == "timm" and not any(k.startswith("backbone.") for k in state):
         classifier = encoder.backbone.default_cfg.get("classifier", "fc") if hasattr(encoder.backbone, "default_cfg") else "fc"
@@ -412,23 +412,45 @@ def load_image_encoder_weights(encoder: ImageEncoder, weights: str | Path) -> No
         raise UsageError(f"{weights} does not match the image encoder {encoder.spec['name']}: {str(err).splitlines()[0][:300]}") from None
 
 
-def _load_image_encoder(spec: dict, weights: Path, device: str) -> tuple[nn.Module, Callable, None]:
+def _load_image_encoder(spec: dict, weights: Path | None, device: str) -> tuple[nn.Module, Callable, None]:
     encoder = ImageEncoder(spec)
-    load_image_encoder_weights(encoder, weights)
+    if weights is not None:
+        load_image_encoder_weights(encoder, weights)
     return encoder.to(device).eval(), image_eval_transform(spec), None
 
 
-def load(path_or_name: str | Path, pretrained: str | None = None, device: str = "cpu") -> tuple[nn.Module, Callable, Callable | None]:
+def timm_encoder_spec(name: str, image_size: int | None = None) -> dict:
+    """The spec of ``timm:NAME`` used as a pretrained image encoder: at ``image_size``, else the input size of the
+    model's pretrained config (224 for ImageNet models), with ImageNet normalisation."""
+    import timm
+
+    spec = image_encoder_spec(name, {}, cifar_stem=False, image_size=1)
+    if image_size is None:
+        cfg = timm.models.get_pretrained_cfg(spec["name"])
+        image_size = int((cfg.input_size if cfg is not None else (3, 224, 224))[-1])
+    return {**spec, "image_size": int(image_size)}
+
+
+def load(path_or_name: str | Path, pretrained: str | None = None, device: str = "cpu", image_size: int | None = None,
+         random_init: bool = False) -> tuple[nn.Module, Callable, Callable | None]:
     """Load a model for inference: ``(model, preprocess, tokenizer)``.
 
     Accepts a run dir (final weights, or ``checkpoints/last`` of a run still training), a weights
-    file with its ``model_config.json`` beside it, or an open_clip model name plus a local
-    ``pretrained`` file. Image-only (SimCLR) encoders come back with ``tokenizer=None``.
+    file with its ``model_config.json`` beside it, an open_clip model name plus a local ``pretrained``
+    file, or ``timm:NAME`` plus a local ``pretrained`` file in timm's state-dict layout (at ``image_size``,
+    default the model's pretrained input size). Image-only (SimCLR) encoders come back with ``tokenizer=None``.
+    ``random_init``: the same architecture and preprocessing with freshly initialised weights (a baseline).
 
     Example:
         >>> model, preprocess, tokenizer = load("runs/x")  # doctest: +SKIP
     """
     oc = _open_clip()
+    if str(path_or_name).startswith("timm:"):
+        if not pretrained and not random_init:
+            raise UsageError(f"{path_or_name} needs its weights: --pretrained LOCAL_FILE (timm's state-dict layout; nothing is downloaded)")
+        if pretrained:
+            _check_pretrained(pretrained)
+        return _load_image_encoder(timm_encoder_spec(str(path_or_name), image_size), None if random_init else Path(pretrained), device)
     target = Path(path_or_name)
     if target.is_dir():
         weights = target / WEIGHTS_FILE
@@ -441,7 +463,7 @@ def load(path_or_name: str | Path, pretrained: str | None = None, device: str = 
     elif str(path_or_name).endswith((".safetensors", ".pt", ".pth", ".bin")) or "/" in str(path_or_name):
         raise UsageError(f"checkpoint {path_or_name} does not exist")
     else:
-        bundle = create_clip(str(path_or_name), pretrained)
+        bundle = create_clip(str(path_or_name), None if random_init else pretrained)
         return bundle.model.to(device).eval(), bundle.preprocess_val, bundle.tokenizer
 
     if not config_file.is_file() or not weights.is_file():
@@ -454,8 +476,12 @@ def load(path_or_name: str | Path, pretrained: str | None = None, device: str = 
     except json.JSONDecodeError:
         raise UsageError(f"{config_file} is not valid JSON") from None
     if IMAGE_ENCODER_KEY in cfg:
-        return _load_image_encoder(cfg[IMAGE_ENCODER_KEY], weights, device)
-    if target.is_dir() and (target / OPEN_CLIP_CONFIG_FILE).is_file() and weights.parent == target:
+        return _load_image_encoder(cfg[IMAGE_ENCODER_KEY], None if random_init else weights, device)
+    from mmcontrast.classifier import CLASSIFIER_KEY, load_classifier
+
+    if CLASSIFIER_KEY in cfg:
+        return load_classifier(cfg, None if random_init else weights, device)
+    if target.is_dir() and (target / OPEN_CLIP_CONFIG_FILE).is_file() and weights.parent == target and not random_init:
         try:
             model, _, preprocess = oc.create_model_and_transforms(f"local-dir:{target}", weights_only=True)
         except (RuntimeError, ValueError) as err:
@@ -464,10 +490,11 @@ def load(path_or_name: str | Path, pretrained: str | None = None, device: str = 
     key = f"mmcontrast-{abs(hash(str(config_file.resolve())))}"
     _register(key, _resolve_paths_in_cfg(cfg.get("model_cfg", cfg)))
     model, _, preprocess = oc.create_model_and_transforms(key)
-    state = _load_weights_file(weights)
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise UsageError(f"{weights} does not match {config_file}: {str(err).splitlines()[0][:300]}") from None
+    if not random_init:
+        state = load_weights_file(weights)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise UsageError(f"{weights} does not match {config_file}: {str(err).splitlines()[0][:300]}") from None
     return model.to(device).eval(), preprocess, oc.get_tokenizer(key)

@@ -9,6 +9,7 @@ function of the optimizer step, so resuming needs nothing but that step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,16 +21,20 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or leaf in ("logit_scale", "logit_bias", "positional_embedding", "class_embedding", "cls_token", "pos_embed")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict | None = None,
+                 kind_of: Callable[[str], str] | None = None) -> list[dict]:
+    """Groups by weight decay (none for ``_no_decay`` tensors) and, with ``lr_scale``, by kind of parameter:
+    ``kind_of(name)`` names it (``image``, ``text``, ``logit_scale``, ``head``: the task knows) and the group's
+    ``lr_scale`` multiplies the scheduled learning rate (``set_lr``)."""
+    lr_scale = lr_scale or {}
+    groups: dict[tuple[bool, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if _no_decay(name, param) else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
-        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
-    ]
+        scale = float(lr_scale.get(kind_of(name), 1.0)) if kind_of and lr_scale else 1.0
+        groups.setdefault((_no_decay(name, param), scale), []).append(param)
+    return [{"params": params, "weight_decay": 0.0 if excluded else weight_decay, "lars_exclude": excluded, "lr_scale": scale}
+            for (excluded, scale), params in sorted(groups.items(), key=lambda item: (item[0][0], -item[0][1]))]
 
 
 class LARS(torch.optim.Optimizer):
@@ -72,10 +77,11 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: list, eps: float, momentum: float):
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: list, eps: float, momentum: float,
+                    lr_scale: dict | None = None, kind_of: Callable[[str], str] | None = None):
     """AdamW (torch's fused kernel: fastest on GPUs, and it skips a step on the device when its ``found_inf``
-    attribute is set) or LARS, with ``param_groups``."""
-    groups = _one_kind_per_group(param_groups(model, weight_decay))
+    attribute is set) or LARS, with ``param_groups`` (``lr_scale``/``kind_of``: per-kind learning rates)."""
+    groups = _one_kind_per_group(param_groups(model, weight_decay, lr_scale, kind_of))
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for g in groups:
@@ -106,7 +112,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float =
 
 
 def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
+    """Every group's lr = ``base_lr × factor × its lr_scale``; returns the unscaled ``base_lr × factor`` (logged)."""
     lr = base_lr * factor
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr

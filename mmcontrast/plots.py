@@ -138,3 +138,44 @@ def run_curves_png(records: Sequence[Mapping], path: str | Path, title: str | No
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+# Label-efficiency curves: the checkpoint's probe first and in colour, baselines after it.
+FEW_SHOT_LABELS = {
+    "checkpoint": "checkpoint, logistic probe", "checkpoint_ncm": "checkpoint, nearest class mean",
+    "text_init": "checkpoint, text-initialised head", "random_init": "same architecture, random init",
+    "pixels": "raw pixels",
+}
+
+
+def few_shot_png(curves: Mapping[str, Sequence[Mapping]], path: str | Path, chance: float | None = None,
+                 title: str | None = None) -> Path:
+    """Accuracy against labelled images per class (log x axis), a line and a ±1 std band per curve.
+
+    ``curves`` as ``fewshot.label_efficiency`` returns them; a ``zero_shot`` curve (k = 0) is drawn as a
+    horizontal dashed line, and ``chance`` as a dotted one. Returns the path.
+    """
+    fig = _new_figure(6.4, 4.2)
+    ax = fig.add_subplot()
+    shots = sorted({p["shots"] for points in curves.values() for p in points if p["shots"] > 0})
+    for name, points in curves.items():
+        points = [p for p in points if p["shots"] > 0]
+        if not points:
+            continue
+        x = np.array([p["shots"] for p in points])
+        mean, std = np.array([p["mean"] for p in points]), np.array([p["std"] for p in points])
+        dashed = name in ("random_init", "pixels")
+        line = ax.plot(x, mean, marker="o", markersize=4, linestyle="--" if dashed else "-", label=FEW_SHOT_LABELS.get(name, name))
+        ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=line[0].get_color())
+    for point in curves.get("zero_shot", []):
+        ax.axhline(point["mean"], linestyle="--", color="0.3", linewidth=1, label=f"zero-shot ({point['mean']:.1%})")
+    if chance is not None:
+        ax.axhline(chance, linestyle=":", color="0.5", linewidth=1, label=f"chance ({chance:.1%})")
+    ax.set_xscale("log")
+    ax.set_xticks(shots, labels=[str(k) for k in shots])
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title or "label efficiency", fontsize=11)
+    return _save(fig, path)

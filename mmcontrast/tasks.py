@@ -1,4 +1,4 @@
-"""What a training mode trains: the one place that knows the difference between ``clip`` and ``simclr``.
+"""What a training mode trains: the one place that knows the difference between ``clip``, ``simclr`` and ``classify``.
 
 ``build_task`` reads the mode once and returns a ``Task``: the model, how a batch becomes its inputs,
 the loss, the pair of embeddings representation health is measured on, the in-loop evaluation and the
@@ -9,18 +9,23 @@ caching (``mmcontrast.gradcache``) call these and never ask which mode they are 
   CLIP's symmetric InfoNCE (or SigLIP); export in open_clip's layout.
 * ``simclr``: an image encoder plus a projection head (``models.SimclrModel``); inputs ``(view1,
   view2)``, loss NT-Xent (or SupCon with labels); only the encoder is exported.
+* ``classify``: an image encoder plus a linear head over class names (``classifier.ImageClassifier``, the
+  labelled slice: ``mmcontrast finetune``); inputs ``(image,)`` and labels, loss cross-entropy; the export holds
+  encoder, head and class names, from the epoch that scored best on the validation images.
 
 Does not own building models (``models.py``), the losses (``losses.py``) or the loop.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmcontrast import losses, models
@@ -28,7 +33,7 @@ from mmcontrast.config import Config, DataConfig, LogConfig, LossConfig, ModelCo
 from mmcontrast.errors import UsageError
 
 Outputs = Sequence[torch.Tensor]  # (embedding a (n, d), embedding b (n, d), scalars such as logit_scale...)
-CAPTIONED_MODES = {"clip": True, "simclr": False}  # does the mode read captions
+CAPTIONED_MODES = {"clip": True, "simclr": False, "classify": False}  # does the mode read captions
 CLIP_ADVICE = ("a lower learning rate or a longer warm-up (optim.lr, optim.warmup_steps), a larger global batch, and check "
                "that the captions describe their images (python -m data_tools.inspect SHARDS)")
 SIMCLR_ADVICE = ("views that share more: data.augment.preset=texture (surfaces, microscopy) or overhead (aerial, slides), "
@@ -72,6 +77,8 @@ class Task:
     pair_names: tuple[str, str] = ("image", "text")  # what the two embeddings are (validation metrics' names)
     loss_name: str = "clip"  # which loss: its chance level (diagnostics.chance_level) is what guessing scores
     advice: str = CLIP_ADVICE  # what to try when the run sits at chance
+    monitor: Callable[[list], dict] | None = None  # a log step's numbers from its outputs; None: the contrastive monitors
+    param_kind: Callable[[str], str] = lambda name: "image"  # parameter name -> its optim.lr_scale key
 
     @property
     def pairs_are_views(self) -> bool:
@@ -101,6 +108,13 @@ def _image_text_embeddings(model: nn.Module, batch: dict) -> tuple[torch.Tensor,
     return model.encode_image(batch["image"], normalize=True), model.encode_text(batch["text"], normalize=True)
 
 
+def _clip_kind(name: str) -> str:
+    """open_clip's layout: ``visual.*`` is the image tower, ``logit_scale``/``logit_bias`` the temperature, the rest text."""
+    if name.startswith("visual."):
+        return "image"
+    return "logit_scale" if name.startswith(("logit_scale", "logit_bias")) else "text"
+
+
 def _temperature_metrics(model: nn.Module) -> dict:
     metrics = {"temperature": float(1.0 / model.logit_scale.detach().exp())}
     if getattr(model, "logit_bias", None) is not None:
@@ -124,7 +138,7 @@ def clip_task(model: nn.Module, tokenizer: Callable, *, loss_name: str = "clip",
         tokenizer=tokenizer, train_transform=train_transform, health_transform=eval_transform,
         eval_transform=eval_transform, views=1, with_labels=False, health_pair=_image_text_embeddings,
         export=export or _nothing, evaluate=evaluate, clamp=clamp, scalar_metrics=_temperature_metrics,
-        loss_name=loss_name, advice=CLIP_ADVICE,
+        loss_name=loss_name, advice=CLIP_ADVICE, param_kind=_clip_kind,
     )
 
 
@@ -187,7 +201,7 @@ def simclr_task(model: models.SimclrModel, *, loss_name: str = "nt_xent", temper
         model=model, inputs=_views, loss=loss, tokenizer=None, train_transform=transform, health_transform=transform,
         eval_transform=eval_transform, views=2, with_labels=loss_name == "supcon", health_pair=_backbone_embeddings,
         export=export or _nothing, evaluate=evaluate, pair_names=("view1", "view2"), loss_name=loss_name,
-        advice=SIMCLR_ADVICE,
+        advice=SIMCLR_ADVICE, param_kind=_head_or_image,
     )
 
 
@@ -227,15 +241,77 @@ def _build_simclr(model_cfg: ModelConfig, loss_cfg: LossConfig, loss_name: str, 
                        eval_transform=eval_transform, export=export, evaluate=evaluate)
 
 
+# ---------------------------------------------------------------- classify (fine-tuning on the labelled slice)
+
+
+def _image(batch: dict) -> tuple:
+    return (batch["image"],)
+
+
+def _confidence(outputs: list) -> dict:
+    """The step's mean top probability: rises as the head commits, 1/classes while it guesses."""
+    return {"mean_confidence": float(outputs[0].float().softmax(dim=1).amax(dim=1).mean())}
+
+
+def _head_or_image(name: str) -> str:
+    return "head" if name.startswith("head.") else "image"
+
+
+def _build_classify(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, log_cfg: LogConfig,
+                    output_dir: str) -> Task:
+    """Encoder + linear head from ``model.name`` (a classifier ``model_config.json`` that ``mmcontrast finetune``
+    writes) and ``model.pretrained`` (its starting weights); cross-entropy with label smoothing and class weights;
+    the simclr views' presets as one augmented view; in-loop accuracy on ``log.eval_images`` keeps the best."""
+    from mmcontrast import classifier as clf
+    from mmcontrast.augment import SimclrTransform
+
+    try:
+        entry = json.loads(Path(model_cfg.name).read_text())[clf.CLASSIFIER_KEY]
+    except (OSError, ValueError, KeyError):
+        raise UsageError(f"mode classify needs model.name = a classifier model_config.json (mmcontrast finetune writes "
+                         f"one); {model_cfg.name!r} is not") from None
+    model = clf.ImageClassifier(entry["encoder"], entry["classes"], frozen_batchnorm=model_cfg.frozen_batchnorm)
+    if model_cfg.pretrained:
+        state = models.load_weights_file(Path(model_cfg.pretrained))
+        model.load_state_dict(models.strip_wrapper_prefixes(state))
+    spec, aug = entry["encoder"], data_cfg.augment
+    resolve_augment(aug)
+    transform = SimclrTransform(spec["image_size"], spec["mean"], spec["std"], aug.crop_scale, aug.hflip, aug.color_jitter,
+                                aug.color_jitter_p, aug.grayscale_p, aug.blur_p, aug.vflip, aug.rot90)
+    eval_transform = models.image_eval_transform(spec)
+    weights = torch.tensor(loss_cfg.class_weights, dtype=torch.float32) if loss_cfg.class_weights else None
+
+    def loss(outputs: Outputs, labels: torch.Tensor | None) -> torch.Tensor:
+        w = None if weights is None else weights.to(outputs[0].device)
+        return F.cross_entropy(outputs[0].float(), labels, weight=w, label_smoothing=loss_cfg.label_smoothing)
+
+    def export(model: nn.Module, out_dir: Path, weights_too: bool, state_dict: dict | None = None) -> None:
+        best = Path(out_dir) / clf.BEST_WEIGHTS_FILE
+        if weights_too and best.is_file():  # the best epoch on the validation images, not the last
+            state_dict = models.load_weights_file(best)
+        clf.save_classifier_files(model, out_dir, weights=weights_too, state_dict=state_dict)
+
+    evaluate = clf.keep_best(eval_transform, log_cfg.eval_images, model.classes, output_dir) if log_cfg.eval_every else None
+    return Task(
+        model=model, inputs=_image, loss=loss, tokenizer=None, train_transform=transform, health_transform=eval_transform,
+        eval_transform=eval_transform, views=1, with_labels=True, health_pair=_nothing, export=export, evaluate=evaluate,
+        n_embeddings=1, pair_names=("image", "label"), loss_name="cross_entropy", monitor=_confidence,
+        param_kind=_head_or_image,
+    )
+
+
 # ---------------------------------------------------------------- the one decision
 
 
-DEFAULT_LOSS = {"clip": "clip", "simclr": "nt_xent"}  # what loss.name: auto means in each mode
+DEFAULT_LOSS = {"clip": "clip", "simclr": "nt_xent", "classify": "cross_entropy"}  # what loss.name: auto means in each mode
 
 
 def build_task(cfg: Config) -> Task:
     """The task of ``cfg.mode``, with its model built (random init or ``model.pretrained``)."""
     loss_name = DEFAULT_LOSS[cfg.mode] if cfg.loss.name == "auto" else cfg.loss.name
-    if cfg.mode == "clip":
-        return _build_clip(cfg.model, cfg.loss, loss_name, cfg.data.clip_augment, cfg.log)
-    return _build_simclr(cfg.model, cfg.loss, loss_name, cfg.data, cfg.log)
+    builders = {
+        "clip": lambda: _build_clip(cfg.model, cfg.loss, loss_name, cfg.data.clip_augment, cfg.log),
+        "simclr": lambda: _build_simclr(cfg.model, cfg.loss, loss_name, cfg.data, cfg.log),
+        "classify": lambda: _build_classify(cfg.model, cfg.loss, cfg.data, cfg.log, cfg.train.output_dir),
+    }
+    return builders[cfg.mode]()

@@ -370,7 +370,7 @@ class StepLog:
         from mmcontrast.distributed import local_only
         from mmcontrast.models import evaluating
 
-        metrics = batch_monitor(*embeddings, views=self.task.pairs_are_views)
+        metrics = self.task.monitor(embeddings) if self.task.monitor else batch_monitor(*embeddings, views=self.task.pairs_are_views)
         metrics.update(self.task.scalar_metrics(model))
         if self._crossed(step, self.cfg.diagnostics_every):
             self.health_batch = self.health_batch or self.make_health_batch()
@@ -392,6 +392,8 @@ class StepLog:
         from mmcontrast import diagnostics as dg
 
         step = record["step"]
+        if "positive_accuracy" not in record:  # not a contrastive task: no candidates to find a positive among
+            return {}
         chance = dg.chance_level(self.task.loss_name, record["global_batch"])
         out = {"health/chance_loss": chance[0], "health/chance_positive_accuracy": chance[1]}
         if step <= self.warmup_steps:
@@ -559,7 +561,7 @@ def _set_up_model(cfg: Config, accelerator) -> tuple:
 
         task.model, holding = shard(task.model, accelerator.device, cfg.train.mixed_precision), ShardedHolding(accelerator)
     o = cfg.optim
-    optimizer = build_optimizer(task.model, o.name, o.lr, o.weight_decay, o.betas, o.eps, o.momentum)
+    optimizer = build_optimizer(task.model, o.name, o.lr, o.weight_decay, o.betas, o.eps, o.momentum, o.lr_scale, task.param_kind)
     return task, optimizer, holding
 
 

@@ -1,0 +1,237 @@
+"""The labelled slice: an image encoder with a linear head over class names, its starting points and its files.
+
+Owns ``ImageClassifier`` (encoder + head; ``forward`` gives logits, ``encode_image`` the encoder's features),
+turning any checkpoint into a starting encoder (a SimCLR run, a CLIP run's image tower, ``timm:NAME`` with a
+local weights file), the head's starting values (a linear probe on frozen features — LP-FT — or a CLIP
+checkpoint's class-name text embeddings), and the run files: ``model.safetensors`` (encoder and head),
+``model_config.json`` (the encoder's spec, the class names). Training it is the trainer's ``classify`` mode
+(``mmcontrast.tasks``); ``mmcontrast finetune`` prepares such a run.
+
+Does not own the training loop, the encoders themselves (``models.py``) or the metrics (``evaluate.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmcontrast import models
+from mmcontrast.errors import UsageError
+
+CLASSIFIER_KEY = "mmcontrast_classifier"  # marks the model_config.json of a fine-tuned classifier
+HEAD_INITS = ("probe", "zero-shot", "random")
+BEST_WEIGHTS_FILE = "best.safetensors"  # RUN_DIR/: the weights that scored best on the validation images so far
+BEST_RECORD_FILE = "best.json"  # RUN_DIR/: {"val_top1", "evaluation"} of those weights
+
+
+class ImageClassifier(nn.Module):
+    """``models.ImageEncoder`` (``spec``) and a linear head to ``len(classes)`` logits.
+
+    ``frozen_batchnorm``: the encoder's BatchNorm layers normalise with their running statistics in training too
+    (their gains and shifts still learn). Fine-tuning on a few labelled images runs small batches, whose statistics
+    are noisy and differ from those the head's probe was fit under; frozen, the features the probe saw are the
+    features training starts from.
+    """
+
+    def __init__(self, spec: dict, classes: Sequence[str], frozen_batchnorm: bool = False):
+        super().__init__()
+        self.encoder = models.ImageEncoder(spec)
+        self.classes = list(classes)
+        self.head = nn.Linear(self.encoder.output_dim, len(self.classes))
+        self.frozen_batchnorm = frozen_batchnorm
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        super().train(mode)
+        if mode and self.frozen_batchnorm:
+            for module in self.encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    @property
+    def spec(self) -> dict:
+        return self.encoder.spec
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.encoder.encode_image(image, normalize=normalize)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.head(self.encoder.encode_image(image)),)  # (B, classes) logits, as a tuple like every task's outputs
+
+
+# ---------------------------------------------------------------- starting points
+
+
+def starting_encoder(checkpoint: str, pretrained: str | None = None, image_size: int | None = None) -> tuple[dict, dict]:
+    """(encoder spec, encoder state dict in ``ImageEncoder``'s layout) of any image checkpoint.
+
+    ``checkpoint``: a SimCLR run (or weights file), a CLIP run (its image tower), an open_clip model name with a
+    local ``pretrained`` file, a fine-tuned classifier (its encoder), or ``timm:NAME`` with ``pretrained`` in
+    timm's layout (at ``image_size``, default its pretrained input size).
+    """
+    model, _, _ = models.load(checkpoint, pretrained=pretrained, image_size=image_size)
+    if isinstance(model, ImageClassifier):
+        return model.spec, model.encoder.state_dict()
+    if isinstance(model, models.ImageEncoder):
+        return model.spec, model.state_dict()
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        raise UsageError(f"{checkpoint} has no image tower to fine-tune")
+    if image_size is not None:
+        raise UsageError("--image-size applies to timm:NAME encoders; a CLIP image tower takes its own size")
+    target = Path(checkpoint)
+    config = (target if target.is_dir() else target.parent) / models.MODEL_CONFIG_FILE if target.exists() else checkpoint
+    spec = models.image_encoder_spec(str(config), {}, cifar_stem=False)  # the CLIP config's vision tower alone
+    return spec, {f"backbone.{k}": v for k, v in visual.state_dict().items()}
+
+
+@torch.inference_mode()
+def probe_head(features: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(weight (C, d), bias (C,)) of a logistic-regression probe on raw (not normalised) features: LP-FT's start.
+
+    The regularisation is chosen by cross-validation (``fewshot.logistic_probe``'s C grid); classes absent from
+    ``labels`` get zero rows."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.preprocessing import StandardScaler
+
+    from mmcontrast.fewshot import PROBE_CS
+
+    scaler = StandardScaler().fit(features)
+    folds = int(min(5, np.bincount(labels)[np.unique(labels)].min()))
+    clf = LogisticRegressionCV(Cs=list(PROBE_CS), cv=max(folds, 2), scoring="accuracy", max_iter=3000, random_state=seed)
+    clf.fit(scaler.transform(features), labels)
+    # fold the standardisation into the head: w·((x − μ)/σ) + b = (w/σ)·x + (b − w·μ/σ)
+    coef = clf.coef_ / scaler.scale_
+    intercept = clf.intercept_ - coef @ scaler.mean_
+    if coef.shape[0] == 1:  # two classes: sklearn keeps one row (for the second class)
+        coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    weight, bias = np.zeros((n_classes, features.shape[1])), np.zeros(n_classes)
+    weight[clf.classes_], bias[clf.classes_] = coef, intercept
+    return weight.astype(np.float32), bias.astype(np.float32)
+
+
+def zero_shot_head(checkpoint: str, pretrained: str | None, classes: Sequence[str], templates: str,
+                   feature_norms: float) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, bias) of a head that scores a feature by its cosine with each class name's text embedding (the
+    zero-shot classifier), scaled for raw features of mean norm ``feature_norms``. Needs a CLIP checkpoint."""
+    from mmcontrast.evaluate import prompt_name
+    from mmcontrast.zeroshot import ZeroShotClassifier
+
+    model, _, tokenizer = models.load(checkpoint, pretrained=pretrained)
+    if tokenizer is None or not hasattr(model, "encode_text"):
+        raise UsageError(f"--init zero-shot needs a CLIP checkpoint (a text tower for the class names); {checkpoint} has none: "
+                         "use --init probe")
+    zs = ZeroShotClassifier(model, tokenizer, [prompt_name(c) for c in classes], templates)
+    weight = zs.class_embeddings.cpu().numpy() * zs.logit_scale / max(feature_norms, 1e-12)
+    return weight.astype(np.float32), np.zeros(len(classes), dtype=np.float32)
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_start(path: Path, spec: dict, encoder_state: dict, classes: Sequence[str],
+                head: tuple[np.ndarray, np.ndarray] | None, seed: int = 0) -> Path:
+    """The starting weights of a fine-tuning run (encoder + head) as one safetensors file; ``head=None``: random."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = ImageClassifier(spec, classes)
+    model.encoder.load_state_dict(encoder_state)
+    if head is not None:
+        with torch.no_grad():
+            model.head.weight.copy_(torch.from_numpy(head[0]))
+            model.head.bias.copy_(torch.from_numpy(head[1]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def classifier_config(spec: dict, classes: Sequence[str]) -> dict:
+    """What ``model_config.json`` holds for a classifier run."""
+    return {CLASSIFIER_KEY: {"encoder": spec, "classes": list(classes)}}
+
+
+def save_classifier_files(model: ImageClassifier, out_dir: str | Path, weights: bool = True,
+                          state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``model_config.json`` and (``weights``) ``model.safetensors``: encoder and head."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / models.MODEL_CONFIG_FILE).write_text(json.dumps(classifier_config(model.spec, model.classes), indent=2))
+    if weights:
+        models.atomic_save(save_file, models.state_dict_for_file(model, state_dict), out / models.WEIGHTS_FILE)
+
+
+def load_classifier(cfg: dict, weights: Path | None, device: str) -> tuple[ImageClassifier, Callable, None]:
+    """``(classifier, preprocess, None)`` from a ``model_config.json`` dict and its weights (None: random)."""
+    entry = cfg[CLASSIFIER_KEY]
+    model = ImageClassifier(entry["encoder"], entry["classes"])
+    if weights is not None:
+        state = models.strip_wrapper_prefixes(models.load_weights_file(weights))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise UsageError(f"{weights} does not match its classifier config: {str(err).splitlines()[0][:300]}") from None
+    return model.to(device).eval(), models.image_eval_transform(entry["encoder"]), None
+
+
+@torch.inference_mode()
+def predict(model: ImageClassifier, preprocess: Callable, paths: Sequence[Path], batch_size: int = 128,
+            workers: int = 0, progress: bool = False, on_batch=None):
+    """``(EncodedImages of the readable paths, probabilities (n_ok, classes))`` — softmax of the head's logits."""
+    from mmcontrast.evaluate import encode_images
+
+    logits_model = _LogitsAsFeatures(model)
+    encoded = encode_images(logits_model, preprocess, paths, batch_size, workers, progress=progress, desc="predict",
+                            on_batch=on_batch, normalize=False)
+    return encoded, encoded.features.softmax(dim=1)
+
+
+class _LogitsAsFeatures(nn.Module):
+    """The classifier seen through ``encode_image``: the head's logits are the "features" (evaluate's encoding path)."""
+
+    def __init__(self, model: ImageClassifier):
+        super().__init__()
+        self.model = model
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        # the encoder may run in bf16 (evaluate.encoders_in_precision); the logits are float32, as every score is
+        head = self.model.head
+        return nn.functional.linear(self.model.encode_image(image).float(), head.weight.float(), head.bias.float())
+
+
+# ---------------------------------------------------------------- during training: keep the best
+
+
+def keep_best(preprocess: Callable, val_dir: str | Path, classes: Sequence[str], out_dir: str | Path) -> Callable[[nn.Module], dict]:
+    """The classify task's in-loop evaluation: top-1 and mean per-class recall on ``val_dir`` (class folders); when
+    top-1 beats every earlier evaluation (``best.json``, so a resumed run remembers), the weights are written to
+    ``best.safetensors``, which the export then uses. Folders missing from ``classes`` are a UsageError now."""
+    from safetensors.torch import save_file
+
+    from mmcontrast.evaluate import class_folders, classification_metrics
+
+    paths, names = class_folders(val_dir)
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise UsageError(f"validation classes {', '.join(unknown)} are not among the training classes {', '.join(classes)}")
+    targets = [list(classes).index(n) for n in names]
+    out = Path(out_dir)
+
+    def evaluate(model: nn.Module) -> dict:
+        encoded, probs = predict(model, preprocess, paths)
+        metrics = classification_metrics(probs, [targets[i] for i in encoded.ok], list(classes))
+        record = out / BEST_RECORD_FILE
+        best = json.loads(record.read_text())["val_top1"] if record.is_file() else -1.0
+        if metrics["top1"] > best:
+            models.atomic_save(save_file, models.state_dict_for_file(model), out / BEST_WEIGHTS_FILE)
+            record.write_text(json.dumps({"val_top1": metrics["top1"], "mean_per_class_recall": metrics.get("mean_per_class_recall")}))
+        return {"eval/val_top1": metrics["top1"], "eval/best_val_top1": max(best, metrics["top1"])}
+
+    return evaluate
