@@ -225,29 +225,40 @@ BatchTimes = Callable[[float, float], None]  # (seconds decoding a batch, second
 
 
 @torch.inference_mode()
+def encode_image_batch(model: nn.Module, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """``(b, d)`` float32 features on CPU of a batch of preprocessed images ``(b, 3, H, W)``, L2-normalised unless asked
+    otherwise: the one place an image batch meets ``model.encode_image``."""
+    device = next(model.parameters()).device
+    features = model.encode_image(images.to(device, non_blocking=True)).float()
+    return (nn.functional.normalize(features, dim=-1) if normalize else features).cpu()
+
+
+@torch.inference_mode()
 def encode_images(model: nn.Module, preprocess: Callable, paths: Sequence[Path], batch_size: int = DEFAULT_BATCH_SIZE,
                   workers: int = DEFAULT_WORKERS, normalize: bool = True, progress: bool = False,
-                  desc: str = "images", on_batch: BatchTimes | None = None) -> EncodedImages:
+                  desc: str = "images", on_batch: BatchTimes | None = None, bar: tqdm | None = None) -> EncodedImages:
     """Run ``model.encode_image`` over image files (CLIP or image-only encoders).
 
     ``on_batch(decode_seconds, encode_seconds)`` is called after each batch (the CLI balances CPU threads with it).
+    ``bar``: a progress bar of the caller's to advance instead of one of its own (one bar over several calls).
     """
     device = next(model.parameters()).device
     ok: list[int] = []
     errors: dict[int, str] = {}
     chunks: list[torch.Tensor] = []
     loader = image_batches(paths, preprocess, batch_size, workers, pin_memory=device.type == "cuda")
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
-        for batch in loader:
-            errors.update(batch.errors)
-            if batch.images is not None:
-                start = time.perf_counter()
-                features = model.encode_image(batch.images.to(device, non_blocking=True)).float()
-                chunks.append((nn.functional.normalize(features, dim=-1) if normalize else features).cpu())
-                if on_batch is not None:
-                    on_batch(batch.decode_seconds, time.perf_counter() - start)
-                ok.extend(batch.indices)
-            bar.update(len(batch.indices) + len(batch.errors))
+    own_bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) if bar is None else None
+    for batch in loader:
+        errors.update(batch.errors)
+        if batch.images is not None:
+            start = time.perf_counter()
+            chunks.append(encode_image_batch(model, batch.images, normalize))
+            if on_batch is not None:
+                on_batch(batch.decode_seconds, time.perf_counter() - start)
+            ok.extend(batch.indices)
+        (bar or own_bar).update(len(batch.indices) + len(batch.errors))
+    if own_bar is not None:
+        own_bar.close()
     features = torch.cat(chunks) if chunks else torch.empty(0, 0)
     return EncodedImages(list(paths), features, ok, errors)
 
@@ -367,16 +378,18 @@ def sample_captions(sample: dict) -> list[str]:
     return []
 
 
-def _decode_retrieval_sample(sample: dict, preprocess: Callable) -> dict:
+def _decode_retrieval_sample(sample: dict, preprocess: Callable, need_caption: bool = True) -> dict:
     image_key = next((k for k in IMAGE_FIELDS if k in sample), None)
     captions = sample_captions(sample)
     out = {"key": sample.get("__key__", ""), "image": None, "captions": captions, "error": None,
-           "fields": sorted(k for k in sample if not k.startswith("__"))}
-    if image_key is None or not captions:
+           "fields": sorted(k for k in sample if not k.startswith("__")),
+           "nbytes": len(sample[image_key]) if image_key else 0, "size": (0, 0)}
+    if image_key is None or (need_caption and not captions):
         out["error"] = "no image field" if image_key is None else "no caption"
         return out
     try:
-        out["image"] = preprocess(decode_image(sample[image_key]))
+        image = decode_image(sample[image_key])
+        out["image"], out["size"] = preprocess(image), image.size
     except ImageDecodeError as err:  # a corrupt image is counted, not fatal
         out["error"] = str(err)
     return out
@@ -387,12 +400,14 @@ def _collate_samples(batch: list[dict]) -> list[dict]:
 
 
 def iter_caption_samples(urls: Sequence[str], preprocess: Callable, batch_size: int = DEFAULT_BATCH_SIZE,
-                         workers: int = DEFAULT_WORKERS) -> Iterator[list[dict]]:
-    """Batches of decoded shard samples (dicts with key, image tensor or None, captions, error, fields)."""
+                         workers: int = DEFAULT_WORKERS, need_caption: bool = True) -> Iterator[list[dict]]:
+    """Batches of decoded shard samples (dicts with key, image tensor or None, captions, error, fields, nbytes of
+    the encoded image, its (width, height)). A sample without a caption is an error entry unless ``need_caption`` is False."""
     import webdataset as wds
 
+    decode = partial(_decode_retrieval_sample, preprocess=preprocess, need_caption=need_caption)
     dataset = wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, empty_check=False,
-                             handler=wds.warn_and_continue).map(partial(_decode_retrieval_sample, preprocess=preprocess))
+                             handler=wds.warn_and_continue).map(decode)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=min(workers, len(urls)), collate_fn=_collate_samples)
     yield from loader
 
@@ -409,7 +424,6 @@ def evaluate_retrieval(model: nn.Module, preprocess: Callable, tokenizer: Callab
     """
     if tokenizer is None or not hasattr(model, "encode_text"):
         raise UsageError("retrieval needs a text tower; this checkpoint is an image-only encoder")
-    device = next(model.parameters()).device
     image_chunks: list[torch.Tensor] = []
     captions: list[str] = []
     owner: list[int] = []  # image index of each caption
@@ -425,8 +439,7 @@ def evaluate_retrieval(model: nn.Module, preprocess: Callable, tokenizer: Callab
                     skipped[reason] = skipped.get(reason, 0) + 1
             good = [sample for sample in batch if sample["image"] is not None]
             if good:
-                images = torch.stack([sample["image"] for sample in good]).to(device)
-                image_chunks.append(nn.functional.normalize(model.encode_image(images).float(), dim=-1).cpu())
+                image_chunks.append(encode_image_batch(model, torch.stack([sample["image"] for sample in good])))
                 for sample in good:
                     captions.extend(sample["captions"])
                     owner.extend([n_images] * len(sample["captions"]))
