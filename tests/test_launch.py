@@ -162,6 +162,7 @@ exit $rc
 """
 
 
+@pytest.mark.slow  # two 'nodes' of two processes, then a requeue: ~30 s quiet; CI keeps the fast launch tests
 def test_the_slurm_script_trains_on_two_nodes_and_resumes_when_requeued(tiny_shards, tmp_path):
     import socket
 

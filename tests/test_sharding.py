@@ -37,7 +37,7 @@ def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("accum", ["1", "2"])
+@pytest.mark.parametrize("accum", ["1", pytest.param("2", marks=pytest.mark.slow)])  # accum 2: -m slow (gradcache is tested on DDP in CI)
 def test_fsdp_gives_ddps_losses_step_by_step(tiny_shards, tmp_path, accum):
     ddp = two_processes(tiny_shards, tmp_path / "ddp", "--steps", "3", "--accum-steps", accum)
     fsdp = two_processes(tiny_shards, tmp_path / "fsdp", "--steps", "3", "--accum-steps", accum, "--set", "train.fsdp=true")

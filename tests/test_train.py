@@ -243,6 +243,7 @@ def test_a_step_never_waits_for_the_device(simclr_step, monkeypatch):
     assert not torch.equal(model.state_dict()["head.0.weight"], before["head.0.weight"])  # it did step
 
 
+@pytest.mark.slow  # inductor compiles for over a minute on 2 cores; run with -m slow
 def test_a_compiled_run_matches_eager_and_writes_plain_keys(tiny_shards, tmp_path):
     """train.compile (torch.compile, inductor) with gradient caching: the first step's loss is eager's, and
     nothing written carries the compile wrapper's ``_orig_mod.`` prefix."""
