@@ -102,6 +102,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # max global grad norm; 0 switches clipping off
     lr_scale: dict = field(default_factory=dict)  # lr multiplier per kind of parameter: image, text, logit_scale, head
+    layer_decay: float = 1.0  # 1: off. A layer's lr is multiplied by layer_decay ** (its depth below its tower's top)
 
 
 @dataclass
@@ -117,6 +118,8 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters, gradients and optimizer state across processes (FSDP2, mmcontrast.sharding)
     resume: bool = False
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    ema_decay: float = 0.0  # 0: off. A moving average of the weights (mmcontrast.ema): measured, exported as the model
+    ema_warmup: bool = True  # the decay is min(ema_decay, (1 + step) / (10 + step)): the start is forgotten quickly
 
 
 @dataclass
@@ -318,6 +321,10 @@ def validate(cfg: Config) -> None:
     unknown_kinds = sorted(set(cfg.optim.lr_scale) - {"image", "text", "logit_scale", "head"})
     if unknown_kinds or any(not isinstance(v, (int, float)) or v < 0 for v in cfg.optim.lr_scale.values()):
         raise UsageError(f"optim.lr_scale maps image, text, logit_scale or head to a multiplier >= 0, got {cfg.optim.lr_scale}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise UsageError(f"train.ema_decay is 0 (off) or a decay in (0, 1) such as 0.999, got {cfg.train.ema_decay}")
+    if not 0 < cfg.optim.layer_decay <= 1:
+        raise UsageError(f"optim.layer_decay is in (0, 1] (1: every layer at the full lr; 0.75 is typical), got {cfg.optim.layer_decay}")
     if cfg.log.eval_every and not cfg.log.eval_images:
         raise UsageError("log.eval_every needs log.eval_images: a folder of class subfolders")
     if cfg.log.eval_every and cfg.mode == "simclr" and not cfg.log.eval_train_images:
@@ -343,12 +350,13 @@ def to_dict(cfg: Config) -> dict:
 
 
 # Fields whose value a checkpoint depends on: what the weights are (mode, model), what the optimizer state
-# is (optim.name, mixed precision's scaler), and what the stored data position means (batch, accumulation,
+# is (optim.name and its groups: optim.layer_decay; mixed precision's scaler), and what the stored data position means (batch, accumulation,
 # seed, workers, shuffling). ``--resume`` refuses a change in any of them; everything else (learning rate,
 # log cadence, more steps) may change and is recorded in config.yaml.
 RESUME_IDENTITY = (
     "mode", "model", "train.batch_size", "train.accum_steps", "train.seed", "train.mixed_precision", "train.fsdp",
     "data.workers", "data.shuffle_buffer", "data.resampled", "data.num_samples", "data.upsampling_factors", "optim.name",
+    "optim.layer_decay",
 )
 
 
@@ -364,8 +372,11 @@ def identity(cfg: Config) -> dict:
 
 
 def resume_conflict(saved: dict, now: dict) -> tuple[str, Any, Any] | None:
-    """(dotted field, saved value, value now) of the first field that differs between two ``identity`` dicts."""
+    """(dotted field, saved value, value now) of the first field that differs between two ``identity`` dicts.
+    A field the saved one lacks was added to the schema after the checkpoint was written: not a change."""
     for key in sorted(saved.keys() | now.keys()):
+        if key not in saved:
+            continue
         a, b = saved.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             inner = resume_conflict(a, b)

@@ -146,22 +146,62 @@ def _check_pretrained(pretrained: str | None) -> None:
 def create_clip(name: str, pretrained: str | None = None, aug_cfg: dict | None = None, model_kwargs: dict | None = None) -> ClipBundle:
     """Build an open_clip model (random init, or ``pretrained`` local weights) with transforms and tokenizer.
 
+    ``pretrained``: an open_clip checkpoint file (its trainer's ``epoch_N.pt``, a hub ``open_clip_model.safetensors``,
+    a ``state_dict`` in a ``.pt``/``.bin``), an mmcontrast run's ``model.safetensors``, or the run dir itself.
     ``model_kwargs`` override top-level fields of the model config (e.g. ``init_logit_scale``).
     """
     oc = _open_clip()
     key, cfg = resolve_model(name)
-    _check_pretrained(pretrained)
-    try:
-        with _quiet_model_creation(random_init=pretrained is None):
-            model, preprocess_train, preprocess_val = oc.create_model_and_transforms(
-                key, pretrained=pretrained, aug_cfg=aug_cfg, weights_only=True, **(model_kwargs or {})
-            )
-    except (RuntimeError, ValueError, KeyError) as err:
-        if pretrained:
-            raise UsageError(f"{pretrained} is not a checkpoint of model {key}: {str(err).splitlines()[0][:300]}") from None
-        raise
+    weights = _pretrained_file(pretrained)
+    with _quiet_model_creation(random_init=True):
+        # with weights to load, the towers' own pretrained weights (a HuggingFace text model's) are not loaded first
+        model, preprocess_train, preprocess_val = oc.create_model_and_transforms(
+            key, aug_cfg=aug_cfg, weights_only=True, **({"pretrained_text": False} if weights else {}), **(model_kwargs or {})
+        )
+    if weights is not None:
+        load_clip_weights(model, weights, key)
     tokenizer = oc.get_tokenizer(key)
     return ClipBundle(model, preprocess_train, preprocess_val, tokenizer, cfg, key)
+
+
+def _pretrained_file(pretrained: str | None) -> Path | None:
+    """The weights file ``pretrained`` names: a file, or a run dir's ``model.safetensors``."""
+    if not pretrained:
+        return None
+    if Path(pretrained).is_dir() and (Path(pretrained) / WEIGHTS_FILE).is_file():
+        return Path(pretrained) / WEIGHTS_FILE
+    _check_pretrained(pretrained)
+    return Path(pretrained)
+
+
+def first_difference(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], names: tuple[str, str] = ("the model", "the file")) -> str | None:
+    """What first tells two state dicts' architectures apart (in ``expected``'s order: a missing tensor or another
+    shape, then a tensor only ``got`` has), or None when they hold the same names and shapes."""
+    for key, tensor in expected.items():
+        if key not in got:
+            return f"{key} is in {names[0]} but not in {names[1]}"
+        if tuple(got[key].shape) != tuple(tensor.shape):
+            return f"{key} has shape {list(tensor.shape)} in {names[0]} but {list(got[key].shape)} in {names[1]}"
+    extra = next((key for key in got if key not in expected), None)
+    return None if extra is None else f"{extra} is in {names[1]} but not in {names[0]}"
+
+
+def load_clip_weights(model: nn.Module, path: Path, model_name: str) -> None:
+    """Load ``path`` into an open_clip model with open_clip's own loader (its key conversions, position-embedding
+    resizing); a file of another architecture is a UsageError naming the first tensor that differs."""
+    from open_clip.factory import load_checkpoint
+
+    try:
+        load_checkpoint(model, str(path), weights_only=True)
+        return
+    except Exception as err:  # whatever the file made open_clip's loader raise: diagnosed below
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:300]
+    try:
+        reason = first_difference(model.state_dict(), load_weights_file(path)) or reason
+    except UsageError:
+        raise  # not a checkpoint at all: its message names the file
+    raise UsageError(f"pretrained weights {path} are not a checkpoint of model {model_name}: {reason}. Give weights of "
+                     "the same architecture (model.name / --model), e.g. a run of it or an open_clip checkpoint of it")
 
 
 @contextlib.contextmanager
@@ -193,6 +233,73 @@ def lock_towers(model: nn.Module, lock_image: bool, image_unlocked_groups: int, 
         model.lock_image_tower(unlocked_groups=image_unlocked_groups, freeze_bn_stats=True)
     if lock_text:
         model.lock_text_tower(unlocked_layers=text_unlocked_layers)
+
+
+# ---------------------------------------------------------------- layer-wise learning rates
+
+# Parameter-name components of what sits below a transformer's first block: patch/token embeddings, class and
+# position embeddings, the pre-norm (open_clip's ViT and text tower, HuggingFace's ``embeddings``, timm's names)
+EMBEDDING_NAMES = frozenset({"conv1", "class_embedding", "positional_embedding", "ln_pre", "token_embedding", "embeddings",
+                             "patch_embed", "cls_token", "pos_embed", "reg_token", "embed_tokens", "wte", "wpe"})
+
+
+def _timm_trunks(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost timm models inside ``model`` by name prefix (open_clip's ``visual.trunk``, an ImageEncoder's
+    ``backbone``): timm's ``group_matcher`` knows their layers, stems and stages included."""
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "group_matcher") and hasattr(module, "pretrained_cfg") and not any(
+                name.startswith(f"{outer}.") or not outer for outer in found):
+            found[name] = module
+    return found
+
+
+def _block_stacks(model: nn.Module, skip: tuple[str, ...]) -> dict[str, int]:
+    """Prefix -> number of blocks of every list of repeated blocks (a ``ModuleList``, or a ``Sequential`` of one
+    class) outside the ``skip`` prefixes: open_clip's ``transformer.resblocks``, HuggingFace's ``encoder.layer``."""
+    stacks = {}
+    for name, module in model.named_modules():
+        children = list(module.children())
+        repeated = isinstance(module, nn.ModuleList) or (
+            isinstance(module, nn.Sequential) and len(children) > 1 and len({type(c) for c in children}) == 1)
+        if repeated and children and name and not name.startswith(skip) and any(True for _ in module.parameters()):
+            stacks[name] = len(children)
+    return stacks
+
+
+def layer_depths(model: nn.Module, kind_of: Callable[[str], str]) -> dict[str, int]:
+    """Each parameter's depth below the top of its tower, for ``optim.layer_decay`` (BEiT's layer-wise decay).
+
+    A tower is a kind of parameter (``kind_of``: image, text, ...). In a transformer tower (open_clip's ViT and
+    text transformer, a HuggingFace text model) the top (final norm, projection) is 0, block ``i`` of ``L`` is
+    ``L - i`` (the last block 1) and the embeddings below the first block (``EMBEDDING_NAMES``) ``L + 1``; the tower's
+    blocks are its longest list of repeated blocks. A timm model is grouped by its own ``group_matcher``: its last
+    group is 0. Kinds without blocks (``logit_scale``, a classifier head) are 0.
+    """
+    from timm.models import group_parameters
+
+    names = [n for n, _ in model.named_parameters()]
+    depths = dict.fromkeys(names, 0)
+    trunks = _timm_trunks(model)
+    for prefix, trunk in trunks.items():
+        ids = group_parameters(trunk, trunk.group_matcher(coarse=False), reverse=True)
+        top = max(ids.values(), default=0)
+        depths.update({f"{prefix}.{n}" if prefix else n: top - i for n, i in ids.items()})
+    skip = tuple(f"{p}." for p in trunks)
+    longest: dict[str, tuple[str, int]] = {}  # kind -> (prefix, blocks) of its longest stack
+    for prefix, n_blocks in _block_stacks(model, skip).items():
+        kind = kind_of(next(n for n in names if n.startswith(f"{prefix}.")))
+        if n_blocks > longest.get(kind, ("", 0))[1]:
+            longest[kind] = (prefix, n_blocks)
+    for name in names:
+        if name.startswith(skip) or kind_of(name) not in longest:
+            continue
+        prefix, n_blocks = longest[kind_of(name)]
+        if name.startswith(f"{prefix}."):
+            depths[name] = n_blocks - int(name[len(prefix) + 1:].split(".")[0])
+        elif EMBEDDING_NAMES.intersection(name.split(".")):
+            depths[name] = n_blocks + 1
+    return depths
 
 
 # ---------------------------------------------------------------- image-only encoders (SimCLR)

@@ -1,7 +1,8 @@
 """Optimisers and learning-rate schedules for contrastive training.
 
 Owns: parameter groups (no weight decay on biases, norm gains, embeddings' gains, ``logit_scale``
-and ``logit_bias``, as CLIP does), AdamW, LARS (SimCLR's optimiser, with the same exclusions from
+and ``logit_bias``, as CLIP does; learning-rate multipliers per kind of parameter and per layer, and the
+table of what each gets), AdamW, LARS (SimCLR's optimiser, with the same exclusions from
 both weight decay and the trust ratio), and the warmup + cosine schedule. The schedule is a pure
 function of the optimizer step, so resuming needs nothing but that step.
 """
@@ -22,19 +23,61 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict | None = None,
-                 kind_of: Callable[[str], str] | None = None) -> list[dict]:
-    """Groups by weight decay (none for ``_no_decay`` tensors) and, with ``lr_scale``, by kind of parameter:
-    ``kind_of(name)`` names it (``image``, ``text``, ``logit_scale``, ``head``: the task knows) and the group's
-    ``lr_scale`` multiplies the scheduled learning rate (``set_lr``)."""
-    lr_scale = lr_scale or {}
+                 kind_of: Callable[[str], str] | None = None, layer_decay: float = 1.0,
+                 depth_of: Callable[[str], int] | None = None) -> list[dict]:
+    """Groups by weight decay (none for ``_no_decay`` tensors) and by learning-rate multiplier, the group's
+    ``lr_scale`` (``set_lr`` multiplies the scheduled learning rate by it): ``lr_scale[kind_of(name)]`` per kind of
+    parameter (``image``, ``text``, ``logit_scale``, ``head``: the task knows) times ``layer_decay ** depth_of(name)``,
+    the depth below the top of its tower (``models.layer_depths``). Tensors with equal multipliers share a group."""
     groups: dict[tuple[bool, float], list] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        scale = float(lr_scale.get(kind_of(name), 1.0)) if kind_of and lr_scale else 1.0
-        groups.setdefault((_no_decay(name, param), scale), []).append(param)
+        if param.requires_grad:
+            groups.setdefault((_no_decay(name, param), lr_multiplier(name, lr_scale, kind_of, layer_decay, depth_of)), []).append(param)
     return [{"params": params, "weight_decay": 0.0 if excluded else weight_decay, "lars_exclude": excluded, "lr_scale": scale}
             for (excluded, scale), params in sorted(groups.items(), key=lambda item: (item[0][0], -item[0][1]))]
+
+
+def lr_multiplier(name: str, lr_scale: dict | None, kind_of: Callable[[str], str] | None, layer_decay: float = 1.0,
+                  depth_of: Callable[[str], int] | None = None) -> float:
+    """What parameter ``name``'s learning rate is multiplied by: its kind's ``lr_scale`` times ``layer_decay`` to
+    the power of its depth (see ``param_groups``)."""
+    scale = float(lr_scale.get(kind_of(name), 1.0)) if kind_of and lr_scale else 1.0
+    if layer_decay != 1.0 and depth_of is not None:
+        scale *= layer_decay ** depth_of(name)
+    return scale
+
+
+def lr_table(model: nn.Module, optimizer: torch.optim.Optimizer, kind_of: Callable[[str], str],
+             depth_of: Callable[[str], int] | None = None) -> list[dict]:
+    """What the optimizer gives each kind and depth of parameter: rows ``{kind, depth, tensors, params, lr,
+    weight_decay}`` (``lr``: the group's current ``lr``; after ``set_lr(optimizer, lr, 1.0)`` the peak),
+    read from the optimizer's groups, top of each tower first."""
+    group_of = {id(p): g for g in getattr(optimizer, "optimizer", optimizer).param_groups for p in g["params"]}
+    rows: dict[tuple[str, int], dict] = {}
+    for name, param in model.named_parameters():
+        group = group_of.get(id(param))
+        if group is None:  # frozen (a locked tower)
+            continue
+        kind, depth = kind_of(name), depth_of(name) if depth_of else 0
+        row = rows.setdefault((kind, depth), {"kind": kind, "depth": depth, "tensors": 0, "params": 0, "lr": set(), "weight_decay": set()})
+        row["tensors"] += 1
+        row["params"] += param.numel()
+        row["lr"].add(group["lr"])
+        row["weight_decay"].add(group["weight_decay"])
+    for row in rows.values():
+        row["lr"] = row["lr"].pop() if len(row["lr"]) == 1 else sorted(row["lr"])
+        row["weight_decay"] = sorted(row["weight_decay"])
+    return [rows[key] for key in sorted(rows)]
+
+
+def format_lr_table(rows: list[dict]) -> str:
+    """``lr_table``'s rows as aligned text, one line per kind and depth."""
+    lines = [f"{'kind':<12} {'depth':>5} {'tensors':>7} {'params':>11} {'peak lr':>10}  weight decay"]
+    for r in rows:
+        lr = r["lr"] if isinstance(r["lr"], list) else [r["lr"]]
+        lines.append(f"{r['kind']:<12} {r['depth']:>5} {r['tensors']:>7} {r['params']:>11,} {'/'.join(f'{x:.3g}' for x in lr):>10}  "
+                     + "/".join(f"{w:g}" for w in r["weight_decay"]))
+    return "\n".join(lines)
 
 
 class LARS(torch.optim.Optimizer):
@@ -78,10 +121,12 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: list, eps: float, momentum: float,
-                    lr_scale: dict | None = None, kind_of: Callable[[str], str] | None = None):
+                    lr_scale: dict | None = None, kind_of: Callable[[str], str] | None = None, layer_decay: float = 1.0,
+                    depth_of: Callable[[str], int] | None = None):
     """AdamW (torch's fused kernel: fastest on GPUs, and it skips a step on the device when its ``found_inf``
-    attribute is set) or LARS, with ``param_groups`` (``lr_scale``/``kind_of``: per-kind learning rates)."""
-    groups = _one_kind_per_group(param_groups(model, weight_decay, lr_scale, kind_of))
+    attribute is set) or LARS, with ``param_groups`` (``lr_scale``/``kind_of``: per-kind learning rates;
+    ``layer_decay``/``depth_of``: layer-wise ones)."""
+    groups = _one_kind_per_group(param_groups(model, weight_decay, lr_scale, kind_of, layer_decay, depth_of))
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for g in groups:

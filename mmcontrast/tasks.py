@@ -79,6 +79,7 @@ class Task:
     advice: str = CLIP_ADVICE  # what to try when the run sits at chance
     monitor: Callable[[list], dict] | None = None  # a log step's numbers from its outputs; None: the contrastive monitors
     param_kind: Callable[[str], str] = lambda name: "image"  # parameter name -> its optim.lr_scale key
+    param_depth: Callable[[str], int] | None = None  # parameter name -> depth below its tower's top (optim.layer_decay)
 
     @property
     def pairs_are_views(self) -> bool:

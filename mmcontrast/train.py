@@ -2,9 +2,11 @@
 
 Owns the loop from config to run dir, read top to bottom in ``train``: set-up (run dir, Accelerate,
 seeds, the mode's ``Task``, optimizer, the ``Feed`` of data), then per optimizer step the next group of
-K micro-batches, their gradients (``gradcache.step_gradients``), the optimizer step (``train_step``),
-a log record every ``log.every`` steps (``StepLog``) and a checkpoint every ``log.checkpoint_every``;
-at the end the export. Devices, processes and mixed precision are Accelerate's; what differs between
+K micro-batches, their gradients (``gradcache.step_gradients``), the optimizer step (``train_step``; with
+``train.ema_decay`` also the moving average of the weights, ``mmcontrast.ema``, which measurements and the
+export then use), a log record every ``log.every`` steps (``StepLog``) and a checkpoint every
+``log.checkpoint_every``; at the end the export. The learning rate of every kind and depth of parameter
+(``optim.lr_scale``, ``optim.layer_decay``) is printed once at start-up (``--print-lr-groups``: only that). Devices, processes and mixed precision are Accelerate's; what differs between
 modes is the ``Task`` (``mmcontrast.tasks``); checkpoints are ``mmcontrast.checkpoint``; epochs and data
 positions are ``mmcontrast.feed``.
 
@@ -42,6 +44,7 @@ from mmcontrast.config import (
     set_value,
     validate,
 )
+from mmcontrast.ema import WeightEma
 from mmcontrast.errors import TrainingError, UsageError, run_user_command
 
 # ---------------------------------------------------------------- command line
@@ -71,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("clip", "simclr"))
     p.add_argument("--model", help="open_clip model name or model-config JSON (simclr also: timm:NAME)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE", help="any other config field")
+    p.add_argument("--print-lr-groups", action="store_true",
+                   help="print the peak learning rate of every kind and depth of parameter (optim.lr_scale, optim.layer_decay) and exit")
     return p
 
 
@@ -107,6 +112,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> Config:
     if args.resume:
         cfg.train.resume = True
     apply_overrides(cfg, args.overrides)
+    if args.print_lr_groups:  # nothing is read or written: what only a run needs may be left out
+        cfg.train.output_dir, cfg.data.train_shards = cfg.train.output_dir or "-", cfg.data.train_shards or "-"
+        if cfg.train.steps is None and cfg.train.epochs is None:
+            cfg.train.steps = 1
     validate(cfg)
     return cfg
 
@@ -115,6 +124,9 @@ def _run(argv: list[str]) -> int:
     from mmcontrast import launch
 
     cfg = config_from_args(argv)
+    if build_parser().parse_args(argv).print_lr_groups:
+        print_lr_groups(cfg)
+        return 0
     n_cpu_processes, threads = launch.requested_cpu_processes()
     if n_cpu_processes > 1:  # accelerate launch --cpu --num_processes N started only us: torchrun starts the N
         from mmcontrast.shards import check_fields, expand_sources
@@ -248,12 +260,14 @@ def _grad_norm(accelerator, model, grad_clip: float) -> torch.Tensor:
 
 
 def train_step(accelerator, task, model, optimizer, micro: list[dict], grad_clip: float,
-               holding: Holding | None = None) -> tuple[torch.Tensor, list, torch.Tensor]:
-    """Gradients of one step over ``micro``, then the optimizer step unless the gradient is not finite.
+               holding: Holding | None = None, ema: WeightEma | None = None, step: int = 0) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """Gradients of one step over ``micro``, then the optimizer step unless the gradient is not finite, then the
+    moving average of the weights (``ema``, after optimizer step ``step``) when there is one.
 
     Returns the detached loss, this process's embeddings (for the log) and whether the step was taken
     (a 0-dim bool on the device). A skipped step leaves no trace: the optimizer does nothing (fused AdamW
-    and LARS read ``found_inf``) and the BatchNorm statistics its forward passes moved are put back.
+    and LARS read ``found_inf``), the BatchNorm statistics its forward passes moved are put back and the
+    average does not move.
     """
     from mmcontrast.gradcache import bn_buffers, step_gradients
 
@@ -267,6 +281,8 @@ def train_step(accelerator, task, model, optimizer, micro: list[dict], grad_clip
     for buffer, before in bn_before:
         buffer.copy_(torch.where(finite, buffer, before))
     task.clamp(holding.bare(model))
+    if ema is not None:
+        ema.update(step, finite)
     return loss, embeddings, finite
 
 
@@ -282,7 +298,7 @@ class StepLog:
 
     def __init__(self, accelerator, task, log_cfg: LogConfig, warmup_steps: int, max_nonfinite_steps: int,
                  metrics_path: Path, trackers: bool, health_batch: Callable[[], dict], validate: Callable | None, progress,
-                 everyone_measures: bool = False, total_steps: int = 0):
+                 everyone_measures: bool = False, total_steps: int = 0, measured_weights: Callable = contextlib.nullcontext):
         from mmcontrast.diagnostics import Alarm
 
         self.accelerator, self.task, self.cfg, self.warmup_steps = accelerator, task, log_cfg, warmup_steps
@@ -291,6 +307,7 @@ class StepLog:
         self.make_health_batch, self.health_batch = health_batch, None  # drawn at the first health step, not at start-up
         self.validate, self.progress = validate, progress
         self.everyone_measures = everyone_measures  # a sharded model's forward passes need every process
+        self.measured_weights = measured_weights  # the context in which the model holds what is measured (the EMA's)
         self.streak = torch.zeros((), dtype=torch.long, device=accelerator.device)  # skipped steps in a row
         self.reset()
 
@@ -365,23 +382,26 @@ class StepLog:
         return record
 
     def _measurements(self, step: int, model, embeddings: list[torch.Tensor]) -> dict:
-        """Batch monitors, health, validation, evaluation: on the first process (on every one for a sharded model)."""
+        """Batch monitors, health, validation, evaluation: on the first process (on every one for a sharded model).
+        Health, validation and evaluation measure the weights ``measured_weights`` puts in (the moving average's)."""
         from mmcontrast.diagnostics import batch_health, batch_monitor
         from mmcontrast.distributed import local_only
         from mmcontrast.models import evaluating
 
         metrics = self.task.monitor(embeddings) if self.task.monitor else batch_monitor(*embeddings, views=self.task.pairs_are_views)
         metrics.update(self.task.scalar_metrics(model))
-        if self._crossed(step, self.cfg.diagnostics_every):
-            self.health_batch = self.health_batch or self.make_health_batch()
-            health = batch_health(self.task.health_pair, model, self.health_batch, views=self.task.pairs_are_views)
-            metrics.update({f"health/{k}": v for k, v in health.items()})
-        if self._crossed(step, self.cfg.val_every):
-            with evaluating(model), local_only():
-                metrics.update(self.validate(model))
-        if self._crossed(step, self.cfg.eval_every):
-            with evaluating(model):
-                metrics.update(self.task.evaluate(model))
+        due = [self._crossed(step, every) for every in (self.cfg.diagnostics_every, self.cfg.val_every, self.cfg.eval_every)]
+        with self.measured_weights() if any(due) else contextlib.nullcontext():
+            if due[0]:
+                self.health_batch = self.health_batch or self.make_health_batch()
+                health = batch_health(self.task.health_pair, model, self.health_batch, views=self.task.pairs_are_views)
+                metrics.update({f"health/{k}": v for k, v in health.items()})
+            if due[1]:
+                with evaluating(model), local_only():
+                    metrics.update(self.validate(model))
+            if due[2]:
+                with evaluating(model):
+                    metrics.update(self.task.evaluate(model))
         return metrics
 
     def _judge(self, record: dict) -> dict:
@@ -548,6 +568,7 @@ def _set_up_model(cfg: Config, accelerator) -> tuple:
 
     set_seed(cfg.train.seed)
     task = build_task(cfg)
+    task.param_depth = _depth_of(task, cfg.optim.layer_decay)
     set_seed(cfg.train.seed, device_specific=True)  # from here on, dropout and drop-path draw differently on every process
     if accelerator.num_processes > 1 and cfg.model.sync_batchnorm:  # per-process statistics let positives find each other
         from mmcontrast.distributed import convert_global_batchnorm
@@ -561,8 +582,60 @@ def _set_up_model(cfg: Config, accelerator) -> tuple:
 
         task.model, holding = shard(task.model, accelerator.device, cfg.train.mixed_precision), ShardedHolding(accelerator)
     o = cfg.optim
-    optimizer = build_optimizer(task.model, o.name, o.lr, o.weight_decay, o.betas, o.eps, o.momentum, o.lr_scale, task.param_kind)
+    optimizer = build_optimizer(task.model, o.name, o.lr, o.weight_decay, o.betas, o.eps, o.momentum, o.lr_scale, task.param_kind,
+                                o.layer_decay, task.param_depth)
     return task, optimizer, holding
+
+
+def _depth_of(task, layer_decay: float) -> Callable[[str], int] | None:
+    """Parameter name -> depth below its tower's top (``models.layer_depths``), when ``optim.layer_decay`` is on;
+    read off the model before it is sharded."""
+    if layer_decay == 1.0:
+        return None
+    from mmcontrast.models import layer_depths
+
+    return layer_depths(task.model, task.param_kind).__getitem__
+
+
+def _print_lr_groups(task, optimizer, base_lr: float, file=sys.stderr) -> None:
+    """The peak learning rate of every kind and depth of parameter, read from the optimizer."""
+    from mmcontrast.optim import format_lr_table, lr_table, set_lr
+
+    set_lr(optimizer, base_lr, 1.0)
+    print(format_lr_table(lr_table(task.model, optimizer, task.param_kind, task.param_depth)), file=file, flush=True)
+
+
+def print_lr_groups(cfg: Config) -> None:
+    """``--print-lr-groups``: build the model and optimizer as the run would and print their learning rates on
+    stdout; nothing is read or written."""
+    from mmcontrast.optim import build_optimizer
+    from mmcontrast.tasks import build_task
+
+    task = build_task(cfg)
+    task.param_depth = _depth_of(task, cfg.optim.layer_decay)
+    o = cfg.optim
+    optimizer = build_optimizer(task.model, o.name, o.lr, o.weight_decay, o.betas, o.eps, o.momentum, o.lr_scale, task.param_kind, o.layer_decay, task.param_depth)
+    _print_lr_groups(task, optimizer, o.lr, file=sys.stdout)
+
+
+def _chained(*steps: Callable[[Path], None] | None) -> Callable[[Path], None] | None:
+    """One ``save_more``/``load_more`` callable doing each of ``steps`` (None: nothing) in turn."""
+    steps = tuple(s for s in steps if s is not None)
+    if not steps:
+        return None
+
+    def run(folder: Path) -> None:
+        for step in steps:
+            step(folder)
+
+    return run
+
+
+def _ema_files(ema: WeightEma | None, accelerator, save: bool) -> Callable[[Path], None] | None:
+    if ema is None:
+        return None
+    method = ema.save if save else ema.load
+    return lambda folder: method(folder, accelerator.process_index)
 
 
 def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config, identity: dict,
@@ -620,6 +693,7 @@ class _Run:
     feed: object
     log: StepLog
     total_steps: int
+    ema: WeightEma | None = None
 
     def checkpoint(self) -> None:
         """Save with every process's data position (gathered) and the counters folded in."""
@@ -631,8 +705,8 @@ class _Run:
         self.log.fold(state)
         state.epoch = self.feed.epoch
         state.data = gather_object([self.feed.position()]) if acc.num_processes > 1 else [self.feed.position()]
-        save_checkpoint(acc, self.model, self.output_dir, asdict(state), self.cfg.log.keep_checkpoints,
-                        save_more=self.holding.save_more(self.model, self.optimizer))
+        save_more = _chained(self.holding.save_more(self.model, self.optimizer), _ema_files(self.ema, acc, save=True))
+        save_checkpoint(acc, self.model, self.output_dir, asdict(state), self.cfg.log.keep_checkpoints, save_more=save_more)
 
 
 def _loop(run: _Run) -> None:
@@ -649,7 +723,7 @@ def _loop(run: _Run) -> None:
             factor = lr_factor(state.step, cfg.optim.warmup_steps, run.total_steps, cfg.optim.min_lr_ratio)
             lr = set_lr(run.optimizer, cfg.optim.lr, factor)
             loss, embeddings, finite = train_step(run.accelerator, run.task, run.model, run.optimizer, micro,
-                                                  cfg.optim.grad_clip, run.holding)
+                                                  cfg.optim.grad_clip, run.holding, run.ema, state.step)
             state.step += 1
             log.add(loss, finite, data_seconds, micro)
             log.progress.update(1)
@@ -659,6 +733,26 @@ def _loop(run: _Run) -> None:
                 run.checkpoint()
         log.progress.close()
         run.checkpoint()
+
+
+def _export(accelerator, task, holding: Holding, model, unwrapped, output_dir: Path, ema: WeightEma | None) -> None:
+    """The run's model files (``task.export``); with a moving average, its weights are ``model.safetensors`` and the
+    trained ones ``model_raw.safetensors``. A sharded model's weights are gathered on the first process (every
+    process takes part)."""
+    from mmcontrast.ema import RAW_WEIGHTS_FILE
+    from mmcontrast.models import WEIGHTS_FILE
+
+    weights = holding.full_weights(model)
+    if accelerator.is_main_process:
+        task.export(unwrapped, output_dir, True, state_dict=weights)
+    if ema is None:
+        return
+    if accelerator.is_main_process:  # every task writes its own layout: the raw export, renamed
+        os.replace(output_dir / WEIGHTS_FILE, output_dir / RAW_WEIGHTS_FILE)
+    with ema.swapped_in():  # written inside: the gathered weights may share storage with the model's (whole tensors)
+        weights = holding.full_weights(model)
+        if accelerator.is_main_process:
+            task.export(unwrapped, output_dir, True, state_dict=weights)
 
 
 @contextlib.contextmanager
@@ -694,8 +788,11 @@ def _train(cfg: Config, output_dir: Path, sources, trackers: list, accelerator, 
     total_steps = cfg.train.steps or cfg.train.epochs * per_epoch
     validate = _validation(cfg, task, batch * world * accum)
     model, optimizer, unwrapped = holding.prepare(task.model, optimizer)
+    if accelerator.is_main_process:
+        _print_lr_groups(task, optimizer, cfg.optim.lr)
+    ema = WeightEma(unwrapped, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
     state = _start(accelerator, task, unwrapped, output_dir, cfg, run_identity(cfg, world, sources),
-                   holding.load_more(model, optimizer))
+                   _chained(holding.load_more(model, optimizer), _ema_files(ema, accelerator, save=False)))
     if trackers:
         accelerator.init_trackers("mmcontrast", config=_flat_config(to_dict(cfg)))
     loader_args = {"image_transform": task.train_transform, "tokenizer": task.tokenizer, "views": task.views, "batch_size": batch,
@@ -708,11 +805,10 @@ def _train(cfg: Config, output_dir: Path, sources, trackers: list, accelerator, 
 
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train", unit="step")
     log = StepLog(accelerator, task, cfg.log, cfg.optim.warmup_steps, cfg.train.max_nonfinite_steps, output_dir / METRICS_FILE,
-                  bool(trackers), health_batch, validate, progress, holding.everyone_measures, total_steps)
-    _loop(_Run(cfg, output_dir, accelerator, task, holding, model, optimizer, unwrapped, state, feed, log, total_steps))
-    weights = holding.full_weights(model)  # a sharded model's, gathered on the first process (every process takes part)
-    if accelerator.is_main_process:
-        task.export(unwrapped, output_dir, True, state_dict=weights)
+                  bool(trackers), health_batch, validate, progress, holding.everyone_measures, total_steps,
+                  ema.swapped_in if ema else contextlib.nullcontext)
+    _loop(_Run(cfg, output_dir, accelerator, task, holding, model, optimizer, unwrapped, state, feed, log, total_steps, ema))
+    _export(accelerator, task, holding, model, unwrapped, output_dir, ema)
     accelerator.wait_for_everyone()  # before end_training, which destroys the process group (accelerate >= 0.34)
     if trackers:
         accelerator.end_training()

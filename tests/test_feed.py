@@ -125,7 +125,8 @@ def test_a_data_set_that_cannot_be_reached_ends_the_run_with_a_message(uneven, s
 @pytest.mark.parametrize("processes", [2, 3])
 def test_processes_killed_and_resumed_end_with_the_weights_of_an_uninterrupted_run(uneven, tmp_path, processes):
     """4 epochs of 5 uneven shards on 2 or 3 processes, SIGKILLed (the whole job, as a preemption) at random
-    moments and resumed: the same samples and the weights of a run that was never stopped.
+    moments and resumed: the same samples and the weights of a run that was never stopped, and the same moving
+    average of them (train.ema_decay, the export; the trained weights are model_raw.safetensors).
 
     Bit for bit on 2 processes. On 3, to float rounding: a freshly started DDP reduces its first step's gradients
     in one bucket in parameter order, later steps in execution order, so the resumed run's first step adds some
@@ -138,7 +139,7 @@ def test_processes_killed_and_resumed_end_with_the_weights_of_an_uninterrupted_r
     from safetensors.torch import load_file
 
     common = ["--epochs", "4", "--batch-size", "8", "--log-every", "2", "--checkpoint-every", "2",
-              "--set", "data.shuffle_buffer=16"]  # fmt: skip
+              "--set", "data.shuffle_buffer=16", "--set", "train.ema_decay=0.9"]  # fmt: skip
     straight = train(str(uneven), tmp_path / "straight", *common, processes=processes)
     assert straight.returncode == 0, straight.stderr[-3000:]
     out, rng, kills = tmp_path / "killed", random.Random(0), 0
@@ -162,7 +163,8 @@ def test_processes_killed_and_resumed_end_with_the_weights_of_an_uninterrupted_r
         kills += 1
     final = subprocess.run(launcher + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=420)
     assert kills == 3 and final.returncode == 0, final.stderr[-3000:]
-    want, got = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    want, got = ({f"{name}:{k}": v for name in ("model", "model_raw") for k, v in load_file(str(run / f"{name}.safetensors")).items()}
+                 for run in (tmp_path / "straight", out))
     rows, want_rows = records(out), records(tmp_path / "straight")
     assert [(r["step"], r["samples_seen"], r["skipped_samples"]) for r in rows] == [
         (r["step"], r["samples_seen"], r["skipped_samples"]) for r in want_rows]

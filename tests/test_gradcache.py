@@ -127,6 +127,35 @@ def test_batchnorm_running_stats_updated_once_per_micro_batch():
     assert int(bn.num_batches_tracked) == 4  # pass 3 only; pass 1 left the statistics untouched
 
 
+@pytest.mark.parametrize("mode", ["clip", "simclr"])
+def test_k4_with_ema_on_steps_and_averages_as_one_big_batch(mode):
+    """train.ema_decay with gradient caching: three optimizer steps over 4 micro-batches each leave the weights and
+    their moving average that three steps over the concatenated batches do."""
+    from accelerate import Accelerator
+
+    from mmcontrast.ema import WeightEma
+    from mmcontrast.optim import build_optimizer
+    from mmcontrast.train import train_step
+
+    accelerator, ends = Accelerator(cpu=True), []
+    for k in (1, 4):
+        torch.manual_seed(0)
+        task = _clip_task(0.0) if mode == "clip" else _simclr_task(0.0)
+        task.model.train()
+        optimizer = build_optimizer(task.model, "adamw", 1e-3, 0.1, [0.9, 0.98], 1e-6, 0.9)
+        ema = WeightEma(task.model, decay=0.5, warmup=False)
+        for step in range(3):
+            micro = _batches(mode, 32, 4, seed=step)
+            micro = micro if k == 4 else [{key: torch.cat([m[key] for m in micro]) for key in micro[0]}]
+            train_step(accelerator, task, task.model, optimizer, micro, grad_clip=1.0, ema=ema, step=step)
+        ends.append((dict(zip(ema.names, ema.average)), dict(task.model.named_parameters())))
+    (average_big, weights_big), (average_k4, weights_k4) = ends
+    _assert_same({n: p.detach() for n, p in weights_big.items()}, {n: p.detach() for n, p in weights_k4.items()})
+    _assert_same(average_big, average_k4)
+    name = next(n for n in average_big if n.endswith("conv1.weight"))
+    assert not torch.allclose(average_k4[name], weights_k4[name])  # the average is not the weights
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP

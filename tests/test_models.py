@@ -45,3 +45,54 @@ def test_compiled_and_wrapped_prefixes_are_stripped():
     state = {"module._orig_mod.visual.proj": torch.ones(1), "_orig_mod.logit_scale": torch.zeros(()),
              "encoder._orig_mod.backbone.w": torch.ones(2), "text.proj": torch.ones(1)}  # fmt: skip
     assert sorted(models.strip_wrapper_prefixes(state)) == ["encoder.backbone.w", "logit_scale", "text.proj", "visual.proj"]
+
+
+# ---------------------------------------------------------------- model.pretrained: where fine-tuning starts
+
+
+def _clip_cfg(pretrained, name: str = "mmc-tiny"):
+    from mmcontrast.config import Config
+
+    cfg = Config()
+    cfg.model.name, cfg.model.pretrained, cfg.log.diagnostics_every = name, str(pretrained), 0
+    return cfg
+
+
+def test_model_pretrained_takes_an_open_clip_checkpoint_a_run_and_its_weights_file(tmp_path):
+    """open_clip's trainer writes ``{"epoch", "name", "state_dict": {"module." + key: ...}, "optimizer"}``; a run
+    writes ``model.safetensors``: both start a clip run with those weights, and so does the run dir itself."""
+    from mmcontrast.tasks import build_task
+
+    torch.manual_seed(1)
+    start = models.create_clip("mmc-tiny")
+    state = start.model.state_dict()
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in state.items()},
+                "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "epoch_3.pt")  # fmt: skip
+    models.save_clip_run_files(start.model, start.model_cfg, tmp_path / "run", start.tokenizer)
+    for pretrained in (tmp_path / "epoch_3.pt", tmp_path / "run" / models.WEIGHTS_FILE, tmp_path / "run"):
+        loaded = build_task(_clip_cfg(pretrained)).model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items()), pretrained
+
+
+def test_model_pretrained_of_another_architecture_names_the_first_tensor_that_differs(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mmcontrast.errors import UsageError
+    from mmcontrast.tasks import build_task
+
+    start = models.create_clip("mmc-tiny")
+    models.save_clip_run_files(start.model, start.model_cfg, tmp_path / "run", start.tokenizer)
+    wider = {**start.model_cfg, "embed_dim": 32}
+    (tmp_path / "wider.json").write_text(json.dumps(wider))
+    with pytest.raises(UsageError, match=r"text_projection has shape \[64, 32\] in the model but \[64, 64\] in the file"):
+        build_task(_clip_cfg(tmp_path / "run", str(tmp_path / "wider.json")))
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "mmcontrast.train", "--config", str(root / "configs" / "clip_tiny_cpu.yaml"),
+                        "--train-shards", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--model", str(tmp_path / "wider.json"),
+                        "--set", f"model.pretrained={tmp_path / 'run' / models.WEIGHTS_FILE}", "--print-lr-groups"],
+                       cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "text_projection has shape" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

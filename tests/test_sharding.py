@@ -86,16 +86,48 @@ def test_a_sharded_run_measures_every_step_and_a_tracked_run_ends_with_its_expor
     """Health, validation and zero-shot call ``encode_image``/``encode_text`` outside the model's forward: FSDP
     must gather the root's parameters for them too (they were sharded DTensors: "mixed torch.Tensor and
     DTensor"). And a run with a tracker ends with every process at the barrier before ``end_training`` tears
-    the process group down (it raised on every process, and the launcher could kill the export half-written)."""
+    the process group down (it raised on every process, and the launcher could kill the export half-written).
+    With a moving average of the weights (measured, exported; each process checkpoints its shards of it)."""
+    from safetensors.torch import load_file
+
     run = tmp_path / "run"
     r = two_processes(tiny_shards, run, "--steps", "2", "--val-shards", str(tiny_val_shards), "--set", "train.fsdp=true",
                       "--set", "log.diagnostics_every=1", "--set", "log.val_every=1", "--set", "log.eval_every=1",
-                      "--set", f"log.eval_images={tiny_image_folder}", "--set", "log.trackers=[tensorboard]")  # fmt: skip
+                      "--set", f"log.eval_images={tiny_image_folder}", "--set", "log.trackers=[tensorboard]",
+                      "--set", "train.ema_decay=0.8")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "model.safetensors").is_file() and list((run / "logs").rglob("events.out.tfevents.*"))
+    averaged, raw = (load_file(str(run / name)) for name in ("model.safetensors", "model_raw.safetensors"))
+    assert averaged.keys() == raw.keys() and not torch.equal(averaged["logit_scale"], raw["logit_scale"])
+    assert {p.name for p in (run / "checkpoints" / "last").glob("ema_*")} == {"ema_00000.safetensors", "ema_00001.safetensors"}
     for record in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()):
         assert record["health/effective_rank"] > 1 and 0 <= record["eval/zeroshot_top1"] <= 1, record
         assert any(k.startswith("val/") for k in record), record
+
+
+@pytest.mark.slow
+def test_a_sharded_run_averages_its_shards_measures_the_average_and_resumes_it(tiny_shards, tiny_image_folder, tmp_path):
+    """train.ema_decay under FSDP: each process averages its own shards (and the whole logit scale), health and
+    zero-shot measure the average every step (swapped in, then the trained weights back: the losses stay DDP's),
+    a resume reads each process's average back, and the export is the average DDP's run makes."""
+    from safetensors.torch import load_file
+
+    ema = ("--set", "train.ema_decay=0.8", "--set", "log.diagnostics_every=1", "--set", "log.eval_every=1",
+           "--set", f"log.eval_images={tiny_image_folder}", "--checkpoint-every", "2")  # fmt: skip
+    ddp = two_processes(tiny_shards, tmp_path / "ddp", "--steps", "4", *ema)
+    first = two_processes(tiny_shards, tmp_path / "fsdp", "--steps", "2", "--set", "train.fsdp=true", *ema)
+    assert ddp.returncode == first.returncode == 0, (ddp.stderr + first.stderr)[-3000:]
+    assert {p.name for p in (tmp_path / "fsdp" / "checkpoints" / "last").glob("ema_*")} == {"ema_00000.safetensors", "ema_00001.safetensors"}
+    resumed = two_processes(tiny_shards, tmp_path / "fsdp", "--steps", "4", "--resume", "--set", "train.fsdp=true", *ema)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-5)
+    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("ddp", "fsdp")]
+    assert [r["health/uniformity"] for r in records[1]] == pytest.approx([r["health/uniformity"] for r in records[0]], rel=1e-4)
+    for name in ("model.safetensors", "model_raw.safetensors"):
+        want, got = (load_file(str(tmp_path / run / name)) for run in ("ddp", "fsdp"))
+        assert want.keys() == got.keys() and all(torch.allclose(want[k], got[k], rtol=1e-5, atol=1e-6) for k in want), name
+    averaged, raw = (load_file(str(tmp_path / "fsdp" / name)) for name in ("model.safetensors", "model_raw.safetensors"))
+    assert not torch.equal(averaged["visual.proj"], raw["visual.proj"])
 
 
 @pytest.mark.parametrize("model, global_batchnorm", [("mmc-tiny", "false"), (f"timm:{NESTED_TIMM}", "true")])

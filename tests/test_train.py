@@ -209,53 +209,62 @@ def simclr_step():
 
 
 def test_a_step_with_a_non_finite_gradient_leaves_no_trace(simclr_step):
+    from mmcontrast.ema import WeightEma
     from mmcontrast.train import train_step
 
     accelerator, task, model, optimizer, batch = simclr_step
-    train_step(accelerator, task, model, optimizer, batch(), grad_clip=1.0)  # a real step: optimizer state exists
+    ema = WeightEma(accelerator.unwrap_model(model), decay=0.9)
+    train_step(accelerator, task, model, optimizer, batch(), grad_clip=1.0, ema=ema)  # a real step: optimizer state exists
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt_before = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
-    loss, _, finite = train_step(accelerator, task, model, optimizer, batch(float("nan")), grad_clip=1.0)
+    ema_before = [a.clone() for a in ema.average]
+    loss, _, finite = train_step(accelerator, task, model, optimizer, batch(float("nan")), grad_clip=1.0, ema=ema, step=1)
     assert not bool(finite) and not torch.isfinite(loss)
     for key, value in model.state_dict().items():  # weights and the head's BatchNorm running statistics
         assert torch.equal(value, before[key]), key
     for key, value in optimizer.state_dict()["state"][0].items():  # Adam's moments and step count
         assert torch.equal(value, opt_before[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(ema.average, ema_before))  # the moving average
     _, _, finite = train_step(accelerator, task, model, optimizer, batch(), grad_clip=1.0)
     assert bool(finite) and not torch.equal(model.state_dict()["head.1.running_mean"], before["head.1.running_mean"])
 
 
 def test_a_step_never_waits_for_the_device(simclr_step, monkeypatch):
     """On a GPU every host read of a device value stalls the pipeline; on the CPU, make each such read fail."""
+    from mmcontrast.ema import WeightEma
     from mmcontrast.train import train_step
 
     accelerator, task, model, optimizer, batch = simclr_step
     micro = batch()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = WeightEma(accelerator.unwrap_model(model), decay=0.9)  # train.ema_decay: updated on the device too
 
     def host_read(self, *args, **kwargs):
         raise AssertionError("a step read a tensor's value on the host")
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, host_read)
-    train_step(accelerator, task, model, optimizer, micro, grad_clip=1.0)
+    train_step(accelerator, task, model, optimizer, micro, grad_clip=1.0, ema=ema, step=3)
     monkeypatch.undo()
     assert not torch.equal(model.state_dict()["head.0.weight"], before["head.0.weight"])  # it did step
+    assert not torch.equal(ema.average[ema.names.index("head.0.weight")], before["head.0.weight"])  # and so did the average
 
 
 @pytest.mark.slow  # inductor compiles for over a minute on 2 cores; run with -m slow
 def test_a_compiled_run_matches_eager_and_writes_plain_keys(tiny_shards, tmp_path):
-    """train.compile (torch.compile, inductor) with gradient caching: the first step's loss is eager's, and
-    nothing written carries the compile wrapper's ``_orig_mod.`` prefix."""
+    """train.compile (torch.compile, inductor) with gradient caching and a moving average of the weights: the first
+    step's loss is eager's, and nothing written carries the compile wrapper's ``_orig_mod.`` prefix."""
     from safetensors.torch import load_file
 
     common = ["--steps", "2", "--batch-size", "8", "--accum-steps", "2", "--log-every", "1", "--workers", "0",
               "--set", "data.shuffle_buffer=0", "--set", "log.diagnostics_every=0"]  # fmt: skip
     eager = run(train_cmd(tiny_shards, tmp_path / "eager", *common))
-    compiled = run(train_cmd(tiny_shards, tmp_path / "compiled", *common, "--set", "train.compile=true"))
+    compiled = run(train_cmd(tiny_shards, tmp_path / "compiled", *common, "--set", "train.compile=true", "--set", "train.ema_decay=0.9"))
     assert eager.returncode == 0 and compiled.returncode == 0, (eager.stderr + compiled.stderr)[-3000:]
     first = [metrics(tmp_path / name)[0]["loss"] for name in ("eager", "compiled")]
     assert first[1] == pytest.approx(first[0], rel=1e-5)
-    for weights in (tmp_path / "compiled" / "model.safetensors", tmp_path / "compiled" / "checkpoints" / "last" / "model.safetensors"):
+    for weights in (tmp_path / "compiled" / "model.safetensors", tmp_path / "compiled" / "model_raw.safetensors",
+                    tmp_path / "compiled" / "checkpoints" / "last" / "model.safetensors",
+                    tmp_path / "compiled" / "checkpoints" / "last" / "ema.safetensors"):
         keys = list(load_file(str(weights)))
         assert keys and not any("_orig_mod" in k for k in keys), weights
