@@ -179,3 +179,41 @@ def few_shot_png(curves: Mapping[str, Sequence[Mapping]], path: str | Path, chan
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title or "label efficiency", fontsize=11)
     return _save(fig, path)
+
+
+def _sweep_series(rows: Sequence[Mapping]) -> dict[str, list[float]]:
+    """Each evaluation of a WiSE-FT sweep as one number per alpha: zero-shot top-1, retrieval's mean R@1 of both
+    directions; then the mean zero-shot top-1 when there is one."""
+    series: dict[str, list[float]] = {}
+    for key in [k for k in rows[0] if "=" in k]:
+        if "top1" in rows[0][key]:
+            series[f"{key} top-1"] = [row[key]["top1"] for row in rows]
+        else:
+            series[f"{key} R@1"] = [(row[key]["image_to_text"]["R@1"] + row[key]["text_to_image"]["R@1"]) / 2 for row in rows]
+    if "mean_zero_shot_top1" in rows[0]:
+        series["mean zero-shot top-1"] = [row["mean_zero_shot_top1"] for row in rows]
+    return series
+
+
+def wise_ft_png(rows: Sequence[Mapping], path: str | Path, title: str | None = None) -> Path:
+    """A WiSE-FT sweep (``wiseft.sweep``'s rows): each evaluation against the mixing coefficient alpha (0: the
+    zero-shot model, 1: the fine-tuned one), the mean zero-shot top-1 in bold with its best alpha marked. Returns
+    the path."""
+    fig = _new_figure(6.4, 4.2)
+    ax = fig.add_subplot()
+    alphas = [row["alpha"] for row in rows]
+    for label, values in _sweep_series(rows).items():
+        mean = label == "mean zero-shot top-1"
+        line = ax.plot(alphas, values, marker="o", markersize=4, linewidth=2.5 if mean else 1.2, color="black" if mean else None,
+                       label=label)
+        if mean:
+            best = int(np.argmax(values))
+            ax.axvline(alphas[best], linestyle=":", color=line[0].get_color(), linewidth=1)
+            ax.annotate(f"best α = {alphas[best]:g}: {values[best]:.1%}", (alphas[best], values[best]), textcoords="offset points",
+                        xytext=(6, 6), fontsize=8)
+    ax.set_xlabel("α   (0: zero-shot model, 1: fine-tuned model)")
+    ax.set_ylabel("accuracy / recall")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title or "WiSE-FT: (1 − α)·θ₀ + α·θ₁", fontsize=11)
+    return _save(fig, path)
