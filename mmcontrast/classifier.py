@@ -26,7 +26,7 @@ from mmcontrast.errors import UsageError
 CLASSIFIER_KEY = "mmcontrast_classifier"  # marks the model_config.json of a fine-tuned classifier
 HEAD_INITS = ("probe", "zero-shot", "random")
 BEST_WEIGHTS_FILE = "best.safetensors"  # RUN_DIR/: the weights that scored best on the validation images so far
-BEST_RECORD_FILE = "best.json"  # RUN_DIR/: {"val_top1", "evaluation"} of those weights
+BEST_RECORD_FILE = "best.json"  # RUN_DIR/: {"val_top1", "val_loss", "mean_per_class_recall"} of those weights
 
 
 class ImageClassifier(nn.Module):
@@ -99,12 +99,13 @@ def probe_head(features: np.ndarray, labels: np.ndarray, n_classes: int, seed: i
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.preprocessing import StandardScaler
 
-    from mmcontrast.fewshot import PROBE_CS
+    from mmcontrast.fewshot import PROBE_CS, quiet_sklearn
 
     scaler = StandardScaler().fit(features)
     folds = int(min(5, np.bincount(labels)[np.unique(labels)].min()))
     clf = LogisticRegressionCV(Cs=list(PROBE_CS), cv=max(folds, 2), scoring="accuracy", max_iter=3000, random_state=seed)
-    clf.fit(scaler.transform(features), labels)
+    with quiet_sklearn():
+        clf.fit(scaler.transform(features), labels)
     # fold the standardisation into the head: w·((x − μ)/σ) + b = (w/σ)·x + (b − w·μ/σ)
     coef = clf.coef_ / scaler.scale_
     intercept = clf.intercept_ - coef @ scaler.mean_
@@ -210,9 +211,10 @@ class _LogitsAsFeatures(nn.Module):
 
 
 def keep_best(preprocess: Callable, val_dir: str | Path, classes: Sequence[str], out_dir: str | Path) -> Callable[[nn.Module], dict]:
-    """The classify task's in-loop evaluation: top-1 and mean per-class recall on ``val_dir`` (class folders); when
-    top-1 beats every earlier evaluation (``best.json``, so a resumed run remembers), the weights are written to
-    ``best.safetensors``, which the export then uses. Folders missing from ``classes`` are a UsageError now."""
+    """The classify task's in-loop evaluation: top-1 and loss (mean negative log-likelihood) on ``val_dir`` (class
+    folders); when (top-1, −loss) beats every earlier evaluation (``best.json``, so a resumed run remembers), the
+    weights are written to ``best.safetensors``, which the export then uses. Folders missing from ``classes`` are a
+    UsageError now."""
     from safetensors.torch import save_file
 
     from mmcontrast.evaluate import class_folders, classification_metrics
@@ -226,12 +228,16 @@ def keep_best(preprocess: Callable, val_dir: str | Path, classes: Sequence[str],
 
     def evaluate(model: nn.Module) -> dict:
         encoded, probs = predict(model, preprocess, paths)
-        metrics = classification_metrics(probs, [targets[i] for i in encoded.ok], list(classes))
+        ok_targets = torch.tensor([targets[i] for i in encoded.ok])
+        metrics = classification_metrics(probs, ok_targets.tolist(), list(classes))
+        nll = float(-probs[torch.arange(len(ok_targets)), ok_targets].clamp_min(1e-12).log().mean())
         record = out / BEST_RECORD_FILE
-        best = json.loads(record.read_text())["val_top1"] if record.is_file() else -1.0
-        if metrics["top1"] > best:
+        best = json.loads(record.read_text()) if record.is_file() else {"val_top1": -1.0, "val_loss": float("inf")}
+        # a few validation images tie often on accuracy: the lower loss (the more confident right answers) breaks it
+        if (metrics["top1"], -nll) > (best["val_top1"], -best["val_loss"]):
             models.atomic_save(save_file, models.state_dict_for_file(model), out / BEST_WEIGHTS_FILE)
-            record.write_text(json.dumps({"val_top1": metrics["top1"], "mean_per_class_recall": metrics.get("mean_per_class_recall")}))
-        return {"eval/val_top1": metrics["top1"], "eval/best_val_top1": max(best, metrics["top1"])}
+            best = {"val_top1": metrics["top1"], "val_loss": nll, "mean_per_class_recall": metrics["mean_per_class_recall"]}
+            record.write_text(json.dumps(best))
+        return {"eval/val_top1": metrics["top1"], "eval/val_loss": nll, "eval/best_val_top1": best["val_top1"]}
 
     return evaluate

@@ -79,3 +79,42 @@ def test_one_image_call_is_both_stages():
     crop, p = transform.sample(image)
     torch.testing.assert_close(one, transform.finish(crop[None], p[None])[0], rtol=0, atol=0)
     assert one.shape == (3, 32, 32) and one.dtype == torch.float32
+
+
+def test_quarter_turns_and_vertical_flips_are_exact_and_all_drawn():
+    """``rot90`` and ``vflip`` (the texture and overhead presets) move pixels without resampling: every view of a
+    full-size crop is one of the image's 8 symmetries, and all 8 are drawn."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(32, 32, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels)
+    transform = simclr_transform(32, MEAN, STD, crop_scale=(1.0, 1.0), hflip=0.5, vflip=0.5, rot90=True,
+                                 color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    base = torch.from_numpy(pixels).permute(2, 0, 1)
+    symmetries = [torch.rot90(flipped, k, dims=(1, 2)) for flipped in (base, base.flip(2)) for k in range(4)]
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(200):
+        crop, _ = transform.sample(image)
+        matches = [i for i, s in enumerate(symmetries) if torch.equal(crop, s)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == set(range(8))
+
+
+def test_presets_fill_what_the_config_leaves_unset_and_explicit_fields_win():
+    from mmcontrast.augment import PRESETS
+    from mmcontrast.config import AugmentConfig, UsageError, resolve_augment
+
+    texture = AugmentConfig(preset="texture")
+    resolve_augment(texture)
+    assert {k: getattr(texture, k) for k in PRESETS["texture"]} == PRESETS["texture"]
+    assert texture.rot90 is True and texture.color_jitter[2:] == [0.0, 0.0] and texture.grayscale_p == 0.0
+    mine = AugmentConfig(preset="overhead", crop_scale=[0.5, 1.0], blur_p=0.0)
+    resolve_augment(mine)
+    assert mine.crop_scale == [0.5, 1.0] and mine.blur_p == 0.0 and mine.vflip == PRESETS["overhead"]["vflip"]
+    with pytest.raises(UsageError, match="preset must be one of natural, texture, overhead"):
+        resolve_augment(AugmentConfig(preset="satellite"))
+    with pytest.raises(UsageError, match="crop_scale must be"):
+        resolve_augment(AugmentConfig(crop_scale=[0.9, 0.2]))
