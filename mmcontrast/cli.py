@@ -621,7 +621,8 @@ def _print_results(result: dict) -> None:
     rows = [(str(i + 1), f"{r['score']:.4f}", str(r.get("path") or r.get("key")), r.get("caption") or "")
             for i, r in enumerate(result["results"])]
     width = min(max((len(r[2]) for r in rows), default=4), 80)
-    print(f"{'rank':>4}  {'score':>6}  {'path':<{width}}  caption")
+    item = "path" if any("path" in r for r in result["results"]) or not rows else "key"
+    print(f"{'rank':>4}  {'score':>6}  {item:<{width}}  caption")
     for rank, score, name, caption in rows:
         print(f"{rank:>4}  {score:>6}  {name:<{width}}  {caption}".rstrip())
 
@@ -660,16 +661,17 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _dedup_arguments(p: argparse.ArgumentParser) -> None:
-    from mmcontrast.dedup import DEFAULT_THRESHOLD
+    from mmcontrast.dedup import CALIBRATION_RECALL
 
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--index", metavar="INDEX", help="a folder made by `mmcontrast index`")
     source.add_argument("--images", metavar="DIR", help="a folder of images (embedded with --checkpoint, not kept)")
     _model_arguments(p)
     next(a for a in p._actions if a.dest == "checkpoint").required = False  # only --images needs one
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="T",
-                   help=f"cosine at or above which two images are near-duplicates (default {DEFAULT_THRESHOLD}; "
-                   "see README 'Search' for its measured precision and recall)")
+    p.add_argument("--threshold", default="auto", metavar="auto|T",
+                   help="cosine at or above which two images are near-duplicates; auto (default): the cosine that "
+                   f"{100 * CALIBRATION_RECALL:g}%% of resized, recompressed and cropped copies of indexed images reach with their "
+                   "original under this checkpoint (README 'Search' has its measured precision and recall)")
     p.add_argument("--output", required=True, metavar="dups.csv", help="group,path,score rows; each group's first row is the one to keep")
     p.add_argument("--html", metavar="report.html", help="also a self-contained page of the groups with their images")
 
@@ -697,15 +699,21 @@ def _dedup(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    if not 0 < args.threshold <= 1:
-        raise UsageError(f"--threshold must be a cosine similarity in (0, 1], not {args.threshold}")
+    try:
+        threshold = None if args.threshold == "auto" else float(args.threshold)
+    except ValueError:
+        raise UsageError(f"--threshold must be auto or a cosine similarity, not {args.threshold!r}") from None
+    if threshold is not None and not 0 < threshold <= 1:
+        raise UsageError(f"--threshold must be a cosine similarity in (0, 1], not {threshold}")
     if not args.output.lower().endswith(".csv"):
         raise UsageError(f"--output {args.output}: use a .csv file name")
     from mmcontrast import dedup, web
 
     with tempfile.TemporaryDirectory(prefix="mmcontrast-dedup-") as tmp:
         searcher = _dedup_searcher(args, tmp)
-        groups = dedup.find_duplicates(searcher, args.threshold)
+        calibration = dedup.calibrate_threshold(searcher) if threshold is None else None
+        threshold = calibration["threshold"] if calibration else threshold
+        groups = dedup.find_duplicates(searcher, threshold)
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8", newline="") as f:
@@ -714,9 +722,10 @@ def _dedup(args: argparse.Namespace) -> int:
             writer.writerows(dedup.duplicate_rows(searcher, groups))
         if args.html:
             Path(args.html).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.html).write_text(web.dedup_report(searcher, groups, args.threshold), encoding="utf-8")
+            Path(args.html).write_text(web.dedup_report(searcher, groups, threshold), encoding="utf-8")
         result = {"groups": len(groups), "duplicates": sum(len(g.ids) - 1 for g in groups), "images": len(searcher),
-                  "threshold": args.threshold, "output": str(out), "html": args.html}
+                  "threshold": threshold, **({"calibration": calibration} if calibration else {}), "output": str(out),
+                  "html": args.html}
     return _emit_json(result, None)
 
 

@@ -2,25 +2,30 @@
 
 Owns finding pairs above a cosine threshold with the index's range search, a chunk of queries at a time (memory
 grows with the pairs found, never with N x N), grouping them (single linkage), choosing each group's keeper, and
+calibrating the threshold on the index's own images (``calibrate_threshold``: copies planted and embedded), and
 measuring precision and recall against planted copies (``plant_copy``, ``pair_precision_recall``: the tests and
-bench/dedup_threshold.py). Does not embed or build indices (``search.py``), parse arguments or render pages.
+bench/dedup_threshold.py). Does not build indices (``search.py``), parse arguments or render pages.
 """
 
 from __future__ import annotations
 
 import io
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from mmcontrast.errors import UsageError
 from mmcontrast.search import Searcher, load_embeddings
 
-# The cosine at or above which two images count as near-duplicates. Measured on planted copies (tests/test_search.py,
-# bench/dedup_threshold.py, README "Search"); it depends on the checkpoint: measure yours with the bench.
-DEFAULT_THRESHOLD = 0.9
 COPY_KINDS = ("resized", "recompressed", "cropped")
+# The threshold by default: calibrated on the index itself, since every checkpoint has its own scale of cosines. Copies
+# of CALIBRATION_IMAGES indexed images, one of each kind, are embedded, and the threshold is the cosine that
+# CALIBRATION_RECALL of them reach with their original.
+CALIBRATION_IMAGES = 64
+CALIBRATION_RECALL = 0.975
 
 
 
@@ -72,7 +77,7 @@ def _components(n: int, pairs: np.ndarray) -> list[list[int]]:
     return [members for _, members in sorted(groups.items())]
 
 
-def find_duplicates(searcher: Searcher, threshold: float = DEFAULT_THRESHOLD) -> list[DuplicateGroup]:
+def find_duplicates(searcher: Searcher, threshold: float) -> list[DuplicateGroup]:
     """Groups of items linked by a cosine of at least ``threshold`` (single linkage), from the index's range search.
 
     In each group the item kept is the largest image (pixels: a resized or cropped copy has fewer), then the largest
@@ -136,3 +141,36 @@ def pair_precision_recall(groups: Sequence[Sequence[str]], truth: dict[str, str]
     right = len(found & true_pairs)
     return {"precision": right / len(found) if found else 1.0, "recall": right / len(true_pairs) if true_pairs else 1.0,
             "pairs_found": len(found), "pairs_true": len(true_pairs)}
+
+
+def calibrate_threshold(searcher: Searcher, n_images: int = CALIBRATION_IMAGES, recall: float = CALIBRATION_RECALL,
+                        seed: int = 0) -> dict:
+    """The cosine that ``recall`` of planted copies reach with their original, for this index's checkpoint.
+
+    ``n_images`` indexed images (a seeded draw) each get one copy of every kind (``plant_copy``), embedded with the
+    index's encoders through ``evaluate.encode_images``; the cosine of each copy with its original's stored embedding
+    gives the threshold. Returns ``{"threshold", "copies", "copy_cosine": {"min", "median"}}``.
+    """
+    from data_tools.formats import ImageDecodeError, decode_image
+    from mmcontrast.evaluate import encode_images
+
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(len(searcher), min(n_images, len(searcher)), replace=False)).tolist()
+    model, preprocess, _ = searcher.model
+    with tempfile.TemporaryDirectory(prefix="mmcontrast-calibrate-") as tmp:
+        paths, owners = [], []
+        for i in ids:
+            try:
+                image = decode_image(searcher.image_bytes(i))
+            except (OSError, ImageDecodeError, UsageError):  # moved, damaged or remote since indexing: another one serves
+                continue
+            for kind in COPY_KINDS:
+                paths.append(Path(tmp) / f"{i}_{kind}.png")  # lossless: the copy is what plant_copy made, no more
+                plant_copy(image, kind, rng).save(paths[-1])
+                owners.append(i)
+        if not paths:
+            raise UsageError("none of the indexed images can be read to calibrate the threshold; give --threshold T")
+        encoded = encode_images(model, preprocess, paths, batch_size=64, workers=0)
+    cosines = np.einsum("nd,nd->n", encoded.features.numpy(), searcher.vectors([owners[j] for j in encoded.ok]))
+    return {"threshold": round(float(np.quantile(cosines, 1 - recall)), 4), "copies": len(cosines),
+            "copy_cosine": {"min": round(float(cosines.min()), 4), "median": round(float(np.median(cosines)), 4)}}

@@ -233,24 +233,17 @@ def test_a_killed_index_resumes_without_embedding_finished_parts_again(trained_t
 # ---------------------------------------------------------------- near-duplicates
 
 
-def _scene(rng: np.random.Generator, size: int = 64):
-    """A distinct picture: 3-5 coloured ellipses and rectangles on a coloured ground."""
-    from PIL import Image, ImageDraw
+def _picture(rng: np.random.Generator, size: int = 64):
+    """A distinct picture: a random 6 x 6 grid of colours, smoothly interpolated (no two alike)."""
+    from PIL import Image
 
-    image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 256, 3)))
-    draw = ImageDraw.Draw(image)
-    for _ in range(rng.integers(3, 6)):
-        x, y = rng.integers(0, size, 2)
-        w, h = rng.integers(size // 6, size // 2, 2)
-        shape = draw.ellipse if rng.integers(2) else draw.rectangle
-        shape((int(x), int(y), int(x + w), int(y + h)), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    return image
+    return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
 
 
 @pytest.fixture(scope="module")
 def copy_detector(tmp_path_factory) -> Path:
     """A copy detector in the way of SSCD (Pizzi et al. 2022): mmc-tiny's image tower trained with NT-Xent to match
-    two near-duplicate copies of each of 256 scenes (not those the test plants); saved as an image-only run dir."""
+    two near-duplicate copies of each of 256 pictures (not those the test plants); saved as an image-only run dir."""
     import torch
 
     from mmcontrast.dedup import COPY_KINDS, plant_copy
@@ -268,9 +261,9 @@ def copy_detector(tmp_path_factory) -> Path:
     rng = np.random.default_rng(1)
     encoder = ImageEncoder(image_encoder_spec("mmc-tiny", {}, cifar_stem=False))
     preprocess = image_eval_transform(encoder.spec)
-    scenes = [_scene(rng) for _ in range(256)]
+    scenes = [_picture(rng) for _ in range(256)]
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=2e-3)
-    for _ in range(160):
+    for _ in range(80):
         chosen = rng.choice(len(scenes), 64, replace=False)
         views = [torch.stack([preprocess(plant_copy(scenes[i], COPY_KINDS[rng.integers(3)], rng)) for i in chosen]) for _ in range(2)]
         loss = nt_xent_loss(encoder.encode_image(views[0]), encoder.encode_image(views[1]), temperature=0.1)
@@ -284,13 +277,13 @@ def copy_detector(tmp_path_factory) -> Path:
 
 
 def test_dedup_finds_planted_near_duplicates(copy_detector, capsys, tmp_path):
-    from mmcontrast.dedup import COPY_KINDS, DEFAULT_THRESHOLD, pair_precision_recall, plant_copy
+    from mmcontrast.dedup import COPY_KINDS, pair_precision_recall, plant_copy
 
     rng = np.random.default_rng(0)
     folder, truth = tmp_path / "photos", {}
     folder.mkdir()
     for i in range(150):
-        scene, original = _scene(rng), str(folder / f"{i:03d}.jpg")
+        scene, original = _picture(rng), str(folder / f"{i:03d}.jpg")
         scene.save(original, quality=95)
         truth[original] = original
         if i % 3 == 0:  # 50 originals get a copy each: resized, recompressed or cropped in turn
@@ -300,7 +293,8 @@ def test_dedup_finds_planted_near_duplicates(copy_detector, capsys, tmp_path):
             truth[str(folder / f"{i:03d}_{kind}.jpg")] = original
     rc, printed, _ = run_cli(["dedup", "--images", str(folder), "--checkpoint", str(copy_detector), "--workers", "0", "--quiet",
                               "--output", str(tmp_path / "dups.csv"), "--html", str(tmp_path / "dups.html")], capsys)  # fmt: skip
-    assert rc == 0 and json.loads(printed)["threshold"] == DEFAULT_THRESHOLD
+    result = json.loads(printed)
+    assert rc == 0 and result["threshold"] == result["calibration"]["threshold"]  # calibrated on the collection's own copies
     with open(tmp_path / "dups.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows and list(rows[0]) == ["group", "path", "score"]
@@ -392,3 +386,10 @@ def test_a_real_browser_loads_the_page_and_sees_the_result_images(server, tmp_pa
     assert len(images) == 6, r.stdout[:2000]
     assert re.search(r'<input[^>]*name="q"[^>]*value="a blue square"', r.stdout)
     assert all(f'href="/?similar={i}&amp;k=6"' in r.stdout for i in images)  # clicking an image searches for ones like it
+
+
+@pytest.mark.parametrize("command", ["index", "search", "dedup", "serve", "embed"])
+def test_help_answers(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0 and "--" in capsys.readouterr().out
