@@ -373,19 +373,32 @@ def test_serve_binds_to_this_machine_only_by_default():
     assert args.host == DEFAULT_HOST == "127.0.0.1"
 
 
+def chromium_dom(url: str, profile: Path) -> str:
+    """The DOM headless Chromium ends with after loading ``url`` (and whatever the page does within 5 s)."""
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-proxy-server",
+               f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", url]  # fmt: skip
+    r = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium; .ci/run does it)")
 def test_a_real_browser_loads_the_page_and_sees_the_result_images(server, tmp_path):
     base, _ = server
-    url = f"{base}/?q=a+blue+square&k=6"
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-proxy-server",
-               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", url]  # fmt: skip
-    r = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    images = re.findall(r'<img src="/image/(\d+)"', r.stdout)
-    assert len(images) == 6, r.stdout[:2000]
-    assert re.search(r'<input[^>]*name="q"[^>]*value="a blue square"', r.stdout)
-    assert all(f'href="/?similar={i}&amp;k=6"' in r.stdout for i in images)  # clicking an image searches for ones like it
+    dom = chromium_dom(f"{base}/?q=a+blue+square&k=6", tmp_path / "profile")
+    images = re.findall(r'<img src="/image/(\d+)"', dom)
+    assert len(images) == 6, dom[:2000]
+    assert re.search(r'<input[^>]*name="q"[^>]*value="a blue square"', dom)
+    assert all(f'href="/?similar={i}&amp;k=6"' in dom for i in images)  # clicking an image searches for ones like it
+    similar = chromium_dom(f"{base}/?similar={images[0]}&k=6", tmp_path / "profile")  # where that click leads
+    assert re.findall(r'<img src="/image/(\d+)"', similar)[0] == images[0]
+    # a query typed into a form and submitted by the browser (the page's own form sends q and k the same way)
+    form = tmp_path / "submit.html"
+    form.write_text(f'<form action="{base}/" method="get"><input name="q" value="a green triangle"><input name="k" value="5">'
+                    "</form><script>document.forms[0].submit()</script>")
+    submitted = chromium_dom(form.as_uri(), tmp_path / "profile")
+    assert len(re.findall(r'<img src="/image/\d+"', submitted)) == 5 and "a green triangle" in submitted
 
 
 @pytest.mark.parametrize("command", ["index", "search", "dedup", "serve", "embed"])
