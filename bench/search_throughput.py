@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mmcontrast import cli, search
+from mmcontrast import ann, cli, search
 from mmcontrast.models import create_clip, save_clip_run_files
 
 TEXTS = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow", "white") for s in ("circle", "square", "car", "dog")]
@@ -96,11 +96,11 @@ def bench_vectors(n: int, dim: int, n_queries: int = 200) -> list[tuple[str, str
     queries = vectors[rng.choice(n, n_queries, replace=False)] + 0.05 * rng.standard_normal((n_queries, dim)).astype(np.float32)
     faiss.normalize_L2(queries)
     rows = []
-    key = search.choose_index_key(n, dim)
+    key = ann.choose_index_key(n, dim)
     for name in ("Flat", key):
         start = time.perf_counter()
-        index = search.train_index(vectors, name)
-        param, recall = search.tune_index(index, name, vectors)
+        index = ann.train_index(vectors, name)
+        param, recall = ann.tune_index(index, name, vectors)
         built = time.perf_counter() - start
         start = time.perf_counter()
         for q in queries:

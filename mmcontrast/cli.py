@@ -558,7 +558,7 @@ def _embed_texts(args: argparse.Namespace) -> int:
 
 
 def _index_arguments(p: argparse.ArgumentParser) -> None:
-    from mmcontrast import search
+    from mmcontrast import ann, search
 
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="DIR", help="folder of images, searched recursively")
@@ -567,10 +567,10 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", required=True, metavar="INDEX", help="folder for the embeddings, metadata and faiss index")
     _model_arguments(p)
     p.add_argument("--index-key", default="auto", metavar="auto|FAISS_KEY",
-                   help=f"auto: exact (Flat) under {search.EXACT_BELOW} images, else the approximate index autofaiss "
+                   help=f"auto: exact (Flat) under {ann.EXACT_BELOW} images, else the approximate index autofaiss "
                    "would choose for the size (HNSW, IVF, OPQ+IVF+PQ); or any faiss index_factory string (HNSW32, IVF64,Flat)")
-    p.add_argument("--recall-target", type=float, default=search.RECALL_TARGET, metavar="R",
-                   help=f"an approximate index searches with the cheapest setting reaching this recall@10 (default {search.RECALL_TARGET})")
+    p.add_argument("--recall-target", type=float, default=ann.RECALL_TARGET, metavar="R",
+                   help=f"an approximate index searches with the cheapest setting reaching this recall@10 (default {ann.RECALL_TARGET})")
     p.add_argument("--part-size", type=int, default=search.DEFAULT_PART_SIZE, metavar="N",
                    help=f"images per part, the unit of resuming and of sharing work between processes (default {search.DEFAULT_PART_SIZE}; "
                    "shards: one part each)")
@@ -587,10 +587,10 @@ def _index(args: argparse.Namespace) -> int:
         raise UsageError("--recall-target must be in (0, 1]")
     import os
 
-    from mmcontrast import launch, search
+    from mmcontrast import ann, launch, search
 
     options = _loader_options(args)
-    search.check_index_key(args.index_key)
+    ann.check_index_key(args.index_key)
     plan = search.make_plan(args.images, args.shards, args.checkpoint, args.pretrained, args.precision, args.part_size)
     n_processes, threads = launch.requested_cpu_processes()
     if int(os.environ.get("RANK", "0")) == 0:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmcontrast import cli, search
+from mmcontrast import ann, cli, search
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -92,7 +92,7 @@ def test_approximate_index_recalls_the_exact_top_10(key, trained_tiny_clip, tiny
     rc, printed, _ = run_cli(index_args(tiny_image_folder, trained_tiny_clip.run_dir, out, "--index-key", key), capsys)
     infos = json.loads(printed)
     assert rc == 0 and infos["index_key"] == key and not infos["exact"] and infos["index_param"]
-    assert infos["recall@10"] >= search.RECALL_TARGET  # measured at build time against exact search
+    assert infos["recall@10"] >= ann.RECALL_TARGET  # measured at build time against exact search
     searcher = search.Searcher(out)
     recalls = []
     for text in QUERIES:
@@ -171,10 +171,10 @@ def test_embed_texts_writes_the_text_embeddings(trained_tiny_clip, text_model, c
 
 
 def test_the_index_chosen_by_size_follows_autofaiss():
-    assert search.choose_index_key(9_999, 512) == "Flat"
-    assert search.choose_index_key(200_000, 512) == "HNSW32"
-    assert search.choose_index_key(5_000_000, 512, max_memory=2**30) == "OPQ128_640,IVF16384_HNSW32,PQ128x8"
-    assert search.choose_index_key(500_000, 512, max_memory=1_040_000_000) == "IVF2048,Flat"  # no room for HNSW links
+    assert ann.choose_index_key(9_999, 512) == "Flat"
+    assert ann.choose_index_key(200_000, 512) == "HNSW32"
+    assert ann.choose_index_key(5_000_000, 512, max_memory=2**30) == "OPQ128_640,IVF16384_HNSW32,PQ128x8"
+    assert ann.choose_index_key(500_000, 512, max_memory=1_040_000_000) == "IVF2048,Flat"  # no room for HNSW links
 
 
 # ---------------------------------------------------------------- processes: two equal one; a killed run resumes
