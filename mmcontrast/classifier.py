@@ -24,7 +24,6 @@ from mmcontrast import models
 from mmcontrast.errors import UsageError
 
 CLASSIFIER_KEY = "mmcontrast_classifier"  # marks the model_config.json of a fine-tuned classifier
-HEAD_INITS = ("probe", "zero-shot", "random")
 BEST_WEIGHTS_FILE = "best.safetensors"  # RUN_DIR/: the weights that scored best on the validation images so far
 BEST_RECORD_FILE = "best.json"  # RUN_DIR/: {"val_top1", "val_loss", "mean_per_class_recall"} of those weights
 

@@ -760,7 +760,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _finetune_arguments(p: argparse.ArgumentParser) -> None:
-    from mmcontrast.finetune import Settings
+    from mmcontrast.finetune import HEAD_INITS, Settings  # no torch: --help stays instant
 
     p.add_argument("--train", required=True, metavar="DIR_OF_CLASS_FOLDERS", help="labelled images, one subfolder per class")
     p.add_argument("--checkpoint", required=True, metavar="C",
@@ -773,7 +773,7 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the head's peak learning rate; the encoder's is {Settings.backbone_lr_scale}x (default {Settings.lr})")
     p.add_argument("--batch-size", type=int, default=Settings.batch_size, help=f"default {Settings.batch_size}")
     p.add_argument("--image-size", type=int, metavar="PX", help="input size of a timm:NAME encoder (default: its pretrained size)")
-    p.add_argument("--init", default=Settings.init, choices=("probe", "zero-shot", "random"),
+    p.add_argument("--init", default=Settings.init, choices=HEAD_INITS,
                    help="the head's start: a linear probe on frozen features (LP-FT), the class names (CLIP), or random")
     _template_argument(p)
     p.add_argument("--seed", type=int, default=0)

@@ -6,7 +6,8 @@ encoder and a head from a linear probe on its frozen features — LP-FT — or f
 embeddings, or random), class weights when classes are uneven, and the ``Config``. The training itself is the one
 trainer (``mmcontrast.train``): resume, Accelerate, checkpoints, metrics and the nothing-lost guarantees are its.
 
-Does not own the classifier model or its files (``classifier.py``) or the loop.
+Does not own the classifier model or its files (``classifier.py``, imported where used: ``mmcontrast --help``
+stays free of torch) or the loop.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mmcontrast import classifier as clf
 from mmcontrast.config import Config
 from mmcontrast.errors import UsageError
 
 VAL_FRACTION = 0.1  # of --train held out for choosing the epoch when no --val is given
 UNEVEN = 1.5  # largest class / smallest class above which the loss weighs classes by inverse frequency
 START_DIR, DATA_DIR = "start", "data"  # RUN_DIR/start: starting weights; RUN_DIR/data: split folders and shards
+HEAD_INITS = ("probe", "zero-shot", "random")  # --init: a linear probe (LP-FT), the class names (CLIP), random
 
 
 @dataclass
@@ -99,6 +100,8 @@ def _class_weights(train_dir: Path, classes: list[str]) -> list[float] | None:
 
 def _start(s: Settings, train_dir: Path, classes: list[str], start: Path) -> Path:
     """The starting weights file: the checkpoint's encoder and the head ``s.init`` asks for."""
+    from mmcontrast import classifier as clf
+
     spec, encoder_state = clf.starting_encoder(s.checkpoint, s.pretrained, s.image_size)
     head = None
     if s.init != "random":
@@ -131,8 +134,8 @@ def prepare(s: Settings) -> Config:
     resumes), and the ``classify`` run's ``Config`` (before ``--set`` overrides)."""
     from mmcontrast.evaluate import class_folders
 
-    if s.init not in clf.HEAD_INITS:
-        raise UsageError(f"--init must be one of {', '.join(clf.HEAD_INITS)}, got {s.init!r}")
+    if s.init not in HEAD_INITS:
+        raise UsageError(f"--init must be one of {', '.join(HEAD_INITS)}, got {s.init!r}")
     run = Path(s.output_dir)
     data = run / DATA_DIR
     if s.val_dir:
