@@ -130,7 +130,8 @@ class LogConfig:
     trackers: list = field(default_factory=lambda: ["tensorboard"])  # any Accelerate tracker; [] for none
     # The three below are measured at the first log step at or after each multiple of their number of steps.
     val_every: int | None = None  # loss and R@K on data.val_shards; unset: log.checkpoint_every (0: off)
-    eval_every: int = 0  # 0: off. In-loop eval on eval_images (zero-shot in clip mode, kNN in simclr)
+    eval_every: int | None = 0  # 0: off. In-loop eval on eval_images (zero-shot in clip mode, kNN in simclr); unset:
+    # log.checkpoint_every when eval_images is given, else off (configs/clip_finetune.yaml: forgetting seen as it happens)
     eval_images: str | None = None  # a folder of class subfolders
     eval_train_images: str | None = None  # kNN reference set in simclr mode (class subfolders)
     diagnostics_every: int = 0  # 0: off. Representation health (mmcontrast.diagnostics) on a fixed batch
@@ -303,6 +304,8 @@ def validate(cfg: Config) -> None:
         raise UsageError("simclr needs at least 2 samples per step (negatives come from the batch)")
     if cfg.log.val_every is None:  # resolved here, so config.yaml records what ran
         cfg.log.val_every = cfg.log.checkpoint_every if cfg.data.val_shards else 0
+    if cfg.log.eval_every is None:  # resolved here, so config.yaml records what ran
+        cfg.log.eval_every = cfg.log.checkpoint_every if cfg.log.eval_images else 0
     for name in ("eval_every", "diagnostics_every", "val_every"):
         if getattr(cfg.log, name) < 0:
             raise UsageError(f"log.{name} must be 0 (off) or a number of steps, got {getattr(cfg.log, name)}")

@@ -186,10 +186,12 @@ def _sweep_series(rows: Sequence[Mapping]) -> dict[str, list[float]]:
     directions; then the mean zero-shot top-1 when there is one."""
     series: dict[str, list[float]] = {}
     for key in [k for k in rows[0] if "=" in k]:
+        kind, _, target = key.partition("=")
+        label = f"{kind} {'/'.join(Path(target).parts[-2:])}"  # the folder and its parent name a data set well enough
         if "top1" in rows[0][key]:
-            series[f"{key} top-1"] = [row[key]["top1"] for row in rows]
+            series[f"{label} top-1"] = [row[key]["top1"] for row in rows]
         else:
-            series[f"{key} R@1"] = [(row[key]["image_to_text"]["R@1"] + row[key]["text_to_image"]["R@1"]) / 2 for row in rows]
+            series[f"{label} R@1"] = [(row[key]["image_to_text"]["R@1"] + row[key]["text_to_image"]["R@1"]) / 2 for row in rows]
     if "mean_zero_shot_top1" in rows[0]:
         series["mean zero-shot top-1"] = [row["mean_zero_shot_top1"] for row in rows]
     return series

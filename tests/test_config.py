@@ -107,3 +107,12 @@ def test_no_weight_decay_on_biases_norms_embeddings_and_logit_scale():
     assert {"logit_scale", "positional_embedding", "visual.class_embedding", "visual.positional_embedding"} <= no_decay_names
     assert all(p.ndim >= 2 for p in decay["params"])
     assert "token_embedding.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_eval_every_unset_means_every_checkpoint_when_there_are_eval_images():
+    for images, expected in ((None, 0), ("some/folder", 50)):
+        cfg = Config()
+        cfg.train.output_dir, cfg.data.train_shards, cfg.train.steps = "x", "y", 1
+        cfg.log.eval_every, cfg.log.eval_images, cfg.log.checkpoint_every = None, images, 50
+        validate(cfg)
+        assert cfg.log.eval_every == expected

@@ -268,3 +268,20 @@ def test_a_compiled_run_matches_eager_and_writes_plain_keys(tiny_shards, tmp_pat
                     tmp_path / "compiled" / "checkpoints" / "last" / "ema.safetensors"):
         keys = list(load_file(str(weights)))
         assert keys and not any("_orig_mod" in k for k in keys), weights
+
+
+def test_the_finetune_recipe_starts_from_a_run_and_watches_the_original_domain(trained_tiny_clip, tiny_shards, tmp_path):
+    """configs/clip_finetune.yaml from a trained run: its weights are the start, zero-shot on log.eval_images runs at
+    every checkpoint (eval_every unset), the lr of each depth is printed at start-up, the export is the average."""
+    out = tmp_path / "ft"
+    r = run([sys.executable, "-m", "mmcontrast.train", "--config", str(ROOT / "configs" / "clip_finetune.yaml"),
+             "--train-shards", str(tiny_shards), "--output-dir", str(out), "--steps", "4", "--batch-size", "16",
+             "--workers", "0", "--log-every", "2", "--checkpoint-every", "2", "--set", "log.diagnostics_every=0",
+             "--set", f"model.pretrained={trained_tiny_clip.run_dir}", "--set", f"log.eval_images={trained_tiny_clip.test_dir}"])  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(out)
+    assert [row["step"] for row in rows if "eval/zeroshot_top1" in row] == [2, 4]
+    assert rows[0]["eval/zeroshot_top1"] > 0.5  # it started from the trained run (random weights guess 1 in 4)
+    assert "eval_every: 2" in (out / "config.yaml").read_text() and (out / "model_raw.safetensors").is_file()
+    table = [line.split() for line in r.stderr.splitlines() if line.startswith(("image ", "text "))]
+    assert {(kind, depth) for kind, depth, *_ in table} == {(k, str(d)) for k in ("image", "text") for d in range(4)}
