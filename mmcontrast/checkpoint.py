@@ -5,7 +5,7 @@ optimizer, one RNG file per process), ``train_state.json`` (step, data position,
 ``manifest.json`` (every file's size and SHA-256), and ``last`` is a symlink to the newest complete one.
 
 Nothing a kill can interrupt leaves the run without a complete checkpoint: a checkpoint is written into
-``.tmp_step_NNNNNN``, every process finishes writing (a barrier), rank 0 writes the manifest last and
+``.tmp_step_NNNNNN``, every process finishes writing (a barrier) and hashes its share of the files, rank 0 writes the manifest last and
 renames the directory into place, then switches ``last`` with one rename; old ones are pruned after
 that, by step number, never the one ``last`` names. On resume the manifest is checked before anything
 is loaded: a damaged or missing ``last`` falls back to the newest complete checkpoint with a warning,
@@ -68,10 +68,36 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path) -> None:
-    """``manifest.json``: size and SHA-256 of every other file under ``folder``, written last and atomically."""
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != MANIFEST_FILE}
+def _listed(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` but the manifest: relative name -> size."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+
+
+def share_by_size(sizes: dict[str, int], parts: int) -> list[list[str]]:
+    """``sizes``' names split into ``parts`` lists of about equal bytes (largest first, each to the lightest part so
+    far): the same split on every process that lists the same files, no part more than an even share plus the largest
+    file."""
+    shares: list[list[str]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(name)
+        loads[lightest] += sizes[name]
+    return shares
+
+
+def hash_share(folder: Path, part: int = 0, parts: int = 1) -> dict[str, dict]:
+    """Size and SHA-256 of part ``part`` of ``parts`` of the files under ``folder`` (``share_by_size``): with every
+    process hashing its part, a checkpoint of many large files (FSDP shards) is sealed in the time of one part while
+    no process waits on one that hashes them all."""
+    sizes = _listed(folder)
+    return {name: {"size": sizes[name], "sha256": _sha256(folder / name)} for name in share_by_size(sizes, parts)[part]}
+
+
+def write_manifest(folder: Path, files: dict[str, dict] | None = None) -> None:
+    """``manifest.json``: size and SHA-256 of every other file under ``folder`` (``files``: ``hash_share``'s parts,
+    merged; None: hashed here), written last and atomically."""
+    files = dict(sorted((files if files is not None else hash_share(folder)).items()))
     tmp = folder / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps({"files": files}, indent=1))
     os.replace(tmp, folder / MANIFEST_FILE)
@@ -141,6 +167,16 @@ def _broadcast(accelerator, value):
     return broadcast_object_list([value])[0]
 
 
+def _hashed_by_every_process(accelerator, folder: Path) -> dict[str, dict]:
+    """``hash_share`` of every process, merged (on every process)."""
+    mine = hash_share(folder, accelerator.process_index, accelerator.num_processes)
+    if accelerator.num_processes == 1:
+        return mine
+    from accelerate.utils import gather_object
+
+    return {name: entry for part in gather_object([mine]) for name, entry in part.items()}
+
+
 def save_checkpoint(accelerator, model: nn.Module, output_dir: Path, state: dict, keep: int,
                     save_more: Callable[[Path], None] | None = None) -> None:
     """Write ``checkpoints/step_NNNNNN`` (see the module docstring for why a kill never loses a checkpoint).
@@ -162,11 +198,13 @@ def save_checkpoint(accelerator, model: nn.Module, output_dir: Path, state: dict
         accelerator.save_state(str(tmp))
         if save_more is not None:
             save_more(tmp)
-        accelerator.wait_for_everyone()  # every process's files are in before rank 0 seals the directory
+        if accelerator.is_main_process:
+            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()  # every process's files are in before they are hashed
+        files = _hashed_by_every_process(accelerator, tmp)
     if accelerator.is_main_process:
         if not reuse:
-            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=2))
-            write_manifest(tmp)
+            write_manifest(tmp, files)
             shutil.rmtree(final, ignore_errors=True)  # only ever a damaged copy of this step
             tmp.rename(final)
         _point_last_at(root, name)

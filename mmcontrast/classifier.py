@@ -216,6 +216,7 @@ def keep_best(preprocess: Callable, val_dir: str | Path, classes: Sequence[str],
     UsageError now."""
     from safetensors.torch import save_file
 
+    from mmcontrast.distributed import first_of_shared_work
     from mmcontrast.evaluate import class_folders, classification_metrics
 
     paths, names = class_folders(val_dir)
@@ -231,6 +232,8 @@ def keep_best(preprocess: Callable, val_dir: str | Path, classes: Sequence[str],
         metrics = classification_metrics(probs, ok_targets.tolist(), list(classes))
         nll = float(-probs[torch.arange(len(ok_targets)), ok_targets].clamp_min(1e-12).log().mean())
         record = out / BEST_RECORD_FILE
+        if not first_of_shared_work():  # every process measured its part; the first one keeps the best
+            return {"eval/val_top1": metrics["top1"], "eval/val_loss": nll}
         best = json.loads(record.read_text()) if record.is_file() else {"val_top1": -1.0, "val_loss": float("inf")}
         # a few validation images tie often on accuracy: the lower loss (the more confident right answers) breaks it
         if (metrics["top1"], -nll) > (best["val_top1"], -best["val_loss"]):

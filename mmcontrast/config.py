@@ -120,6 +120,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     ema_decay: float = 0.0  # 0: off. A moving average of the weights (mmcontrast.ema): measured, exported as the model
     ema_warmup: bool = True  # the decay is min(ema_decay, (1 + step) / (10 + step)): the start is forgotten quickly
+    dist_timeout_s: float = 1800.0  # how long a process waits in a collective (NCCL's own default: 600) before the job fails
 
 
 @dataclass
@@ -136,6 +137,7 @@ class LogConfig:
     eval_train_images: str | None = None  # kNN reference set in simclr mode (class subfolders)
     diagnostics_every: int = 0  # 0: off. Representation health (mmcontrast.diagnostics) on a fixed batch
     diagnostics_samples: int = 256  # size of that batch
+    monitor_samples: int = 4096  # rows of each embedding the log step's monitors see (positive accuracy, std), at most
     min_rank_fraction: float = 0.05  # warn when the effective rank falls below this fraction of the dimension
     min_std_ratio: float = 0.1  # warn when the embedding std falls below this multiple of 1/sqrt(d)
     chance_tolerance: float = 0.05  # health/at_chance: loss within this fraction of guessing's (and positives < 2x chance)
@@ -317,6 +319,8 @@ def validate(cfg: Config) -> None:
         raise UsageError("data.upsampling_factors mixes sources by drawing shards with replacement: set data.resampled=true")
     if cfg.data.num_samples is not None and cfg.data.num_samples < 1:
         raise UsageError(f"data.num_samples must be positive, got {cfg.data.num_samples}")
+    if cfg.train.dist_timeout_s <= 0 or cfg.log.monitor_samples < 2:
+        raise UsageError("train.dist_timeout_s must be positive and log.monitor_samples at least 2")
     if cfg.data.read_timeout <= 0 or cfg.data.read_retries < 0:
         raise UsageError("data.read_timeout must be positive and data.read_retries at least 0")
     if cfg.mode == "classify" and cfg.log.diagnostics_every:

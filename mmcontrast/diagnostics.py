@@ -286,13 +286,19 @@ def fixed_batch(shards: list[str], transform: Callable, tokenizer: Callable | No
 
 def batch_health(embed_pair: Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]], model: nn.Module,
                  batch: dict, views: bool) -> dict[str, float]:
-    """``health`` of the pair ``embed_pair(model, batch)`` computes, with the model in eval mode."""
+    """``health`` of the pair ``embed_pair(model, batch)`` computes, with the model in eval mode. Inside
+    ``distributed.shared_work`` each process embeds its part of the batch and the parts are gathered."""
+    from mmcontrast.distributed import gather_parts, sharing, work_share
     from mmcontrast.models import evaluating
 
     device = next(model.parameters()).device
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    part = work_share(len(batch["__key__"]))
+    batch = {k: v[part].to(device) if torch.is_tensor(v) else v[part] if isinstance(v, list) else v for k, v in batch.items()}
     with evaluating(model):
         x, y = embed_pair(model, batch)
+    if sharing()[1] > 1:
+        pairs = gather_parts((x.float().cpu(), y.float().cpu()))
+        x, y = (torch.cat([p[i] for p in pairs]) for i in (0, 1))
     return health(x, y, views=views)
 
 
@@ -316,14 +322,15 @@ def preprocess_geometry(preprocess: Callable) -> tuple[int, list[float], list[fl
 @torch.inference_mode()
 def embed_shard_pairs(model: nn.Module, preprocess: Callable, tokenizer: Callable | None, shards: list[str],
                       samples: int = 512, views: bool = False, batch_size: int = 128, workers: int = 0,
-                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                      seed: int = 0, preset: str = "natural") -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Embed up to ``samples`` positive pairs from image–caption (or image-only) shards.
 
     Pairs are (image, caption) through the model's two towers, or with ``views`` (and always for an
     image-only encoder, ``tokenizer=None``) two SimCLR views of each image (``augment.simclr_transform``
     at the preprocess's size and normalisation), seeded by ``seed``. Samples are a seeded shuffle of
     the shards. Returns x, y: (n, d) float32 on CPU, not normalised, and whether they are two views
-    (``health``'s ``views``).
+    (``health``'s ``views``). ``preset``: the views' recipe (``augment.PRESETS``) — with a strong encoder,
+    how often positives are found says whether a recipe's two views still share enough to be matched.
     """
     from mmcontrast import data
     from mmcontrast.augment import simclr_transform
@@ -332,7 +339,9 @@ def embed_shard_pairs(model: nn.Module, preprocess: Callable, tokenizer: Callabl
     views = views or tokenizer is None or not hasattr(model, "encode_text")
     check_fields(shards, need_text=not views)
     if views:
-        transform, tokenizer = simclr_transform(*preprocess_geometry(preprocess)), None
+        from mmcontrast.augment import PRESETS
+
+        transform, tokenizer = simclr_transform(*preprocess_geometry(preprocess), **PRESETS[preset]), None
     else:
         transform = preprocess
     loader = data.make_loader(shards, image_transform=transform, tokenizer=tokenizer, views=2 if views else 1,

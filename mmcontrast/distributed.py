@@ -131,6 +131,69 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# ---------------------------------------------------------------- measurements shared between processes
+
+
+_SHARED_WORK = contextvars.ContextVar("mmcontrast_shared_work", default=False)
+
+
+@contextlib.contextmanager
+def shared_work():
+    """Inside this block every process runs the same measurement (validation, in-loop evaluation, health) and each
+    does only its part (``work_share``), the parts gathered with ``gather_parts``: a measurement on the first
+    process alone would leave the others waiting in their next collective, past its timeout on a large folder.
+    Outside it, or without a process group, a process does all of the work (the CLI's evaluations, and FSDP,
+    whose sharded forward passes need every process on the same batches)."""
+    token = _SHARED_WORK.set(True)
+    try:
+        yield
+    finally:
+        _SHARED_WORK.reset(token)
+
+
+def sharing() -> tuple[int, int]:
+    """``(this process's part, parts)`` of shared work: ``(rank, world size)`` inside ``shared_work``, else ``(0, 1)``."""
+    if _SHARED_WORK.get() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def work_share(n: int) -> slice:
+    """This process's contiguous part of ``n`` items (the first parts one longer when ``n`` does not divide):
+    concatenated in rank order, the parts are the items in their order."""
+    part, parts = sharing()
+    size, extra = divmod(n, parts)
+    start = part * size + min(part, extra)
+    return slice(start, start + size + (part < extra))
+
+
+def gather_parts(obj) -> list:
+    """Every process's ``obj`` in rank order (tensors on the CPU); ``[obj]`` outside shared work."""
+    _, parts = sharing()
+    if parts == 1:
+        return [obj]
+    every: list = [None] * parts
+    dist.all_gather_object(every, obj)
+    return every
+
+
+def gather_to_first(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Each of ``tensors`` (the same shapes on every process) concatenated over the processes, rank-major, on the
+    first process; None on the others, which send theirs and keep nothing."""
+    first = dist.get_rank() == 0
+    out = []
+    for x in tensors:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())] if first else None
+        dist.gather(x.contiguous(), parts, dst=0)
+        out.append(torch.cat(parts) if first else None)
+    return out if first else None
+
+
+def first_of_shared_work() -> bool:
+    """Whether this process writes what a shared measurement decides (the first one; any process outside it)."""
+    return sharing()[0] == 0
+
+
 # ---------------------------------------------------------------- global BatchNorm
 
 

@@ -233,7 +233,6 @@ def encode_image_batch(model: nn.Module, images: torch.Tensor, normalize: bool =
     return (nn.functional.normalize(features, dim=-1) if normalize else features).cpu()
 
 
-@torch.inference_mode()
 def encode_images(model: nn.Module, preprocess: Callable, paths: Sequence[Path], batch_size: int = DEFAULT_BATCH_SIZE,
                   workers: int = DEFAULT_WORKERS, normalize: bool = True, progress: bool = False,
                   desc: str = "images", on_batch: BatchTimes | None = None, bar: tqdm | None = None) -> EncodedImages:
@@ -241,7 +240,30 @@ def encode_images(model: nn.Module, preprocess: Callable, paths: Sequence[Path],
 
     ``on_batch(decode_seconds, encode_seconds)`` is called after each batch (the CLI balances CPU threads with it).
     ``bar``: a progress bar of the caller's to advance instead of one of its own (one bar over several calls).
+    Inside ``distributed.shared_work`` (the trainer's in-loop evaluation) each process decodes and encodes its part
+    of ``paths`` and every process returns the features of all of them, in order.
     """
+    from mmcontrast.distributed import gather_parts, work_share
+
+    paths = list(paths)
+    part = work_share(len(paths))
+    mine = _encode_images_here(model, preprocess, paths[part], batch_size, workers, normalize, progress, desc, on_batch, bar)
+    if part == slice(0, len(paths)):
+        return mine
+    ok: list[int] = []
+    errors: dict[int, str] = {}
+    chunks: list[torch.Tensor] = []
+    for start, features, their_ok, their_errors in gather_parts((part.start, mine.features, mine.ok, mine.errors)):
+        ok.extend(start + i for i in their_ok)
+        errors.update({start + i: e for i, e in their_errors.items()})
+        chunks.extend([features] if their_ok else [])
+    return EncodedImages(paths, torch.cat(chunks) if chunks else torch.empty(0, 0), ok, errors)
+
+
+@torch.inference_mode()
+def _encode_images_here(model: nn.Module, preprocess: Callable, paths: list[Path], batch_size: int, workers: int,
+                        normalize: bool, progress: bool, desc: str, on_batch: BatchTimes | None, bar: tqdm | None) -> EncodedImages:
+    """``encode_images`` of every one of ``paths`` in this process."""
     device = next(model.parameters()).device
     ok: list[int] = []
     errors: dict[int, str] = {}
@@ -580,17 +602,15 @@ def held_out_metrics(model: nn.Module, batches: Iterator[dict], inputs: Callable
     block is left out unless it is the only one). Recall: ``names[0]`` → ``names[1]`` and back, over all
     samples, as ``retrieval_recall`` (pairs (i, i)). The model's outputs are ``n_embeddings`` per-sample
     embeddings, then scalars (logit scale, bias). The loss gathers nothing inside ``distributed.local_only``:
-    every process that calls it computes the same numbers on its own.
+    every process that calls it computes the same numbers on its own. Inside ``distributed.shared_work`` each
+    process passes the batches of its part of the samples; the outputs are gathered and ordered by sample key, as
+    they are in one process, so the numbers do not depend on how many processes read them.
     """
     device = next(model.parameters()).device
-    outputs, labels = [], []
-    for batch in batches:
-        outputs.append(model(*(x.to(device) for x in inputs(batch))))
-        labels.extend(batch["label"].tolist() if "label" in batch else [])
-    if not outputs:
+    a, b, scalars, labels = _held_out_outputs(model, batches, inputs, n_embeddings)
+    if a is None:
         raise UsageError("the validation shards gave no full batch; give more held-out samples or lower the batch size")
-    a, b = (torch.cat([o[i].float() for o in outputs]) for i in range(2))  # (N, d) each
-    scalars = [s.float() for s in outputs[0][n_embeddings:]]
+    a, b, scalars = a.to(device), b.to(device), [s.to(device) for s in scalars]
     starts = range(0, max(1, len(a) - block + 1), block) if len(a) >= block else [0]
     label = torch.tensor(labels, device=device) if labels else None  # (N,) for a loss on labels (SupCon)
     losses = [float(loss([a[s : s + block], b[s : s + block], *scalars], None if label is None else label[s : s + block]))
@@ -601,3 +621,28 @@ def held_out_metrics(model: nn.Module, batches: Iterator[dict], inputs: Callable
     for direction, (x, y) in zip(("image_to_text", "text_to_image"), (names, names[::-1])):
         out.update({f"val/{x}_to_{y}_{k}": v for k, v in recall[direction].items()})
     return out
+
+
+def _held_out_outputs(model: nn.Module, batches: Iterator[dict], inputs: Callable[[dict], tuple],
+                      n_embeddings: int) -> tuple[torch.Tensor | None, torch.Tensor | None, list, list]:
+    """The model's two embeddings ``(N, d)`` float32 on the CPU, its scalars and the labels of every process's
+    ``batches`` (``distributed.gather_parts``), ordered by sample key; ``(None, None, [], [])`` without samples."""
+    from mmcontrast.distributed import gather_parts
+
+    device = next(model.parameters()).device
+    keys, a, b, labels, scalars = [], [], [], [], []
+    for batch in batches:
+        out = model(*(x.to(device) for x in inputs(batch)))
+        keys.extend(batch["__key__"])
+        a.append(out[0].float().cpu())
+        b.append(out[1].float().cpu())
+        labels.extend(batch["label"].tolist() if "label" in batch else [])
+        scalars = scalars or [s.float().cpu() for s in out[n_embeddings:]]
+    parts = [p for p in gather_parts((keys, a, b, labels, scalars)) if p[0]]
+    if not parts:
+        return None, None, [], []
+    keys = [k for p in parts for k in p[0]]
+    order = sorted(range(len(keys)), key=keys.__getitem__)  # stable: one order however the samples were split
+    a_all, b_all = (torch.cat([t for p in parts for t in p[i]])[order] for i in (1, 2))
+    labels = [label for p in parts for label in p[3]]
+    return a_all, b_all, parts[0][4], [labels[i] for i in order] if labels else []

@@ -186,13 +186,18 @@ def _flat_config(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _make_accelerator(mixed_precision: str, trackers: list, output_dir: Path, compile_model: bool):
+def _make_accelerator(mixed_precision: str, trackers: list, output_dir: Path, compile_model: bool, dist_timeout_s: float = 1800.0):
     """Accelerate with the run's precision and trackers; ``compile_model`` compiles the model with torch.compile
-    (inductor), as ``accelerate launch --dynamo_backend inductor`` does for runs started without it."""
+    (inductor), as ``accelerate launch --dynamo_backend inductor`` does for runs started without it. The process
+    group it forms (under any launcher: accelerate launch, torchrun, srun) lets a process wait ``dist_timeout_s`` in a
+    collective before the job fails."""
+    import datetime
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     return Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=dist_timeout_s))],
         mixed_precision=None if mixed_precision == "no" else mixed_precision,  # None: `accelerate launch --mixed_precision`
         dynamo_backend="inductor" if compile_model else None,  # None: Accelerate's own (launch --dynamo_backend)
         log_with=trackers or None,
@@ -370,28 +375,45 @@ class StepLog:
         }  # fmt: skip
         if acc.device.type == "cuda":  # the allocator's own count: read on the host, no wait for the GPU
             record["gpu_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
-        # over the global batch, the candidates the loss saw (rank-major, so pairs stay aligned)
-        embeddings = [acc.gather(e.contiguous()) for e in embeddings] if acc.num_processes > 1 else embeddings
-        if acc.is_main_process or self.everyone_measures:
-            metrics = self._measurements(state.step, model, embeddings)
-            record.update(metrics if acc.is_main_process else {})
+        monitored = self._monitored(embeddings)
+        metrics = self._measurements(state.step, model, monitored)  # every process takes part
         if acc.is_main_process:
+            record.update(metrics)
+            if len(monitored[0]) < record["global_batch"]:  # the monitors saw part of the global batch
+                record["monitor_samples"] = len(monitored[0])
             record.update(self._judge(record))
         self._emit(record)
         self.reset()
         return record
 
-    def _measurements(self, step: int, model, embeddings: list[torch.Tensor]) -> dict:
-        """Batch monitors, health, validation, evaluation: on the first process (on every one for a sharded model).
-        Health, validation and evaluation measure the weights ``measured_weights`` puts in (the moving average's)."""
+    def _monitored(self, embeddings: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """What the batch monitors see: at most ``log.monitor_samples`` rows of each embedding, the first rows of every
+        process's (pairs stay aligned; rank-major), gathered to the first process only (None on the others). The
+        whole global batch on every process cost memory everywhere and a (32k, 32k) similarity on the first."""
+        from mmcontrast.distributed import gather_to_first
+
+        world = self.accelerator.num_processes
+        rows = min(len(embeddings[0]), -(-self.cfg.monitor_samples // world))
+        mine = [e[:rows].detach().contiguous() for e in embeddings]
+        return mine if world == 1 else gather_to_first(mine)
+
+    def _measurements(self, step: int, model, embeddings: list[torch.Tensor] | None) -> dict:
+        """Batch monitors (where ``embeddings`` are: the first process), then health, validation, evaluation on every
+        process: each does its part (``distributed.shared_work``), or, for a sharded model whose forward passes need
+        every process, all of it. Health, validation and evaluation measure the weights ``measured_weights`` puts in
+        (the moving average's)."""
         from mmcontrast.diagnostics import batch_health, batch_monitor
-        from mmcontrast.distributed import local_only
+        from mmcontrast.distributed import local_only, shared_work
         from mmcontrast.models import evaluating
 
-        metrics = self.task.monitor(embeddings) if self.task.monitor else batch_monitor(*embeddings, views=self.task.pairs_are_views)
-        metrics.update(self.task.scalar_metrics(model))
+        metrics: dict = {}
+        if embeddings is not None:
+            metrics = self.task.monitor(embeddings) if self.task.monitor else batch_monitor(*embeddings, views=self.task.pairs_are_views)
+        if embeddings is not None or self.everyone_measures:
+            metrics.update(self.task.scalar_metrics(model))
         due = [self._crossed(step, every) for every in (self.cfg.diagnostics_every, self.cfg.val_every, self.cfg.eval_every)]
-        with self.measured_weights() if any(due) else contextlib.nullcontext():
+        split = contextlib.nullcontext() if self.everyone_measures else shared_work()
+        with self.measured_weights() if any(due) else contextlib.nullcontext(), split:
             if due[0]:
                 self.health_batch = self.health_batch or self.make_health_batch()
                 health = batch_health(self.task.health_pair, model, self.health_batch, views=self.task.pairs_are_views)
@@ -415,6 +437,8 @@ class StepLog:
         if "positive_accuracy" not in record:  # not a contrastive task: no candidates to find a positive among
             return {}
         chance = dg.chance_level(self.task.loss_name, record["global_batch"])
+        if "monitor_samples" in record:  # positives were found among the monitored rows only
+            chance = (chance[0], dg.chance_level(self.task.loss_name, record["monitor_samples"])[1])
         out = {"health/chance_loss": chance[0], "health/chance_positive_accuracy": chance[1]}
         if step <= self.warmup_steps:
             return out
@@ -539,23 +563,49 @@ def _use_gpu_fast_paths(model: nn.Module) -> None:
 
 
 def _set_up_processes(cfg: Config, output_dir: Path) -> tuple:
-    """The data's sources (checked), trackers and Accelerate: ``(sources, trackers, accelerator)``."""
-    from mmcontrast.feed import find_sources
+    """The data's sources (checked), trackers and Accelerate: ``(sources, trackers, accelerator)``. The shards are
+    listed, counted and checked by the first process and the result sent to the others: one request per remote
+    shard's stats file, not one per shard and process (64 processes x 40k shards would be 2.5M)."""
+    from mmcontrast.feed import Sources, find_sources
     from mmcontrast.launch import check_world
     from mmcontrast.shards import check_fields
     from mmcontrast.tasks import needs_captions
 
-    sources = find_sources(cfg.data.train_shards, cfg.data.upsampling_factors, cfg.data.read_timeout)
-    check_fields(sources.shards, need_text=needs_captions(cfg.mode))
     trackers = _usable_trackers(list(cfg.log.trackers))
-    accelerator = _make_accelerator(cfg.train.mixed_precision, trackers, output_dir, cfg.train.compile)
+    accelerator = _make_accelerator(cfg.train.mixed_precision, trackers, output_dir, cfg.train.compile, cfg.train.dist_timeout_s)
     check_world(accelerator)
+
+    def counted() -> Sources:
+        found = find_sources(cfg.data.train_shards, cfg.data.upsampling_factors, cfg.data.read_timeout)
+        check_fields(found.shards, need_text=needs_captions(cfg.mode))
+        return found
+
+    sources = _on_first_process(accelerator, counted)
     # the launcher's switches (--mixed_precision, --dynamo_backend) apply where the config left them off
     cfg.train.mixed_precision = str(accelerator.mixed_precision)
     cfg.train.compile = cfg.train.compile or str(accelerator.state.dynamo_plugin.backend) != "NO"
     validate(cfg)
     _share_cpu_cores(accelerator, cfg.data.workers)
     return sources, trackers, accelerator
+
+
+def _on_first_process(accelerator, make: Callable[[], object]):
+    """``make()``'s result, computed by the first process and broadcast; a ``UsageError`` it raises is raised on
+    every process (the others would otherwise wait for a result that never comes)."""
+    if accelerator.num_processes == 1:
+        return make()
+    from accelerate.utils import broadcast_object_list
+
+    result: tuple = (None, None)
+    if accelerator.is_main_process:
+        try:
+            result = (make(), None)
+        except UsageError as err:
+            result = (None, str(err))
+    value, error = broadcast_object_list([result])[0]
+    if error is not None:
+        raise UsageError(error)
+    return value
 
 
 def _set_up_model(cfg: Config, accelerator) -> tuple:
@@ -657,20 +707,25 @@ def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config, identity
 
 
 def _validation(cfg: Config, task, global_batch: int) -> Callable | None:
-    """``model -> val/* metrics`` on ``data.val_shards`` (checked now, at start-up), or None without them."""
+    """``model -> val/* metrics`` on ``data.val_shards`` (checked now, at start-up), or None without them. Inside
+    ``distributed.shared_work`` each process reads and encodes its part of the samples (split by sample: counted
+    once, now)."""
     if not cfg.data.val_shards:
         return None
     from mmcontrast.data import make_loader
+    from mmcontrast.distributed import sharing
     from mmcontrast.evaluate import held_out_metrics
     from mmcontrast.shards import check_fields, expand_shards, shard_sample_counts
 
     shards = expand_shards(cfg.data.val_shards)
     check_fields(shards, need_text=task.tokenizer is not None)
-    counts = shard_sample_counts(shards, cfg.data.read_timeout) if cfg.data.workers > 1 else None  # once, not per validation
+    counts = shard_sample_counts(shards, cfg.data.read_timeout)  # once, not per validation
 
     def validate(model) -> dict:
+        part, parts = sharing()
         loader = make_loader(shards, image_transform=task.health_transform, tokenizer=task.tokenizer, views=task.views,
                              batch_size=min(global_batch, 256), workers=cfg.data.workers, seed=cfg.train.seed, counts=counts,
+                             rank=part, world_size=parts,
                              shuffle=False, drop_last=False, with_labels=task.with_labels, read_timeout=cfg.data.read_timeout)
         return held_out_metrics(model, iter(loader), task.inputs, task.loss, global_batch, task.pair_names, task.n_embeddings)
 
