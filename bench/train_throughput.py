@@ -59,11 +59,12 @@ def make_data(folder: Path, n: int) -> Path:
     return shards
 
 
-def run_measured(cmd: list[str]) -> tuple[float, str]:
-    """Run cmd; return (peak RSS of its process tree in MiB, combined output)."""
+def run_measured(cmd: list[str], check: bool = True, env: dict | None = None) -> tuple[float, str]:
+    """Run cmd; return (peak RSS of its process tree in MiB, combined output). A failure exits, unless ``check`` is
+    False: then the RSS is negative (bench/train_gpu.py probes what fits)."""
     import psutil
 
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0]
 
     def sample():
@@ -83,6 +84,8 @@ def run_measured(cmd: list[str]) -> tuple[float, str]:
     watcher.start()
     out = proc.communicate()[0]
     watcher.join()
+    if proc.returncode != 0 and not check:
+        return -1.0, out
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} … failed:\n{out[-3000:]}")
     return peak[0] / 2**20, out
