@@ -82,7 +82,7 @@ def test_one_image_call_is_both_stages():
 
 
 def test_quarter_turns_and_vertical_flips_are_exact_and_all_drawn():
-    """``rot90`` and ``vflip`` (the texture and overhead presets) move pixels without resampling: every view of a
+    """``rot90`` and ``vflip`` (the overhead preset) move pixels without resampling: every view of a
     full-size crop is one of the image's 8 symmetries, and all 8 are drawn."""
     from PIL import Image
 
@@ -110,7 +110,7 @@ def test_presets_fill_what_the_config_leaves_unset_and_explicit_fields_win():
     texture = AugmentConfig(preset="texture")
     resolve_augment(texture)
     assert {k: getattr(texture, k) for k in PRESETS["texture"]} == PRESETS["texture"]
-    assert texture.rot90 is True and texture.color_jitter[2:] == [0.0, 0.0] and texture.grayscale_p == 0.0
+    assert texture.rot90 is False and texture.color_jitter[2:] == [0.0, 0.0] and texture.grayscale_p == 0.0
     mine = AugmentConfig(preset="overhead", crop_scale=[0.5, 1.0], blur_p=0.0)
     resolve_augment(mine)
     assert mine.crop_scale == [0.5, 1.0] and mine.blur_p == 0.0 and mine.vflip == PRESETS["overhead"]["vflip"]
