@@ -1044,6 +1044,8 @@ def _diagnose_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", action="store_true",
                    help="two augmented views of each image even for a CLIP checkpoint (always so for image-only encoders)")
     p.add_argument("--seed", type=int, default=0, help="which samples and which augmentations (default 0)")
+    p.add_argument("--preset", default="natural", choices=("natural", "texture", "overhead", "finetune"),
+                   help="the two views' recipe (data.augment.preset): can this encoder match views made this way?")
     p.add_argument("--min-rank-fraction", type=float, default=LogConfig.min_rank_fraction, metavar="F",
                    help=f"warn below this effective rank / dimension (default {LogConfig.min_rank_fraction})")
     p.add_argument("--min-std-ratio", type=float, default=LogConfig.min_std_ratio, metavar="R",
@@ -1063,7 +1065,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     shards = expand_shards(args.shards)  # a bad pattern fails before the model loads
     model, preprocess, tokenizer = _load_for_eval(args)
     x, y, views = diagnostics.embed_shard_pairs(model, preprocess, tokenizer, shards, samples=args.samples, views=args.views,
-                                                batch_size=options["batch_size"], workers=options["workers"], seed=args.seed)
+                                                batch_size=options["batch_size"], workers=options["workers"], seed=args.seed,
+                                                preset=args.preset)
     metrics = diagnostics.health(x, y, views=views)
     metrics.update(diagnostics.judge(metrics, int(x.shape[0]), views, args.min_rank_fraction))
     if metrics["at_chance"]:
@@ -1071,7 +1074,8 @@ def _diagnose(args: argparse.Namespace) -> int:
               f"({metrics['chance_positive_accuracy']:.1%}): this encoder does not tell these samples apart", file=sys.stderr)
     for line in diagnostics.collapse_warnings(metrics, args.min_rank_fraction, args.min_std_ratio):
         print(f"warning: {line}", file=sys.stderr)
-    result = {**metrics, "pairs": "two views" if views else "image-text", "n_samples": int(x.shape[0]),
+    result = {**metrics, "pairs": "two views" if views else "image-text", **({"preset": args.preset} if views else {}),
+              "n_samples": int(x.shape[0]),
               "dim": int(x.shape[1]), "checkpoint": args.checkpoint, "shards": args.shards,
               "precision": args.precision}
     return _emit_json(result, args.output)

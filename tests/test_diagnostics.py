@@ -258,10 +258,10 @@ def test_diagnose_prints_health_of_a_clip_checkpoint(clip_run, tiny_shards, tmp_
 def test_diagnose_an_image_only_encoder_uses_two_views_and_warns(collapsed_run, tiny_shards, capsys):
     run_dir, _ = collapsed_run
     assert main(["diagnose", "--checkpoint", str(run_dir), "--shards", str(tiny_shards), "--samples", "24",
-                 "--workers", "0", "--quiet"]) == 0
+                 "--workers", "0", "--quiet", "--preset", "texture"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    assert result["pairs"] == "two views" and "modality_gap" not in result
+    assert result["pairs"] == "two views" and result["preset"] == "texture" and "modality_gap" not in result
     assert result["effective_rank"] == pytest.approx(1.0, abs=0.01)
     assert result["at_chance"] is True and result["dimensional_collapse"] is True
     assert result["chance_positive_accuracy"] == pytest.approx(1 / 47)  # 24 images, two views: 47 candidates
