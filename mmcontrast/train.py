@@ -36,6 +36,7 @@ from torch import nn
 from mmcontrast.config import (
     CONFIG_FILE,
     METRICS_FILE,
+    MODES,
     Config,
     LogConfig,
     apply_overrides,
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, help="log every N steps")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps")
     p.add_argument("--workers", type=int, help="dataloader workers per process")
-    p.add_argument("--mode", choices=("clip", "simclr"))
+    p.add_argument("--mode", choices=MODES, help="clip (image-text), simclr (image only) or classify (mmcontrast finetune's)")
     p.add_argument("--model", help="open_clip model name or model-config JSON (simclr also: timm:NAME)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE", help="any other config field")
     p.add_argument("--print-lr-groups", action="store_true",
