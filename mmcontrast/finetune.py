@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,5 +169,4 @@ def _config(s: Settings, start: Path, shards: Path, val_dir: Path, n_train: int,
     cfg.log.eval_images = str(val_dir)
     cfg.log.diagnostics_every = 0
     cfg.log.trackers = []
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return cfg
