@@ -147,7 +147,7 @@ def write_start(path: Path, spec: dict, encoder_state: dict, classes: Sequence[s
             model.head.weight.copy_(torch.from_numpy(head[0]))
             model.head.bias.copy_(torch.from_numpy(head[1]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    models.atomic_save(save_file, models.state_dict_for_file(model), path)  # a killed preparation starts again cleanly
     return path
 
 
