@@ -219,8 +219,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_rank(rank: int, argv: list[str], port: int) -> None:
-    """One process of a 2-process run of the trainer, its image encoding slowed down."""
+def _train_rank(rank: int, argv: list[str], port: int, timeouts: str) -> None:
+    """One process of a 2-process run of the trainer, its image encoding slowed down; the timeout its process group
+    was formed with is written to ``timeouts``/RANK."""
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ACCELERATE_USE_CPU": "true",
                        "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
@@ -233,14 +234,20 @@ def _train_rank(rank: int, argv: list[str], port: int) -> None:
         time.sleep(SLOW_S * len(images))
         return plain(model, images, normalize)
 
+    def init_process_group(*args, **kwargs):
+        (Path(timeouts) / str(rank)).write_text(str(kwargs.get("timeout")))
+        return plain_init(*args, **kwargs)
+
     evaluate.encode_image_batch = slow
+    plain_init, dist.init_process_group = dist.init_process_group, init_process_group
     train(config_from_args(argv))
 
 
 def test_two_processes_count_remote_shards_once_and_share_a_slow_eval(tiny_shards, shard_server, tmp_path):
     """Remote shards with per-shard stats only: each stats file is read once (by the first process), not once per
     process. In-loop zero-shot over 64 images at 0.1 s each (6.4 s) under train.dist_timeout_s=5: the run completes
-    because each process encodes half. The log step's monitors see log.monitor_samples=8 of the 16 rows."""
+    because each process encodes half; the process group was formed with that timeout. The log step's monitors see
+    log.monitor_samples=8 of the 16 rows."""
     served = tmp_path / "served"
     shutil.copytree(tiny_shards, served)
     (served / "stats.json").unlink()
@@ -250,7 +257,8 @@ def test_two_processes_count_remote_shards_once_and_share_a_slow_eval(tiny_shard
             "--output-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "8", "--workers", "0", "--log-every", "2",
             "--set", "log.diagnostics_every=0", "--set", "log.eval_every=2", "--set", f"log.eval_images={eval_dir}",
             "--set", f"train.dist_timeout_s={TIMEOUT_S}", "--set", "data.shuffle_buffer=0", "--set", "log.monitor_samples=8"]  # fmt: skip
-    mp.start_processes(_train_rank, args=(argv, _free_port()), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_train_rank, args=(argv, _free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    assert [(tmp_path / str(r)).read_text() for r in range(WORLD)] == [str(datetime.timedelta(seconds=TIMEOUT_S))] * WORLD
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2] and 0 <= rows[0]["eval/zeroshot_top1"] <= 1
     assert rows[0]["global_batch"] == 16 and rows[0]["monitor_samples"] == 8 and 0 <= rows[0]["positive_accuracy"] <= 1
