@@ -173,12 +173,17 @@ def few_shot_png(curves: Mapping[str, Sequence[Mapping]], path: str | Path, chan
         ax.axhline(chance, linestyle=":", color="0.5", linewidth=1, label=f"chance ({chance:.1%})")
     ax.set_xscale("log")
     ax.set_xticks(shots, labels=[str(k) for k in shots])
-    ax.set_xlabel("labelled images per class")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(title or "label efficiency", fontsize=11)
+    _finish_axes(ax, "labelled images per class", "test accuracy", title or "label efficiency", legend_size=8, legend_loc="lower right")
     return _save(fig, path)
+
+
+def _finish_axes(ax, xlabel: str, ylabel: str, title: str, legend_size: int, legend_loc: str) -> None:
+    """Labels, a light grid, the legend and the title of a one-panel figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc=legend_loc)
+    ax.set_title(title, fontsize=11)
 
 
 def _sweep_series(rows: Sequence[Mapping]) -> dict[str, list[float]]:
@@ -213,9 +218,6 @@ def wise_ft_png(rows: Sequence[Mapping], path: str | Path, title: str | None = N
             ax.axvline(alphas[best], linestyle=":", color=line[0].get_color(), linewidth=1)
             ax.annotate(f"best α = {alphas[best]:g}: {values[best]:.1%}", (alphas[best], values[best]), textcoords="offset points",
                         xytext=(6, 6), fontsize=8)
-    ax.set_xlabel("α   (0: zero-shot model, 1: fine-tuned model)")
-    ax.set_ylabel("accuracy / recall")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    ax.set_title(title or "WiSE-FT: (1 − α)·θ₀ + α·θ₁", fontsize=11)
+    _finish_axes(ax, "α   (0: zero-shot model, 1: fine-tuned model)", "accuracy / recall", title or "WiSE-FT: (1 − α)·θ₀ + α·θ₁",
+                 legend_size=7, legend_loc="best")
     return _save(fig, path)
