@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+def importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def test_train_gpu_smoke_prints_the_table_and_finds_a_batch_that_fits(tmp_path):
     """The eager trainer and open_clip_train rows (the compiled, DDP and FSDP rows are the same runner with other
     flags, each trained on its own by tests/test_train.py and tests/test_sharding.py), with the largest-batch search:
@@ -24,7 +30,9 @@ def test_train_gpu_smoke_prints_the_table_and_finds_a_batch_that_fits(tmp_path):
     result = json.loads(out.read_text())
     assert result["flops_per_sample"] > 0 and result["peak_tflops"] is None
     rows = {row["run"]: row for row in result["rows"]}
-    assert set(rows) == {"mmcontrast eager, 1 process", "open_clip_train, 1 process"}
+    expected = {"mmcontrast eager, 1 process"} | ({"open_clip_train, 1 process"} if importable("open_clip_train") else set())
+    assert set(rows) == expected
+    assert importable("open_clip_train") or "open_clip_train is not importable" in r.stderr
     for row in rows.values():
         assert row["samples_per_s"] > 0 and row["memory_gib"] > 0 and row["mfu"] is None
         assert row["largest_global_batch"] == "16 (8 x 2 x 1)"
