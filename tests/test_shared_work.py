@@ -243,10 +243,11 @@ def _train_rank(rank: int, argv: list[str], port: int, timeouts: str) -> None:
     train(config_from_args(argv))
 
 
-def test_two_processes_count_remote_shards_once_and_share_a_slow_eval(tiny_shards, shard_server, tmp_path):
+def test_two_processes_count_remote_shards_once_and_share_a_slow_eval(tiny_shards, tiny_val_shards, shard_server, tmp_path):
     """Remote shards with per-shard stats only: each stats file is read once (by the first process), not once per
     process. In-loop zero-shot over 64 images at 0.1 s each (6.4 s) under train.dist_timeout_s=5: the run completes
-    because each process encodes half; the process group was formed with that timeout. The log step's monitors see
+    because each process encodes half; the process group was formed with that timeout. Validation (48 held-out
+    pairs) and health are shared too. The log step's monitors see
     log.monitor_samples=8 of the 16 rows."""
     served = tmp_path / "served"
     shutil.copytree(tiny_shards, served)
@@ -255,12 +256,13 @@ def test_two_processes_count_remote_shards_once_and_share_a_slow_eval(tiny_shard
     eval_dir = write_colour_folders(tmp_path / "eval", 16, seed=3)
     argv = ["--config", str(ROOT / "configs" / "clip_tiny_cpu.yaml"), "--train-shards", server.url + "/{00000..00003}.tar",
             "--output-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "8", "--workers", "0", "--log-every", "2",
-            "--set", "log.diagnostics_every=0", "--set", "log.eval_every=2", "--set", f"log.eval_images={eval_dir}",
+            "--val-shards", str(tiny_val_shards), "--set", "log.val_every=2", "--set", "log.diagnostics_every=2", "--set", "log.eval_every=2", "--set", f"log.eval_images={eval_dir}",
             "--set", f"train.dist_timeout_s={TIMEOUT_S}", "--set", "data.shuffle_buffer=0", "--set", "log.monitor_samples=8"]  # fmt: skip
     mp.start_processes(_train_rank, args=(argv, _free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
     assert [(tmp_path / str(r)).read_text() for r in range(WORLD)] == [str(datetime.timedelta(seconds=TIMEOUT_S))] * WORLD
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2] and 0 <= rows[0]["eval/zeroshot_top1"] <= 1
+    assert rows[0]["val/samples"] == 48 and "health/alignment" in rows[0]  # validation and health shared too
     assert rows[0]["global_batch"] == 16 and rows[0]["monitor_samples"] == 8 and 0 <= rows[0]["positive_accuracy"] <= 1
     assert rows[0]["health/chance_positive_accuracy"] == pytest.approx(1 / 8)  # chance among the 8 it was looked for in
     stats = {name: n for name, n in server.bytes_served.items() if name.endswith("_stats.json")}
