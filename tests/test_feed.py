@@ -79,6 +79,7 @@ def test_remote_failures_are_retried_then_skipped_and_counted_never_a_hang(uneve
     assert "00003.tar gave 0 of its 40 samples" in r.stderr and "00001.tar gave" not in r.stderr
 
 
+@pytest.mark.slow  # resume over HTTP, three runs: ~20 s
 def test_resume_reads_one_window_not_the_epoch_so_far_and_refuses_another_batch_size(uneven, shard_server, tmp_path):
     server = shard_server(uneven)
     run = tmp_path / "run"

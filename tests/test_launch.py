@@ -60,7 +60,7 @@ def test_torchrun_forms_one_gloo_group_on_the_cpu(two_shards_of_16, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("victim", ["rank", "launcher"])
+@pytest.mark.parametrize("victim", [pytest.param("rank", marks=pytest.mark.slow), "launcher"])  # a dead rank: -m slow
 def test_a_killed_rank_or_launcher_ends_the_whole_job_and_leaves_nothing_running(tiny_shards, tmp_path, victim):
     out = tmp_path / "run"
     cmd = [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -88,6 +88,7 @@ def test_a_killed_rank_or_launcher_ends_the_whole_job_and_leaves_nothing_running
         proc.wait()
 
 
+@pytest.mark.slow  # two launches and a wait for the survivor to be ended: ~30 s
 def test_a_process_that_fails_alone_says_so_with_its_rank(tiny_shards, tmp_path):
     from mmcontrast import checkpoint as ck
 

@@ -192,6 +192,7 @@ def _same_index(a: Path, b: Path, atol: float = 0.0, fields=("index_key", "n_ite
     assert search.Searcher(a).metadata == search.Searcher(b).metadata
 
 
+@pytest.mark.slow  # two launched processes: ~20 s
 def test_index_on_two_processes_equals_one_process(trained_tiny_clip, tiny_image_folder, clip_index, tmp_path):
     """The same 3 parts of 64 as ``clip_index`` (one process), the first process embedding parts 0 and 2, the second part 1."""
     launch = [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",

@@ -46,6 +46,7 @@ def test_fsdp_gives_ddps_losses_step_by_step(tiny_shards, tmp_path, accum):
     assert (tmp_path / "fsdp" / "checkpoints" / "last" / "sharded" / ".metadata").is_file()  # each process wrote its shard
 
 
+@pytest.mark.slow  # sharded resume and export: over a minute on 2 cores
 def test_a_sharded_run_resumes_and_exports_whole_weights_open_clip_loads_strictly(tiny_shards, tmp_path):
     import open_clip
     from safetensors.torch import load_file
@@ -67,6 +68,7 @@ def test_a_sharded_run_resumes_and_exports_whole_weights_open_clip_loads_strictl
     assert all(torch.allclose(weights[k], straight_weights[k], rtol=1e-5, atol=1e-7) for k in weights)
 
 
+@pytest.mark.slow  # a second FSDP launch; the FSDP path itself stays in CI
 def test_accelerate_launch_use_fsdp_takes_the_same_path(tiny_shards, tmp_path):
     """Without GPUs, Accelerate's own FSDP plugin would start two processes that are both rank 0."""
     r = two_processes(tiny_shards, tmp_path / "run", "--steps", "1", launch=("--use_fsdp",))
@@ -75,6 +77,7 @@ def test_accelerate_launch_use_fsdp_takes_the_same_path(tiny_shards, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last" / "sharded" / ".metadata").is_file()
 
 
+@pytest.mark.slow  # a full launch to reach a refusal config validation also covers
 def test_fsdp_refuses_the_launchers_fp16(tiny_shards, tmp_path):
     r = two_processes(tiny_shards, tmp_path / "run", "--steps", "1", "--set", "train.fsdp=true",
                       launch=("--cpu", "--mixed_precision", "fp16"))  # fmt: skip
@@ -130,7 +133,8 @@ def test_a_sharded_run_averages_its_shards_measures_the_average_and_resumes_it(t
     assert not torch.equal(averaged["visual.proj"], raw["visual.proj"])
 
 
-@pytest.mark.parametrize("model, global_batchnorm", [("mmc-tiny", "false"), (f"timm:{NESTED_TIMM}", "true")])
+@pytest.mark.parametrize("model, global_batchnorm", [pytest.param("mmc-tiny", "false", marks=pytest.mark.slow),  # the timm case covers more
+                                                    (f"timm:{NESTED_TIMM}", "true")])
 def test_fsdp_in_bf16_trains_batchnorm_models_and_measures_their_health(tiny_shards, tmp_path, model, global_batchnorm):
     """SimCLR in bf16 under FSDP: BatchNorm keeps float32 weights beside its float32 running statistics (one dtype
     for ``batch_norm``), per-process and global; a timm MobileNet, whose stages hold blocks, is sharded

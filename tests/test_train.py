@@ -118,6 +118,7 @@ def test_accum_steps_log_the_same_losses_as_the_big_batch(tiny_shards, tmp_path)
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
 
 
+@pytest.mark.slow  # the random-kill test in test_checkpoint.py covers kill and resume in CI
 def test_resume_after_kill_continues_exactly(tiny_shards, tmp_path):
     args = ["--steps", "30", "--batch-size", "16", "--log-every", "5", "--checkpoint-every", "10", "--workers", "1"]
     straight = run(train_cmd(tiny_shards, tmp_path / "straight", *args))
