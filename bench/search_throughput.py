@@ -28,26 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from mmcontrast import ann, cli, search
 from mmcontrast.models import create_clip, save_clip_run_files
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zeroshot_throughput import write_images  # noqa: E402  the same synthetic JPEGs (in class subfolders; index recurses)
+
 TEXTS = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow", "white") for s in ("circle", "square", "car", "dog")]
 
 
-def write_images(folder: Path, n: int, seed: int = 0) -> None:
-    """``n`` JPEGs of random size 64-128 px: noise plus a few coloured shapes."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        w, h = (int(s) for s in rng.integers(64, 129, size=2))
-        image = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
-        draw = ImageDraw.Draw(image)
-        for _ in range(3):
-            x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
-            draw.ellipse((x0, y0, x0 + w // 3, y0 + h // 3), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-        image.save(folder / f"{i:06d}.jpg", quality=90)
 
 
 def queries_per_s(ask, queries: list, min_seconds: float = 2.0) -> float:
