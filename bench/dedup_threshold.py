@@ -29,7 +29,7 @@ from mmcontrast import cli, dedup, search
 
 
 def picture(rng: np.random.Generator, size: int = 64):
-    """A distinct picture: a random 6 x 6 grid of colours, smoothly interpolated (as tests/test_search.py)."""
+    """A distinct picture: a random 6 x 6 grid of colours, smoothly interpolated (tests/test_search.py uses it too)."""
     from PIL import Image
 
     return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)

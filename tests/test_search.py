@@ -234,47 +234,32 @@ def test_a_killed_index_resumes_without_embedding_finished_parts_again(trained_t
 # ---------------------------------------------------------------- near-duplicates
 
 
-def _picture(rng: np.random.Generator, size: int = 64):
-    """A distinct picture: a random 6 x 6 grid of colours, smoothly interpolated (no two alike)."""
-    from PIL import Image
+def _dedup_bench():
+    """bench/dedup_threshold.py: its generated pictures and its copy detector are the ones these tests measure."""
+    import importlib.util
 
-    return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+    spec = importlib.util.spec_from_file_location("dedup_threshold", ROOT / "bench" / "dedup_threshold.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_picture = _dedup_bench().picture  # a distinct picture: a random 6 x 6 grid of colours, smoothly interpolated
 
 
 @pytest.fixture(scope="module")
 def copy_detector(tmp_path_factory) -> Path:
     """A copy detector in the way of SSCD (Pizzi et al. 2022): mmc-tiny's image tower trained with NT-Xent to match
-    two near-duplicate copies of each of 256 pictures (not those the test plants); saved as an image-only run dir."""
+    two near-duplicate copies of each of 256 pictures (not those the test plants); saved as an image-only run dir
+    by the benchmark's own ``train_copy_detector``."""
     import torch
-
-    from mmcontrast.dedup import COPY_KINDS, plant_copy
-    from mmcontrast.losses import nt_xent_loss
-    from mmcontrast.models import (
-        ImageEncoder,
-        image_encoder_spec,
-        image_eval_transform,
-        save_image_encoder_files,
-    )
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    rng = np.random.default_rng(1)
-    encoder = ImageEncoder(image_encoder_spec("mmc-tiny", {}, cifar_stem=False))
-    preprocess = image_eval_transform(encoder.spec)
-    scenes = [_picture(rng) for _ in range(256)]
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=2e-3)
-    for _ in range(80):
-        chosen = rng.choice(len(scenes), 64, replace=False)
-        views = [torch.stack([preprocess(plant_copy(scenes[i], COPY_KINDS[rng.integers(3)], rng)) for i in chosen]) for _ in range(2)]
-        loss = nt_xent_loss(encoder.encode_image(views[0]), encoder.encode_image(views[1]), temperature=0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    torch.set_num_threads(threads)
-    out = tmp_path_factory.mktemp("copy_detector") / "run"
-    save_image_encoder_files(encoder.eval(), out)
-    return out
+    try:
+        return _dedup_bench().train_copy_detector(tmp_path_factory.mktemp("copy_detector") / "run", steps=80)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_dedup_finds_planted_near_duplicates(copy_detector, capsys, tmp_path):
