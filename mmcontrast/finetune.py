@@ -105,11 +105,12 @@ def _start(s: Settings, train_dir: Path, classes: list[str], start: Path) -> Pat
     head = None
     if s.init != "random":
         from mmcontrast.evaluate import class_folders, encode_images
+        from mmcontrast.models import image_eval_transform
 
         encoder = clf.ImageClassifier(spec, classes).encoder
         encoder.load_state_dict(encoder_state)
         paths, names = class_folders(train_dir)
-        encoded = encode_images(encoder.eval(), _eval_transform(spec), paths, workers=0, normalize=False)
+        encoded = encode_images(encoder.eval(), image_eval_transform(spec), paths, workers=0, normalize=False)
         features = encoded.features.numpy()
         if s.init == "probe":
             labels = np.array([classes.index(names[i]) for i in encoded.ok])
@@ -120,12 +121,6 @@ def _start(s: Settings, train_dir: Path, classes: list[str], start: Path) -> Pat
     (start / "model_config.json").parent.mkdir(parents=True, exist_ok=True)
     (start / "model_config.json").write_text(json.dumps(clf.classifier_config(spec, classes), indent=2))
     return clf.write_start(start / "model.safetensors", spec, encoder_state, classes, head, s.seed)
-
-
-def _eval_transform(spec: dict):
-    from mmcontrast.models import image_eval_transform
-
-    return image_eval_transform(spec)
 
 
 def prepare(s: Settings) -> Config:
