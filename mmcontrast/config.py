@@ -33,7 +33,7 @@ LAST_CHECKPOINT = "last"
 class ModelConfig:
     name: str = "mmc-tiny"  # open_clip model name, a model-config JSON, or (simclr) timm:NAME
     pretrained: str | None = None  # a local weights file; nothing is ever downloaded
-    lock_image: bool = False  # freeze the image tower (LiT-style when the text tower trains)
+    lock_image: bool = False  # freeze the image tower (LiT-style when the text tower trains; simclr: only its top adapts)
     lock_image_unlocked_groups: int = 0  # leave the last N layer groups of a locked image tower trainable
     lock_text: bool = False  # freeze the text tower (e.g. a pretrained HuggingFace tower)
     lock_text_unlocked_layers: int = 0
@@ -304,6 +304,9 @@ def validate(cfg: Config) -> None:
     resolve_augment(cfg.data.augment)
     if cfg.mode == "simclr" and cfg.train.batch_size * cfg.train.accum_steps < 2:
         raise UsageError("simclr needs at least 2 samples per step (negatives come from the batch)")
+    if cfg.mode == "simclr" and cfg.model.lock_image and not cfg.model.pretrained:
+        raise UsageError("model.lock_image would freeze randomly initialised layers: give the starting weights with "
+                         "--set model.pretrained=FILE (e.g. ImageNet weights, docs/simclr.md), or drop model.lock_image")
     if cfg.log.val_every is None:  # resolved here, so config.yaml records what ran
         cfg.log.val_every = cfg.log.checkpoint_every if cfg.data.val_shards else 0
     if cfg.log.eval_every is None:  # resolved here, so config.yaml records what ran

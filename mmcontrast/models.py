@@ -339,6 +339,24 @@ class ImageEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.encode_image(image)
 
+    def lock(self, unlocked_groups: int = 0) -> None:
+        """Freeze the encoder but its last ``unlocked_groups`` layer groups, BatchNorm statistics included (open_clip's
+        tower lock; a timm model grouped by its ``group_matcher``, as open_clip's ``TimmModel.lock`` does). Continued
+        pretraining from ImageNet weights keeps the generic early filters and adapts the top to the domain, for
+        about half the compute of a full backward pass."""
+        if self.spec["source"] != "timm":
+            self.backbone.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=True)
+            return
+        from timm.models import group_modules, group_parameters
+        from timm.utils.model import freeze
+
+        matcher = self.backbone.group_matcher()
+        last_locked = max(group_parameters(self.backbone, matcher)) - unlocked_groups
+        if last_locked < 0:
+            raise UsageError(f"model.lock_image_unlocked_groups={unlocked_groups} but {self.spec['name']} has {last_locked + unlocked_groups + 1} layer groups")
+        locked = sorted(name for name, group in group_modules(self.backbone, matcher, reverse=True).items() if group <= last_locked)
+        freeze(self.backbone, locked, include_bn_running_stats=True)  # parameters off, BatchNorm -> FrozenBatchNorm
+
 
 def _cifar_stem(model: nn.Module, name: str) -> None:
     """The CIFAR ResNet stem of SimCLR: 3×3 stride-1 first conv, no max-pool (for 32–64 px images)."""

@@ -213,6 +213,8 @@ def _build_simclr(model_cfg: ModelConfig, loss_cfg: LossConfig, loss_name: str, 
     encoder = models.ImageEncoder(spec)
     if model_cfg.pretrained:
         models.load_image_encoder_weights(encoder, model_cfg.pretrained)
+    if model_cfg.lock_image:
+        encoder.lock(model_cfg.lock_image_unlocked_groups)
     if model_cfg.grad_checkpointing and hasattr(encoder.backbone, "set_grad_checkpointing"):
         encoder.backbone.set_grad_checkpointing(True)
     model = models.SimclrModel(encoder, model_cfg.proj_hidden_dim, model_cfg.proj_dim, batchnorm=model_cfg.proj_batchnorm)

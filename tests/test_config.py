@@ -22,6 +22,8 @@ def test_shipped_configs_load_and_validate(tmp_path):
         cfg.train.output_dir, cfg.data.train_shards = str(tmp_path), "shards/"
         if cfg.train.steps is None and cfg.train.epochs is None:
             cfg.train.steps = 10
+        if cfg.model.lock_image and not cfg.model.pretrained:  # a config that continues from weights the user gives
+            cfg.model.pretrained = "weights.safetensors"
         validate(cfg)
 
 
@@ -78,6 +80,7 @@ def test_unknown_yaml_key_names_the_valid_ones(tmp_path):
         ({"train.output_dir": ""}, "--output-dir"),
         ({"log.eval_every": -5}, "must be 0 \\(off\\) or a number of steps"),
         ({"log.eval_every": 10}, "needs log.eval_images"),
+        ({"mode": "simclr", "model.lock_image": True}, "would freeze randomly initialised layers"),
     ],
 )
 def test_validate_rejects_inconsistent_configs(change, needle):

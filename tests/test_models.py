@@ -96,3 +96,47 @@ def test_model_pretrained_of_another_architecture_names_the_first_tensor_that_di
                         "--set", f"model.pretrained={tmp_path / 'run' / models.WEIGHTS_FILE}", "--print-lr-groups"],
                        cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "text_projection has shape" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_locked_timm_encoder_in_simclr_mode_trains_its_top_only_and_keeps_its_statistics(tmp_path):
+    """``model.lock_image`` with ``lock_image_unlocked_groups`` (continued pretraining from ImageNet weights): after
+    training steps the locked groups' weights and BatchNorm statistics are the file's, the unlocked top moved, and
+    the export loads into a plain, unlocked encoder; more unlocked groups than the model has is a usage error."""
+    from safetensors.torch import load_file
+
+    from mmcontrast.config import Config
+    from mmcontrast.errors import UsageError
+    from mmcontrast.tasks import build_task
+
+    torch.manual_seed(0)
+    spec = models.image_encoder_spec("timm:mobilenetv3_small_050", {}, cifar_stem=False, image_size=32)
+    start = models.ImageEncoder(spec)
+    for module in start.modules():  # statistics that differ from a fresh model's, as ImageNet's do
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.5, 2)
+    save_file({k: v.contiguous() for k, v in start.state_dict().items()}, tmp_path / "start.safetensors")
+    cfg = Config(mode="simclr")
+    cfg.model.name, cfg.model.pretrained, cfg.data.augment.image_size = "timm:mobilenetv3_small_050", str(tmp_path / "start.safetensors"), 32
+    cfg.model.lock_image, cfg.model.lock_image_unlocked_groups = True, 2
+    task = build_task(cfg)
+    model = task.model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        view1, view2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32) + 1.0
+        task.loss(model(view1, view2), None).backward()
+        optimizer.step(), optimizer.zero_grad()
+
+    before, after = start.state_dict(), model.encoder.state_dict()
+    assert all(k.endswith("num_batches_tracked") for k in before.keys() - after.keys())  # FrozenBatchNorm keeps no count
+    moved = {k for k in after if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("backbone.blocks.5.", "backbone.conv_head.")) for k in moved), sorted(moved)
+    assert "backbone.blocks.0.0.bn1.running_mean" not in moved and "backbone.conv_stem.weight" not in moved
+    exported = tmp_path / "run"
+    task.export(model, exported, weights=True)
+    plain = models.ImageEncoder(spec)
+    plain.load_state_dict(load_file(exported / models.WEIGHTS_FILE), strict=True)
+    assert torch.equal(plain.state_dict()["backbone.blocks.0.0.bn1.running_var"], before["backbone.blocks.0.0.bn1.running_var"])
+
+    cfg.model.lock_image_unlocked_groups = 99
+    with pytest.raises(UsageError, match="lock_image_unlocked_groups=99 but mobilenetv3_small_050 has"):
+        build_task(cfg)
