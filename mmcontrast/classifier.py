@@ -239,7 +239,7 @@ def keep_best(preprocess: Callable, val_dir: str | Path, classes: Sequence[str],
         if (metrics["top1"], -nll) > (best["val_top1"], -best["val_loss"]):
             models.atomic_save(save_file, models.state_dict_for_file(model), out / BEST_WEIGHTS_FILE)
             best = {"val_top1": metrics["top1"], "val_loss": nll, "mean_per_class_recall": metrics["mean_per_class_recall"]}
-            record.write_text(json.dumps(best))
+            models.atomic_save(lambda state, path: Path(path).write_text(json.dumps(state)), best, record)
         return {"eval/val_top1": metrics["top1"], "eval/val_loss": nll, "eval/best_val_top1": best["val_top1"]}
 
     return evaluate
