@@ -339,23 +339,39 @@ class ImageEncoder(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.encode_image(image)
 
-    def lock(self, unlocked_groups: int = 0) -> None:
-        """Freeze the encoder but its last ``unlocked_groups`` layer groups, BatchNorm statistics included (open_clip's
-        tower lock; a timm model grouped by its ``group_matcher``, as open_clip's ``TimmModel.lock`` does). Continued
-        pretraining from ImageNet weights keeps the generic early filters and adapts the top to the domain, for
-        about half the compute of a full backward pass."""
-        if self.spec["source"] != "timm":
+    def lock(self, unlocked_groups: int) -> None:
+        """Freeze the encoder but its last ``unlocked_groups`` layer groups, BatchNorm statistics included: a timm
+        model (or the timm trunk of an open_clip config) by its ``group_matcher``, as open_clip's ``TimmModel.lock``
+        groups it, its BatchNorm layers frozen by timm (fused activations kept); an open_clip ViT by its own lock
+        (embeddings, each block, the last block with the final norm, the projection). Continued pretraining from
+        ImageNet weights keeps the generic early filters and adapts the top to the domain, for about half the
+        compute of a full backward pass. At least one group and fewer than all of them must train (a UsageError)."""
+        trunk = self.backbone if self.spec["source"] == "timm" else getattr(self.backbone, "trunk", None)
+        if trunk is None:  # an open_clip vision tower
+            blocks = getattr(getattr(self.backbone, "transformer", None), "resblocks", None)
+            self._check_unlocked(unlocked_groups, len(blocks) + 2 if blocks is not None else 1)
             self.backbone.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=True)
             return
+        if not hasattr(trunk, "group_matcher"):
+            raise UsageError(f"model.lock_image: {self.spec['name']} does not name its layer groups (timm's group_matcher); "
+                             "train it whole, without model.lock_image")
         from timm.models import group_modules, group_parameters
         from timm.utils.model import freeze
 
-        matcher = self.backbone.group_matcher()
-        last_locked = max(group_parameters(self.backbone, matcher)) - unlocked_groups
-        if last_locked < 0:
-            raise UsageError(f"model.lock_image_unlocked_groups={unlocked_groups} but {self.spec['name']} has {last_locked + unlocked_groups + 1} layer groups")
-        locked = sorted(name for name, group in group_modules(self.backbone, matcher, reverse=True).items() if group <= last_locked)
-        freeze(self.backbone, locked, include_bn_running_stats=True)  # parameters off, BatchNorm -> FrozenBatchNorm
+        matcher = trunk.group_matcher()
+        n_groups = max(group_parameters(trunk, matcher)) + 1
+        self._check_unlocked(unlocked_groups, n_groups)
+        last_locked = n_groups - 1 - unlocked_groups
+        locked = sorted(name for name, group in group_modules(trunk, matcher, reverse=True).items() if group <= last_locked)
+        freeze(trunk, locked, include_bn_running_stats=True)  # parameters off, BatchNorm -> timm's FrozenBatchNorm(Act)2d
+
+    def _check_unlocked(self, unlocked_groups: int, n_groups: int) -> None:
+        if not 1 <= unlocked_groups < n_groups:
+            raise UsageError(
+                f"model.lock_image_unlocked_groups={unlocked_groups}: {self.spec['name']} has {n_groups} layer group{'s' * (n_groups != 1)}, "
+                + (f"so leave 1 to {n_groups - 1} of them training" if n_groups > 1 else "so it cannot be locked in part")
+                + " (without model.lock_image every group trains)"
+            )
 
 
 def _cifar_stem(model: nn.Module, name: str) -> None:

@@ -81,6 +81,9 @@ def test_unknown_yaml_key_names_the_valid_ones(tmp_path):
         ({"log.eval_every": -5}, "must be 0 \\(off\\) or a number of steps"),
         ({"log.eval_every": 10}, "needs log.eval_images"),
         ({"mode": "simclr", "model.lock_image": True}, "would freeze randomly initialised layers"),
+        ({"mode": "simclr", "model.lock_image": True, "model.pretrained": "w.safetensors"}, "needs model.lock_image_unlocked_groups >= 1"),
+        ({"mode": "simclr", "model.lock_image": True, "model.pretrained": "w.safetensors", "model.lock_image_unlocked_groups": 2,
+          "train.fsdp": True}, "model.lock_image and train.fsdp together"),
     ],
 )
 def test_validate_rejects_inconsistent_configs(change, needle):
@@ -119,3 +122,24 @@ def test_eval_every_unset_means_every_checkpoint_when_there_are_eval_images():
         cfg.log.eval_every, cfg.log.eval_images, cfg.log.checkpoint_every = None, images, 50
         validate(cfg)
         assert cfg.log.eval_every == expected
+
+
+def test_the_imagenet_simclr_config_builds_with_its_top_training(tmp_path):
+    """configs/simclr_imagenet_cpu.yaml with an EfficientNet-Lite0 weights file (random here; ImageNet's in use):
+    the stem and first blocks frozen, the top and the projection head training."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from mmcontrast import models
+    from mmcontrast.tasks import build_task
+
+    encoder = models.ImageEncoder(models.image_encoder_spec("timm:efficientnet_lite0", {}, cifar_stem=False, image_size=160))
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, tmp_path / "w.safetensors")
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "simclr_imagenet_cpu.yaml")
+    cfg.train.output_dir, cfg.data.train_shards, cfg.model.pretrained = str(tmp_path), "shards/", str(tmp_path / "w.safetensors")
+    validate(cfg)
+    training = {name for name, p in build_task(cfg).model.named_parameters() if p.requires_grad}
+    assert "encoder.backbone.conv_head.weight" in training and "encoder.backbone.blocks.6.0.conv_pw.weight" in training
+    assert "encoder.backbone.conv_stem.weight" not in training and "encoder.backbone.blocks.3.0.conv_pw.weight" not in training
+    assert any(name.startswith("head.") for name in training)

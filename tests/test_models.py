@@ -119,6 +119,9 @@ def test_a_locked_timm_encoder_in_simclr_mode_trains_its_top_only_and_keeps_its_
     cfg.model.name, cfg.model.pretrained, cfg.data.augment.image_size = "timm:mobilenetv3_small_050", str(tmp_path / "start.safetensors"), 32
     cfg.model.lock_image, cfg.model.lock_image_unlocked_groups = True, 2
     task = build_task(cfg)
+    probe = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():  # locking changes nothing the encoder computes (timm's fused BatchNorm activations kept)
+        torch.testing.assert_close(task.model.encoder.eval()(probe), start.eval()(probe))
     model = task.model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
@@ -137,6 +140,23 @@ def test_a_locked_timm_encoder_in_simclr_mode_trains_its_top_only_and_keeps_its_
     plain.load_state_dict(load_file(exported / models.WEIGHTS_FILE), strict=True)
     assert torch.equal(plain.state_dict()["backbone.blocks.0.0.bn1.running_var"], before["backbone.blocks.0.0.bn1.running_var"])
 
-    cfg.model.lock_image_unlocked_groups = 99
-    with pytest.raises(UsageError, match="lock_image_unlocked_groups=99 but mobilenetv3_small_050 has"):
-        build_task(cfg)
+    n_groups = 1 + max(__import__("timm").models.group_parameters(plain.backbone, plain.backbone.group_matcher()))
+    for unlocked in (0, n_groups, -1):  # nothing to pretrain; nothing locked; nonsense
+        with pytest.raises(UsageError, match=f"lock_image_unlocked_groups={unlocked}: mobilenetv3_small_050 has {n_groups} layer groups"):
+            models.ImageEncoder(spec).lock(unlocked)
+    models.ImageEncoder(spec).lock(n_groups - 1)  # all but the stem train
+
+
+def test_a_locked_open_clip_vit_trains_its_last_groups_only():
+    """An open_clip vision tower locks by open_clip's own groups (embeddings, each block, the last block with the
+    final norm, the projection): 2 unlocked groups leave the last block, ln_post and proj training."""
+    from mmcontrast.errors import UsageError
+
+    encoder = models.ImageEncoder(models.image_encoder_spec("configs/models/mmc-tiny.json", {}, cifar_stem=False))
+    encoder.lock(2)
+    last = len(encoder.backbone.transformer.resblocks) - 1
+    training = {name for name, p in encoder.named_parameters() if p.requires_grad}
+    assert training and all(n.startswith((f"backbone.transformer.resblocks.{last}.", "backbone.ln_post.", "backbone.proj")) for n in training)
+    assert "backbone.proj" in training and f"backbone.transformer.resblocks.{last - 1}.attn.in_proj_weight" not in training
+    with pytest.raises(UsageError, match=f"has {last + 3} layer groups, so leave 1 to {last + 2}"):
+        models.ImageEncoder(encoder.spec).lock(last + 3)
