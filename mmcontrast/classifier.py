@@ -209,10 +209,26 @@ class _LogitsAsFeatures(nn.Module):
 # ---------------------------------------------------------------- during training: keep the best
 
 
+def _best_so_far(weights: Path) -> dict:
+    """The scores stored with ``best.safetensors`` (``best.json`` for a file written without them); before the first
+    evaluation, scores anything beats."""
+    stored = None
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            stored = (f.metadata() or {}).get("best")
+    record = weights.with_name(BEST_RECORD_FILE)
+    if stored is None and record.is_file():
+        stored = record.read_text()
+    return json.loads(stored) if stored else {"val_top1": -1.0, "val_loss": float("inf")}
+
+
 def keep_best(preprocess: Callable, val_dir: str | Path, classes: Sequence[str], out_dir: str | Path) -> Callable[[nn.Module], dict]:
     """The classify task's in-loop evaluation: top-1 and loss (mean negative log-likelihood) on ``val_dir`` (class
-    folders); when (top-1, −loss) beats every earlier evaluation (``best.json``, so a resumed run remembers), the
-    weights are written to ``best.safetensors``, which the export then uses. Folders missing from ``classes`` are a
+    folders); when (top-1, −loss) beats every earlier evaluation, the weights are written to ``best.safetensors``,
+    which the export then uses, with their scores in its metadata (so a resumed run remembers them, and a kill
+    between two writes cannot pair weights with another epoch's scores); ``best.json`` repeats the scores for people. Folders missing from ``classes`` are a
     UsageError now."""
     from safetensors.torch import save_file
 
@@ -234,11 +250,12 @@ def keep_best(preprocess: Callable, val_dir: str | Path, classes: Sequence[str],
         record = out / BEST_RECORD_FILE
         if not first_of_shared_work():  # every process measured its part; the first one keeps the best
             return {"eval/val_top1": metrics["top1"], "eval/val_loss": nll}
-        best = json.loads(record.read_text()) if record.is_file() else {"val_top1": -1.0, "val_loss": float("inf")}
+        best = _best_so_far(out / BEST_WEIGHTS_FILE)
         # a few validation images tie often on accuracy: the lower loss (the more confident right answers) breaks it
         if (metrics["top1"], -nll) > (best["val_top1"], -best["val_loss"]):
-            models.atomic_save(save_file, models.state_dict_for_file(model), out / BEST_WEIGHTS_FILE)
             best = {"val_top1": metrics["top1"], "val_loss": nll, "mean_per_class_recall": metrics["mean_per_class_recall"]}
+            models.atomic_save(lambda state, path: save_file(state, path, metadata={"best": json.dumps(best)}),
+                               models.state_dict_for_file(model), out / BEST_WEIGHTS_FILE)
             models.atomic_save(lambda state, path: Path(path).write_text(json.dumps(state)), best, record)
         return {"eval/val_top1": metrics["top1"], "eval/val_loss": nll, "eval/best_val_top1": best["val_top1"]}
 

@@ -84,8 +84,12 @@ def test_finetune_writes_a_classifier_run_that_every_command_loads(finetuned, tr
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [4, 8]  # 72 training images (a tenth of 80 held out), batch 16: 4 steps an epoch
     assert all("eval/val_top1" in r and 0 < r["mean_confidence"] <= 1 for r in rows)
-    best = json.loads((run / clf.BEST_RECORD_FILE).read_text())["val_top1"]
-    assert best == max(r["eval/val_top1"] for r in rows)
+    best = json.loads((run / clf.BEST_RECORD_FILE).read_text())
+    assert best["val_top1"] == max(r["eval/val_top1"] for r in rows)
+    from safetensors import safe_open
+
+    with safe_open(str(run / clf.BEST_WEIGHTS_FILE), framework="pt") as f:  # the weights carry their own scores
+        assert json.loads(f.metadata()["best"]) == best
     model, preprocess, tokenizer = load(run)
     assert isinstance(model, clf.ImageClassifier) and tokenizer is None
     from safetensors.torch import load_file
