@@ -707,10 +707,10 @@ def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config, identity
     return state
 
 
-def _validation(cfg: Config, task, global_batch: int) -> Callable | None:
-    """``model -> val/* metrics`` on ``data.val_shards`` (checked now, at start-up), or None without them. Inside
-    ``distributed.shared_work`` each process reads and encodes its part of the samples (split by sample: counted
-    once, now)."""
+def _validation(cfg: Config, task, global_batch: int, accelerator) -> Callable | None:
+    """``model -> val/* metrics`` on ``data.val_shards`` (checked now, at start-up, by the first process, which
+    counts their samples once for all), or None without them. Inside ``distributed.shared_work`` each process reads
+    and encodes its part of the samples (split by sample)."""
     if not cfg.data.val_shards:
         return None
     from mmcontrast.data import make_loader
@@ -719,8 +719,12 @@ def _validation(cfg: Config, task, global_batch: int) -> Callable | None:
     from mmcontrast.shards import check_fields, expand_shards, shard_sample_counts
 
     shards = expand_shards(cfg.data.val_shards)
-    check_fields(shards, need_text=task.tokenizer is not None)
-    counts = shard_sample_counts(shards, cfg.data.read_timeout)  # once, not per validation
+
+    def counted() -> list:  # once, not per validation nor per process (64 processes, one object store)
+        check_fields(shards, need_text=task.tokenizer is not None)
+        return shard_sample_counts(shards, cfg.data.read_timeout)
+
+    counts = _on_first_process(accelerator, counted)
 
     def validate(model) -> dict:
         part, parts = sharing()
@@ -842,7 +846,7 @@ def _train(cfg: Config, output_dir: Path, sources, trackers: list, accelerator, 
     world, rank, batch, accum = accelerator.num_processes, accelerator.process_index, cfg.train.batch_size, cfg.train.accum_steps
     per_epoch = steps_per_epoch(epoch_samples(sources, cfg.data.num_samples), batch * world * accum, cfg.train.epochs)
     total_steps = cfg.train.steps or cfg.train.epochs * per_epoch
-    validate = _validation(cfg, task, batch * world * accum)
+    validate = _validation(cfg, task, batch * world * accum, accelerator)
     model, optimizer, unwrapped = holding.prepare(task.model, optimizer)
     if accelerator.is_main_process:
         _print_lr_groups(task, optimizer, cfg.optim.lr)

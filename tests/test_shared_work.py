@@ -244,19 +244,24 @@ def _train_rank(rank: int, argv: list[str], port: int, timeouts: str) -> None:
 
 
 def test_two_processes_count_remote_shards_once_and_share_a_slow_eval(tiny_shards, tiny_val_shards, shard_server, tmp_path):
-    """Remote shards with per-shard stats only: each stats file is read once (by the first process), not once per
-    process. In-loop zero-shot over 64 images at 0.1 s each (6.4 s) under train.dist_timeout_s=5: the run completes
+    """Remote training and validation shards with per-shard stats only: each stats file is read once (by the first
+    process), not once per process. In-loop zero-shot over 64 images at 0.1 s each (6.4 s) under train.dist_timeout_s=5: the run completes
     because each process encodes half; the process group was formed with that timeout. Validation (48 held-out
     pairs) and health are shared too. The log step's monitors see
     log.monitor_samples=8 of the 16 rows."""
     served = tmp_path / "served"
     shutil.copytree(tiny_shards, served)
     (served / "stats.json").unlink()
+    for tar in tiny_val_shards.glob("*.tar"):  # served beside them as val00000.tar + val00000_stats.json
+        shutil.copy(tar, served / f"val{tar.name}")
+        shutil.copy(tar.with_name(f"{tar.stem}_stats.json"), served / f"val{tar.stem}_stats.json")
     server = shard_server(served)
+    val_shards = sorted(p.stem for p in served.glob("val*.tar"))
+    assert len(val_shards) == 1  # one URL names it
     eval_dir = write_colour_folders(tmp_path / "eval", 16, seed=3)
     argv = ["--config", str(ROOT / "configs" / "clip_tiny_cpu.yaml"), "--train-shards", server.url + "/{00000..00003}.tar",
             "--output-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "8", "--workers", "0", "--log-every", "2",
-            "--val-shards", str(tiny_val_shards), "--set", "log.val_every=2", "--set", "log.diagnostics_every=2", "--set", "log.eval_every=2", "--set", f"log.eval_images={eval_dir}",
+            "--val-shards", f"{server.url}/{val_shards[0]}.tar", "--set", "log.val_every=2", "--set", "log.diagnostics_every=2", "--set", "log.eval_every=2", "--set", f"log.eval_images={eval_dir}",
             "--set", f"train.dist_timeout_s={TIMEOUT_S}", "--set", "data.shuffle_buffer=0", "--set", "log.monitor_samples=8"]  # fmt: skip
     mp.start_processes(_train_rank, args=(argv, _free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
     assert [(tmp_path / str(r)).read_text() for r in range(WORLD)] == [str(datetime.timedelta(seconds=TIMEOUT_S))] * WORLD
@@ -266,5 +271,5 @@ def test_two_processes_count_remote_shards_once_and_share_a_slow_eval(tiny_shard
     assert rows[0]["global_batch"] == 16 and rows[0]["monitor_samples"] == 8 and 0 <= rows[0]["positive_accuracy"] <= 1
     assert rows[0]["health/chance_positive_accuracy"] == pytest.approx(1 / 8)  # chance among the 8 it was looked for in
     stats = {name: n for name, n in server.bytes_served.items() if name.endswith("_stats.json")}
-    assert sorted(stats) == [f"0000{i}_stats.json" for i in range(4)]
+    assert sorted(stats) == [f"0000{i}_stats.json" for i in range(4)] + [f"{name}_stats.json" for name in val_shards]
     assert all(n == (served / name).stat().st_size for name, n in stats.items())  # once each, not once per process
