@@ -260,6 +260,19 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
         set_value(cfg, key.strip(), value)
 
 
+def _validate_simclr_lock(cfg: Config) -> None:
+    """Continued pretraining with a locked encoder: from given weights, something left to train, no FSDP."""
+    if not cfg.model.pretrained:
+        raise UsageError("model.lock_image would freeze randomly initialised layers: give the starting weights with "
+                         "--set model.pretrained=FILE (e.g. ImageNet weights, docs/simclr.md), or drop model.lock_image")
+    if cfg.model.lock_image_unlocked_groups < 1:
+        raise UsageError("model.lock_image in simclr mode needs model.lock_image_unlocked_groups >= 1: with none the "
+                         "encoder cannot change and only the projection head, which is not exported, would train")
+    if cfg.train.fsdp:  # timm's frozen BatchNorm keeps float32 buffers that FSDP's bf16 policy does not cast
+        raise UsageError("model.lock_image and train.fsdp together are not supported in simclr mode; the encoder's "
+                         "frozen part needs no sharding: run without train.fsdp")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that the schema cannot express; each failure is a UsageError."""
     if not cfg.train.output_dir:
@@ -305,15 +318,7 @@ def validate(cfg: Config) -> None:
     if cfg.mode == "simclr" and cfg.train.batch_size * cfg.train.accum_steps < 2:
         raise UsageError("simclr needs at least 2 samples per step (negatives come from the batch)")
     if cfg.mode == "simclr" and cfg.model.lock_image:
-        if not cfg.model.pretrained:
-            raise UsageError("model.lock_image would freeze randomly initialised layers: give the starting weights with "
-                             "--set model.pretrained=FILE (e.g. ImageNet weights, docs/simclr.md), or drop model.lock_image")
-        if cfg.model.lock_image_unlocked_groups < 1:
-            raise UsageError("model.lock_image in simclr mode needs model.lock_image_unlocked_groups >= 1: with none the "
-                             "encoder cannot change and only the projection head, which is not exported, would train")
-        if cfg.train.fsdp:  # timm's frozen BatchNorm keeps float32 buffers that FSDP's bf16 policy does not cast
-            raise UsageError("model.lock_image and train.fsdp together are not supported in simclr mode; the encoder's "
-                             "frozen part needs no sharding: run without train.fsdp")
+        _validate_simclr_lock(cfg)
     if cfg.log.val_every is None:  # resolved here, so config.yaml records what ran
         cfg.log.val_every = cfg.log.checkpoint_every if cfg.data.val_shards else 0
     if cfg.log.eval_every is None:  # resolved here, so config.yaml records what ran
