@@ -709,8 +709,8 @@ def _start(accelerator, task, unwrapped, output_dir: Path, cfg: Config, identity
 
 def _validation(cfg: Config, task, global_batch: int, accelerator) -> Callable | None:
     """``model -> val/* metrics`` on ``data.val_shards`` (checked now, at start-up, by the first process, which
-    counts their samples once for all), or None without them. Inside ``distributed.shared_work`` each process reads
-    and encodes its part of the samples (split by sample)."""
+    counts their samples once for all when several readers split them), or None without them. Inside
+    ``distributed.shared_work`` each process reads and encodes its part of the samples (split by sample)."""
     if not cfg.data.val_shards:
         return None
     from mmcontrast.data import make_loader
@@ -719,10 +719,11 @@ def _validation(cfg: Config, task, global_batch: int, accelerator) -> Callable |
     from mmcontrast.shards import check_fields, expand_shards, shard_sample_counts
 
     shards = expand_shards(cfg.data.val_shards)
+    several_readers = accelerator.num_processes * max(cfg.data.workers, 1) > 1  # one reader needs no split by sample
 
-    def counted() -> list:  # once, not per validation nor per process (64 processes, one object store)
+    def counted() -> list | None:  # once, not per validation nor per process (64 processes, one object store)
         check_fields(shards, need_text=task.tokenizer is not None)
-        return shard_sample_counts(shards, cfg.data.read_timeout)
+        return shard_sample_counts(shards, cfg.data.read_timeout) if several_readers else None
 
     counts = _on_first_process(accelerator, counted)
 
