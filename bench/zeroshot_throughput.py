@@ -32,8 +32,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from mmcontrast import evaluate as ev
-from mmcontrast.cli import _CpuThreadBalance
 from mmcontrast.models import create_clip
+from mmcontrast.threads import DecodeBalance
 from mmcontrast.zeroshot import ZeroShotClassifier
 
 LABELS = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange", "purple"]
@@ -70,7 +70,7 @@ def plain_open_clip(model, preprocess, class_embeddings, scale, folder: Path, n:
 def mmcontrast_zero_shot(classifier, preprocess, folder: Path, n: int, batch_size: int, workers: int) -> int:
     paths = ev.discover_images(folder)[:n]
     threads = torch.get_num_threads()
-    balance = _CpuThreadBalance(torch.device("cpu"), workers)  # what `mmcontrast zero-shot` does on the CPU
+    balance = DecodeBalance(torch.device("cpu"), workers)  # what `mmcontrast zero-shot` does on the CPU
     try:
         encoded, probs = ev.zero_shot_classify(classifier, preprocess, paths, batch_size=batch_size, workers=workers,
                                                on_batch=balance.update)

@@ -79,33 +79,38 @@ def make_key(relpath: str, occurrence: int = 0) -> str:
 class Labels:
     """Collects the labels of a listing, then maps each to (stored label, ``label_index``).
 
-    ``label_index`` is the label itself when every label is an integer (or a string of digits), otherwise
-    the position of the label among the sorted unique names (``classes``, stored in stats.json).
+    Labels are names (strings, whatever they look like: folders ``1``, ``2``, ``10`` are the classes ``"1"``,
+    ``"10"``, ``"2"``); ``label_index`` is the label's position in ``classes`` — the sorted unique names, or the
+    ``order`` a user gave (``--classes a,b,c``) — which is stored in stats.json, so every reader indexes the same way.
     """
 
-    def __init__(self, classes: list[str] | None = None):
+    def __init__(self, classes: list[str] | None = None, order: list[str] | None = None):
         self.classes = classes
+        self.order = list(order) if order else None
         self._names: set[str] = set()
-        self._all_integers = True
         self._index = {name: i for i, name in enumerate(classes)} if classes is not None else None
 
     def add(self, label) -> None:
         if label is not None:
             self._names.add(str(label))
-            self._all_integers &= isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit())
 
     def finish(self) -> list[str] | None:
-        """The class names (None when there are no labels or all are integers), once every label was added."""
-        self.classes = None if self._all_integers or not self._names else sorted(self._names)
+        """The class names (None when there are no labels), once every label was added. An ``order`` that leaves out
+        a label found is an ``ArgumentError`` naming both lists."""
+        if self.order is not None and self._names:
+            missing = sorted(self._names - set(self.order))
+            if missing:
+                raise ArgumentError(f"--classes {','.join(self.order)} leaves out the class(es) {', '.join(missing)} found in "
+                                    f"INPUT (its classes: {', '.join(sorted(self._names))}); list every class")
+        self.classes = None if not self._names else (self.order or sorted(self._names))
+        self._index = None
         return self.classes
 
-    def resolve(self, label) -> tuple[str | int | None, int | None]:
+    def resolve(self, label) -> tuple[str | None, int | None]:
         if label is None:
             return None, None
-        if self.classes is None:
-            return int(label), int(label)
         if self._index is None:
-            self._index = {name: i for i, name in enumerate(self.classes)}
+            self._index = {name: i for i, name in enumerate(self.classes or [])}
         return str(label), self._index[str(label)]
 
 
@@ -187,6 +192,7 @@ class Listing:
         captions: str | None = None,
         class_template: str = DEFAULT_CLASS_TEMPLATE,
         on_folder: Callable[[int], None] = lambda n: None,
+        classes: list[str] | None = None,
     ):
         if layout not in LAYOUTS:
             raise ArgumentError(f"unknown --layout {layout!r}; use {', '.join(LAYOUTS)}")
@@ -196,7 +202,7 @@ class Listing:
             raise ArgumentError("--layout images writes image-only shards and reads no --captions FILE; drop one of the two")
         self.root, self.captions, self.class_template, self.on_folder = root, captions, class_template, on_folder
         self.layout = "captions" if captions else layout
-        self.labels = Labels()
+        self.labels = Labels(order=classes)
         if self.layout == "classes":
             self._check_template()
 

@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--captions", default=None, help="CSV/TSV (filepath,caption columns) or JSONL with paths relative to INPUT")
     p.add_argument("--class-template", default=DEFAULT_CLASS_TEMPLATE, help="caption for class subfolders (default %(default)r)")
+    p.add_argument("--classes", type=_class_list, default=None, metavar="A,B,...",
+                   help="the class list in this order: label_index is a label's position in it (default: the labels "
+                   "sorted as strings, so folders 1, 2, 10 are the classes '1', '10', '2'); stored in stats.json")
     p.add_argument(
         "--layout", default="auto", choices=LAYOUTS,
         help="INPUT's layout (default auto: sidecar if an image has a .txt, else classes); images: image-only shards",
@@ -119,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
         help="skip images with more pixels than this as decompression bombs (default %(default)s, pillow's limit)",
     )  # fmt: skip
     return p
+
+
+def _class_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"give distinct class names separated by commas, e.g. cat,dog; got {text!r}")
+    return names
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -183,6 +193,7 @@ def _request(args: argparse.Namespace) -> dict:
         "captions": os.path.realpath(args.captions) if args.captions else None,
         "layout": args.layout,
         "class_template": args.class_template,
+        "classes": args.classes,
         "shard_size": args.shard_size,
         "max_image_size": args.max_image_size,
         "max_pixels": args.max_pixels,
@@ -205,7 +216,7 @@ def _manifest_header(args: argparse.Namespace, request: dict) -> dict:
             )
         return header
     with tqdm(unit="file", desc="listing INPUT", disable=None) as bar:
-        listing = Listing(args.input, args.layout, args.captions, args.class_template, on_folder=bar.update)
+        listing = Listing(args.input, args.layout, args.captions, args.class_template, on_folder=bar.update, classes=args.classes)
         return write_manifest(args.output_dir, request, listing, exclusive=args.part is not None)
 
 

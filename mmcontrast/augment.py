@@ -30,35 +30,19 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from mmcontrast.config import CROP_MODES
+
 # Gaussian blur helps at ImageNet scale but destroys 32 px images (SimCLR drops it for CIFAR).
 MIN_SIZE_FOR_BLUR = 64
 BLUR_SIGMA = (0.1, 2.0)
 FINISH_CHUNK_ELEMENTS = 1 << 20  # floats per slice of the batch in finish() (4 MiB): fewest op calls that stay cache-friendly
 
-# The view recipes of ``data.augment.preset``, per kind of image; explicit ``data.augment.*`` fields override them.
-# Each augmentation teaches the encoder to ignore what it changes: keep out of a recipe whatever carries the signal
-# (docs/simclr.md, "Choosing the views").
-PRESETS = {
-    # SimCLR's ImageNet recipe (Chen et al., 2020): objects in photos, where colour and scale are nuisances.
-    "natural": {"crop_scale": [0.08, 1.0], "hflip": 0.5, "vflip": 0.0, "rot90": False, "color_jitter": [0.4, 0.4, 0.4, 0.1],
-                "color_jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.5},
-    # Surfaces, fabrics, metals, microscopy: views that overlap (a texture's crops all look alike, so two small ones
-    # cannot be matched), mild brightness/contrast (a global change of the texture's statistics is often the
-    # defect), no hue or saturation (the material's colour is signal), no blur (fine detail is). Vertical flips and
-    # quarter turns are left out although a surface has no "up": measured with ImageNet features on crops of a
-    # gravel photo, they cut how often a view finds its twin from 0.29 to 0.07 (docs/simclr.md), a task a small
-    # encoder does not learn in minutes; set data.augment.rot90 / vflip when the budget allows the invariance.
-    "texture": {"crop_scale": [0.5, 1.0], "hflip": 0.5, "vflip": 0.0, "rot90": False, "color_jitter": [0.1, 0.1, 0.0, 0.0],
-                "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.0},
-    # Satellite, aerial and slide images: no "up", so every flip and rotation; scale jitter; brightness/contrast for
-    # sun and stain, no hue (vegetation, water and stain colours are signal).
-    "overhead": {"crop_scale": [0.2, 1.0], "hflip": 0.5, "vflip": 0.5, "rot90": True, "color_jitter": [0.3, 0.3, 0.1, 0.0],
-                 "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.2},
-    # Supervised fine-tuning on a few labelled images (mmcontrast finetune): the label, not a second view, says what
-    # to keep, so the views only need to vary a little — SimCLR fine-tunes with crops and flips alone.
-    "finetune": {"crop_scale": [0.35, 1.0], "hflip": 0.5, "vflip": 0.0, "rot90": False, "color_jitter": [0.1, 0.1, 0.0, 0.0],
-                 "color_jitter_p": 0.5, "grayscale_p": 0.0, "blur_p": 0.0},
-}
+
+def view_transform(aug, image_size: int, mean: Sequence[float], std: Sequence[float]) -> SimclrTransform:
+    """The view transform ``aug`` (a resolved ``config.AugmentConfig``: every field set) describes, at ``image_size``."""
+    return SimclrTransform(image_size, mean, std, aug.crop_scale, aug.hflip, aug.color_jitter, aug.color_jitter_p,
+                           aug.grayscale_p, aug.blur_p, aug.vflip, aug.rot90, aug.crop_mode)
+
 
 # columns of the per-image parameter row
 _JITTER, _ORDER, _FACTORS, _GRAY, _BLUR, _SIGMA = 0, slice(1, 5), slice(5, 9), 9, 10, 11
@@ -69,7 +53,8 @@ _GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 class SimclrTransform:
     """One random SimCLR view: PIL RGB image → (3, image_size, image_size) normalised float tensor.
 
-    RandomResizedCrop(``crop_scale``, bicubic) → horizontal flip (``hflip``) → vertical flip (``vflip``) → a
+    RandomResizedCrop(``crop_scale``, bicubic) — or, with ``crop_mode="fixed"``, a random ``image_size`` window of the
+    image at its own scale, never resampled (reflected where the image is smaller) — → horizontal flip (``hflip``) → vertical flip (``vflip``) → a
     random multiple of 90° (``rot90``) → colour jitter
     (brightness, contrast, saturation, hue = ``color_jitter``, in a random order) with probability
     ``color_jitter_p`` → grayscale (``grayscale_p``) → Gaussian blur (kernel ≈ 10% of the side,
@@ -90,12 +75,17 @@ class SimclrTransform:
         blur_p: float = 0.5,
         vflip: float = 0.0,
         rot90: bool = False,
+        crop_mode: str = "resized",
     ):
+        if crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
         self.image_size = image_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        crop = (T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC)
+                if crop_mode == "resized" else T.RandomCrop(image_size, pad_if_needed=True, padding_mode="reflect"))
         self.geometry = T.Compose([
-            T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+            crop,
             T.RandomHorizontalFlip(p=hflip),
             T.RandomVerticalFlip(p=vflip),
             *([_RandomQuarterTurns()] if rot90 else []),

@@ -24,8 +24,6 @@ from mmcontrast import models
 from mmcontrast.errors import UsageError
 
 CLASSIFIER_KEY = "mmcontrast_classifier"  # marks the model_config.json of a fine-tuned classifier
-BEST_WEIGHTS_FILE = "best.safetensors"  # RUN_DIR/: the weights that scored best on the validation images so far
-BEST_RECORD_FILE = "best.json"  # RUN_DIR/: {"val_top1", "val_loss", "mean_per_class_recall"} of those weights
 
 
 class ImageClassifier(nn.Module):
@@ -89,30 +87,12 @@ def starting_encoder(checkpoint: str, pretrained: str | None = None, image_size:
     return spec, {f"backbone.{k}": v for k, v in visual.state_dict().items()}
 
 
-@torch.inference_mode()
 def probe_head(features: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(weight (C, d), bias (C,)) of a logistic-regression probe on raw (not normalised) features: LP-FT's start.
+    """(weight (C, d), bias (C,)) of the linear probe every command fits (``probe.fit_probe``) on raw features, folded
+    into a linear layer on raw features: LP-FT's start. Classes absent from ``labels`` get zero rows."""
+    from mmcontrast.probe import fit_probe
 
-    The regularisation is chosen by cross-validation (``fewshot.logistic_probe``'s C grid); classes absent from
-    ``labels`` get zero rows."""
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.preprocessing import StandardScaler
-
-    from mmcontrast.fewshot import PROBE_CS, quiet_sklearn
-
-    scaler = StandardScaler().fit(features)
-    folds = int(min(5, np.bincount(labels)[np.unique(labels)].min()))
-    clf = LogisticRegressionCV(Cs=list(PROBE_CS), cv=max(folds, 2), scoring="accuracy", max_iter=3000, random_state=seed)
-    with quiet_sklearn():
-        clf.fit(scaler.transform(features), labels)
-    # fold the standardisation into the head: w·((x − μ)/σ) + b = (w/σ)·x + (b − w·μ/σ)
-    coef = clf.coef_ / scaler.scale_
-    intercept = clf.intercept_ - coef @ scaler.mean_
-    if coef.shape[0] == 1:  # two classes: sklearn keeps one row (for the second class)
-        coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-    weight, bias = np.zeros((n_classes, features.shape[1])), np.zeros(n_classes)
-    weight[clf.classes_], bias[clf.classes_] = coef, intercept
-    return weight.astype(np.float32), bias.astype(np.float32)
+    return fit_probe(features, labels, seed).head(n_classes)
 
 
 def zero_shot_head(checkpoint: str, pretrained: str | None, classes: Sequence[str], templates: str,
@@ -206,57 +186,27 @@ class _LogitsAsFeatures(nn.Module):
         return nn.functional.linear(self.model.encode_image(image).float(), head.weight.float(), head.bias.float())
 
 
-# ---------------------------------------------------------------- during training: keep the best
+# ---------------------------------------------------------------- during training: scores on held-out images
 
 
-def _best_so_far(weights: Path) -> dict:
-    """The scores stored with ``best.safetensors`` (``best.json`` for a file written without them); before the first
-    evaluation, scores anything beats."""
-    stored = None
-    if weights.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as f:
-            stored = (f.metadata() or {}).get("best")
-    record = weights.with_name(BEST_RECORD_FILE)
-    if stored is None and record.is_file():
-        stored = record.read_text()
-    return json.loads(stored) if stored else {"val_top1": -1.0, "val_loss": float("inf")}
-
-
-def keep_best(preprocess: Callable, val_dir: str | Path, classes: Sequence[str], out_dir: str | Path) -> Callable[[nn.Module], dict]:
-    """The classify task's in-loop evaluation: top-1 and loss (mean negative log-likelihood) on ``val_dir`` (class
-    folders); when (top-1, −loss) beats every earlier evaluation, the weights are written to ``best.safetensors``,
-    which the export then uses, with their scores in its metadata (so a resumed run remembers them, and a kill
-    between two writes cannot pair weights with another epoch's scores); ``best.json`` repeats the scores for people. Folders missing from ``classes`` are a
-    UsageError now."""
-    from safetensors.torch import save_file
-
-    from mmcontrast.distributed import first_of_shared_work
+def held_out_scores(preprocess: Callable, folder: str | Path, classes: Sequence[str]) -> Callable[[nn.Module], dict]:
+    """The classify task's in-loop evaluation: top-1, mean per-class recall and loss (mean negative log-likelihood)
+    of the model on ``folder`` (class folders). Folders missing from ``classes`` are a UsageError now. Nothing is
+    kept: a run exports its last epoch, and ``mmcontrast finetune`` reads these scores to choose between runs."""
     from mmcontrast.evaluate import class_folders, classification_metrics
 
-    paths, names = class_folders(val_dir)
+    paths, names = class_folders(folder)
     unknown = sorted(set(names) - set(classes))
     if unknown:
         raise UsageError(f"validation classes {', '.join(unknown)} are not among the training classes {', '.join(classes)}")
     targets = [list(classes).index(n) for n in names]
-    out = Path(out_dir)
 
     def evaluate(model: nn.Module) -> dict:
         encoded, probs = predict(model, preprocess, paths)
         ok_targets = torch.tensor([targets[i] for i in encoded.ok])
         metrics = classification_metrics(probs, ok_targets.tolist(), list(classes))
         nll = float(-probs[torch.arange(len(ok_targets)), ok_targets].clamp_min(1e-12).log().mean())
-        record = out / BEST_RECORD_FILE
-        if not first_of_shared_work():  # every process measured its part; the first one keeps the best
-            return {"eval/val_top1": metrics["top1"], "eval/val_loss": nll}
-        best = _best_so_far(out / BEST_WEIGHTS_FILE)
-        # a few validation images tie often on accuracy: the lower loss (the more confident right answers) breaks it
-        if (metrics["top1"], -nll) > (best["val_top1"], -best["val_loss"]):
-            best = {"val_top1": metrics["top1"], "val_loss": nll, "mean_per_class_recall": metrics["mean_per_class_recall"]}
-            models.atomic_save(lambda state, path: save_file(state, path, metadata={"best": json.dumps(best)}),
-                               models.state_dict_for_file(model), out / BEST_WEIGHTS_FILE)
-            models.atomic_save(lambda state, path: Path(path).write_text(json.dumps(state)), best, record)
-        return {"eval/val_top1": metrics["top1"], "eval/val_loss": nll, "eval/best_val_top1": best["val_top1"]}
+        return {"eval/val_top1": metrics["top1"], "eval/val_mean_per_class_recall": metrics["mean_per_class_recall"],
+                "eval/val_loss": nll}
 
     return evaluate

@@ -47,12 +47,47 @@ class ModelConfig:
     frozen_batchnorm: bool = True  # classify: the encoder's BatchNorm keeps its running statistics (small batches)
 
 
+# The view recipes of ``data.augment.preset``, per kind of image; explicit ``data.augment.*`` fields override them.
+# Each augmentation teaches the encoder to ignore what it changes: keep out of a recipe whatever carries the signal
+# (docs/simclr.md, "Choosing the views").
+CROP_MODES = ("resized", "fixed")  # RandomResizedCrop, or a window at the image's own scale (data.augment.crop_mode)
+AUGMENT_PRESETS = {
+    # SimCLR's ImageNet recipe (Chen et al., 2020): objects in photos, where colour and scale are nuisances.
+    "natural": {"crop_mode": "resized", "crop_scale": [0.08, 1.0], "hflip": 0.5, "vflip": 0.0, "rot90": False, "color_jitter": [0.4, 0.4, 0.4, 0.1],
+                "color_jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.5},
+    # Surfaces, fabrics, metals, microscopy: views that overlap (a texture's crops all look alike, so two small ones
+    # cannot be matched), mild brightness/contrast (a global change of the texture's statistics is often the
+    # defect), no hue or saturation (the material's colour is signal), no blur (fine detail is). Vertical flips and
+    # quarter turns are left out although a surface has no "up": measured with ImageNet features on crops of a
+    # gravel photo, they cut how often a view finds its twin from 0.29 to 0.07 (docs/simclr.md), a task a small
+    # encoder does not learn in minutes; set data.augment.rot90 / vflip when the budget allows the invariance.
+    "texture": {"crop_mode": "resized", "crop_scale": [0.5, 1.0], "hflip": 0.5, "vflip": 0.0, "rot90": False, "color_jitter": [0.1, 0.1, 0.0, 0.0],
+                "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.0},
+    # Satellite, aerial and slide images: no "up", so every flip and rotation; scale jitter; brightness/contrast for
+    # sun and stain, no hue (vegetation, water and stain colours are signal).
+    "overhead": {"crop_mode": "resized", "crop_scale": [0.2, 1.0], "hflip": 0.5, "vflip": 0.5, "rot90": True, "color_jitter": [0.3, 0.3, 0.1, 0.0],
+                 "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.2},
+    # Inspection images of one kind of part, framed alike (solar cells, wafers, tiles, fabric): the defect may be a few
+    # pixels anywhere, so no view crops it away or resamples it (a window at the image's own scale: the whole image
+    # when the encoder takes its size), and a part photographed square-on has no "up" (every flip and quarter turn);
+    # mild brightness and contrast for the lighting, no hue, saturation or blur (the defect is in the detail).
+    "inspection": {"crop_mode": "fixed", "crop_scale": [1.0, 1.0], "hflip": 0.5, "vflip": 0.5, "rot90": True,
+                   "color_jitter": [0.1, 0.1, 0.0, 0.0], "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.0},
+    # Supervised fine-tuning on a few labelled images (mmcontrast finetune): the label, not a second view, says what
+    # to keep, so the views only need to vary a little — SimCLR fine-tunes with crops and flips alone.
+    "finetune": {"crop_mode": "resized", "crop_scale": [0.35, 1.0], "hflip": 0.5, "vflip": 0.0, "rot90": False, "color_jitter": [0.1, 0.1, 0.0, 0.0],
+                 "color_jitter_p": 0.5, "grayscale_p": 0.0, "blur_p": 0.0},
+}
+
+
 @dataclass
 class AugmentConfig:
-    """SimCLR's views; used in simclr mode only. ``preset`` picks a recipe for a kind of image
-    (``augment.PRESETS``: natural | texture | overhead); a field set here overrides the preset's value."""
+    """The training views (simclr's two, classify's one). ``preset`` picks a recipe for a kind of image
+    (``augment.PRESETS``: natural | texture | overhead | inspection | finetune); a field set here overrides the
+    preset's value."""
 
     preset: str = "natural"
+    crop_mode: str | None = None  # resized (RandomResizedCrop) | fixed (a window at the image's own scale, never resampled)
     crop_scale: list | None = None  # RandomResizedCrop's area range
     hflip: float | None = None  # probability of a horizontal flip
     vflip: float | None = None  # probability of a vertical flip
@@ -62,6 +97,7 @@ class AugmentConfig:
     grayscale_p: float | None = None
     blur_p: float | None = None  # switched off automatically for images under 64 px
     image_size: int | None = None  # default: the encoder's input size (a timm encoder: 32)
+    labelled: str | None = None  # preset auto: class folders on which each preset's views are measured (mmcontrast views)
 
 
 @dataclass
@@ -121,6 +157,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: off. A moving average of the weights (mmcontrast.ema): measured, exported as the model
     ema_warmup: bool = True  # the decay is min(ema_decay, (1 + step) / (10 + step)): the start is forgotten quickly
     dist_timeout_s: float = 1800.0  # how long a process waits in a collective (NCCL's own default: 600) before the job fails
+    cadence: str = "steps"  # steps | epochs: the unit of log.*_every, log.every, log.checkpoint_every, optim.warmup_steps
 
 
 @dataclass
@@ -279,6 +316,30 @@ def validate(cfg: Config) -> None:
         raise UsageError("say where the run goes: --output-dir runs/NAME")
     if not cfg.data.train_shards:
         raise UsageError('say what to train on: --train-shards "DIR/{00000..00007}.tar" (a brace pattern, directory or glob)')
+    _validate_choices(cfg)
+    _validate_schedule(cfg)
+    resolve_augment(cfg.data.augment)
+    _validate_log(cfg)
+    _validate_for_mode(cfg)
+    if cfg.data.upsampling_factors is not None and not cfg.data.resampled:
+        raise UsageError("data.upsampling_factors mixes sources by drawing shards with replacement: set data.resampled=true")
+    if cfg.data.num_samples is not None and cfg.data.num_samples < 1:
+        raise UsageError(f"data.num_samples must be positive, got {cfg.data.num_samples}")
+    if cfg.train.dist_timeout_s <= 0 or cfg.log.monitor_samples < 2:
+        raise UsageError("train.dist_timeout_s must be positive and log.monitor_samples at least 2")
+    if cfg.data.read_timeout <= 0 or cfg.data.read_retries < 0:
+        raise UsageError("data.read_timeout must be positive and data.read_retries at least 0")
+    unknown_kinds = sorted(set(cfg.optim.lr_scale) - {"image", "text", "logit_scale", "head"})
+    if unknown_kinds or any(not isinstance(v, (int, float)) or v < 0 for v in cfg.optim.lr_scale.values()):
+        raise UsageError(f"optim.lr_scale maps image, text, logit_scale or head to a multiplier >= 0, got {cfg.optim.lr_scale}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise UsageError(f"train.ema_decay is 0 (off) or a decay in (0, 1) such as 0.999, got {cfg.train.ema_decay}")
+    if not 0 < cfg.optim.layer_decay <= 1:
+        raise UsageError(f"optim.layer_decay is in (0, 1] (1: every layer at the full lr; 0.75 is typical), got {cfg.optim.layer_decay}")
+
+
+def _validate_choices(cfg: Config) -> None:
+    """The named choices: mode, loss, optimizer, precision."""
     if cfg.mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     # deferred: validation is the only reason config needs torch
@@ -294,12 +355,14 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"optim.name must be adamw or lars, got {cfg.optim.name!r}")
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise UsageError(f"train.mixed_precision must be no, bf16 or fp16, got {cfg.train.mixed_precision!r}")
-    if cfg.train.fsdp and cfg.train.mixed_precision == "fp16":
-        raise UsageError("train.fsdp runs in bf16 or float32; fp16 needs a loss scaler FSDP2 does not have: use bf16")
-    if cfg.train.fsdp and cfg.train.compile:
-        raise UsageError("train.compile and train.fsdp together are not supported yet; choose one")
+
+
+def _validate_schedule(cfg: Config) -> None:
+    """How long, in which unit, in which batches."""
     if cfg.train.steps is not None and cfg.train.epochs is not None:
         raise UsageError("give either --steps or --epochs, not both")
+    if cfg.train.cadence not in ("steps", "epochs"):
+        raise UsageError(f"train.cadence is steps or epochs (the unit of the log and warm-up counts), got {cfg.train.cadence!r}")
     if cfg.train.steps is None and cfg.train.epochs is None:
         raise UsageError("say how long to train: --steps N or --epochs N (or train.steps in the config)")
     for name, value in (("train.steps", cfg.train.steps), ("train.epochs", cfg.train.epochs)):
@@ -314,14 +377,13 @@ def validate(cfg: Config) -> None:
     ):
         if value < 1:
             raise UsageError(f"{name} must be at least 1, got {value}")
-    resolve_augment(cfg.data.augment)
-    if cfg.mode == "simclr" and cfg.train.batch_size * cfg.train.accum_steps < 2:
-        raise UsageError("simclr needs at least 2 samples per step (negatives come from the batch)")
-    if cfg.mode == "simclr" and cfg.model.lock_image:
-        _validate_simclr_lock(cfg)
-    if cfg.log.val_every is None:  # resolved here, so config.yaml records what ran
+
+
+def _validate_log(cfg: Config) -> None:
+    """The log's cadences (val_every and eval_every resolved here, so config.yaml records what ran) and thresholds."""
+    if cfg.log.val_every is None:
         cfg.log.val_every = cfg.log.checkpoint_every if cfg.data.val_shards else 0
-    if cfg.log.eval_every is None:  # resolved here, so config.yaml records what ran
+    if cfg.log.eval_every is None:
         cfg.log.eval_every = cfg.log.checkpoint_every if cfg.log.eval_images else 0
     for name in ("eval_every", "diagnostics_every", "val_every"):
         if getattr(cfg.log, name) < 0:
@@ -330,39 +392,62 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"log.chance_tolerance is a fraction of the chance loss in (0, 1), got {cfg.log.chance_tolerance}")
     if cfg.log.val_every and not cfg.data.val_shards:
         raise UsageError("log.val_every needs held-out pairs: --val-shards PATTERN")
-    if cfg.data.upsampling_factors is not None and not cfg.data.resampled:
-        raise UsageError("data.upsampling_factors mixes sources by drawing shards with replacement: set data.resampled=true")
-    if cfg.data.num_samples is not None and cfg.data.num_samples < 1:
-        raise UsageError(f"data.num_samples must be positive, got {cfg.data.num_samples}")
-    if cfg.train.dist_timeout_s <= 0 or cfg.log.monitor_samples < 2:
-        raise UsageError("train.dist_timeout_s must be positive and log.monitor_samples at least 2")
-    if cfg.data.read_timeout <= 0 or cfg.data.read_retries < 0:
-        raise UsageError("data.read_timeout must be positive and data.read_retries at least 0")
-    if cfg.mode == "classify" and cfg.log.diagnostics_every:
-        raise UsageError("log.diagnostics_every measures contrastive embeddings; set it to 0 in classify mode")
-    unknown_kinds = sorted(set(cfg.optim.lr_scale) - {"image", "text", "logit_scale", "head"})
-    if unknown_kinds or any(not isinstance(v, (int, float)) or v < 0 for v in cfg.optim.lr_scale.values()):
-        raise UsageError(f"optim.lr_scale maps image, text, logit_scale or head to a multiplier >= 0, got {cfg.optim.lr_scale}")
-    if not 0 <= cfg.train.ema_decay < 1:
-        raise UsageError(f"train.ema_decay is 0 (off) or a decay in (0, 1) such as 0.999, got {cfg.train.ema_decay}")
-    if not 0 < cfg.optim.layer_decay <= 1:
-        raise UsageError(f"optim.layer_decay is in (0, 1] (1: every layer at the full lr; 0.75 is typical), got {cfg.optim.layer_decay}")
     if cfg.log.eval_every and not cfg.log.eval_images:
         raise UsageError("log.eval_every needs log.eval_images: a folder of class subfolders")
     if cfg.log.eval_every and cfg.mode == "simclr" and not cfg.log.eval_train_images:
         raise UsageError("log.eval_every in simclr mode runs kNN: it needs log.eval_train_images (class subfolders) too")
 
 
+def _validate_for_mode(cfg: Config) -> None:
+    """What one mode cannot do."""
+    if cfg.mode == "classify" and cfg.train.fsdp:
+        raise UsageError("train.fsdp is not supported in classify mode (mmcontrast finetune): a fine-tuned classifier's "
+                         "encoder fits one device; drop train.fsdp")
+    if cfg.mode == "classify" and cfg.log.diagnostics_every:
+        raise UsageError("log.diagnostics_every measures contrastive embeddings; set it to 0 in classify mode")
+    if cfg.mode == "simclr" and cfg.train.batch_size * cfg.train.accum_steps < 2:
+        raise UsageError("simclr needs at least 2 samples per step (negatives come from the batch)")
+    if cfg.mode == "simclr" and cfg.model.lock_image:
+        _validate_simclr_lock(cfg)
+
+
+CADENCE_FIELDS = ("log.every", "log.checkpoint_every", "log.val_every", "log.eval_every", "log.diagnostics_every",
+                  "optim.warmup_steps")  # counted in train.cadence units
+
+
+def in_steps(cfg: Config, steps_per_epoch: int | None) -> Config:
+    """``cfg`` with its ``CADENCE_FIELDS`` in optimizer steps: a copy, multiplied by ``steps_per_epoch`` when
+    ``train.cadence`` is ``epochs`` (so "once an epoch" stays once an epoch on any number of processes), else itself."""
+    if cfg.train.cadence == "steps":
+        return cfg
+    if steps_per_epoch is None:
+        raise UsageError("train.cadence=epochs needs the data set's size: shards with stats files beside them, or "
+                         "--set data.num_samples=N")
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for dotted in CADENCE_FIELDS:
+        section, name = dotted.split(".")
+        value = getattr(getattr(out, section), name)
+        if value:
+            setattr(getattr(out, section), name, max(1, value * steps_per_epoch))
+    return out
+
+
 def resolve_augment(aug: AugmentConfig) -> None:
     """Fill the augment fields left unset from ``aug.preset`` (so config.yaml records the recipe that ran)."""
-    # deferred: the recipes live beside the transform, which needs torch
-    from mmcontrast.augment import PRESETS
-
-    if aug.preset not in PRESETS:
-        raise UsageError(f"data.augment.preset must be one of {', '.join(PRESETS)}, got {aug.preset!r}")
-    for name, value in PRESETS[aug.preset].items():
+    if aug.preset == "auto":  # chosen when the encoder is built (views.auto_preset), from data.augment.labelled
+        if not aug.labelled or not Path(aug.labelled).is_dir():
+            raise UsageError("data.augment.preset=auto measures each preset on labelled images: give their class folders "
+                             "with --set data.augment.labelled=DIR (and starting weights, model.pretrained)")
+        return
+    if aug.preset not in AUGMENT_PRESETS:
+        raise UsageError(f"data.augment.preset must be one of {', '.join(AUGMENT_PRESETS)} or auto, got {aug.preset!r}")
+    for name, value in AUGMENT_PRESETS[aug.preset].items():
         if getattr(aug, name) is None:
             setattr(aug, name, value)
+    if aug.crop_mode not in CROP_MODES:
+        raise UsageError(f"data.augment.crop_mode must be one of {', '.join(CROP_MODES)}, got {aug.crop_mode!r}")
     if not 0 < aug.crop_scale[0] <= aug.crop_scale[1] <= 1:
         raise UsageError(f"data.augment.crop_scale must be [low, high] with 0 < low <= high <= 1, got {aug.crop_scale}")
 

@@ -350,9 +350,12 @@ class Decoder:
                 return "empty_caption"
         if self.with_labels:
             index, name = sample_label(sample)
-            out["label"] = index if index is not None else (self.class_to_index or {}).get(name)
+            if self.class_to_index is not None and name is not None:  # a class list decides: the name's place in it
+                out["label"] = self.class_to_index.get(name)
+            else:
+                out["label"] = index
             if out["label"] is None:
-                return "missing_label"
+                return "missing_label" if index is None and name is None else "unknown_label"
         with _seeded(seed, restore=not in_worker):
             make = self.image_transform.sample if self.two_stage else self.image_transform
             out["views"] = [make(image) for _ in range(self.views)]
@@ -486,32 +489,13 @@ def _known_counts(counts: list[int | None] | str | None, shards: list[str], seve
 
 
 def make_loader(
-    shards: list[str],
-    *,
-    image_transform: Callable,
-    tokenizer: Callable | None = None,
-    views: int = 1,
-    batch_size: int,
-    workers: int,
-    seed: int,
-    epoch: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    resampled: bool = False,
-    shuffle_buffer: int = 1000,
-    with_labels: bool = False,
-    shuffle: bool = True,
-    drop_last: bool = True,
-    decode_size: int | None = None,
-    counts: list[int | None] | str | None = "auto",
-    batches: int | None = None,
-    position: LoaderPosition | None = None,
-    sources: list[int] | None = None,
-    weights: list[float] | None = None,
-    pin_memory: bool = False,
-    read_timeout: float = READ_TIMEOUT,
-    read_retries: int = READ_RETRIES,
-    repeat: bool = False,
+    shards: list[str], *, image_transform: Callable, tokenizer: Callable | None = None, views: int = 1, batch_size: int,
+    workers: int, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1, resampled: bool = False,
+    shuffle_buffer: int = 1000, with_labels: bool = False, classes: list[str] | None = None, shuffle: bool = True,
+    drop_last: bool = True, decode_size: int | None = None, counts: list[int | None] | str | None = "auto",
+    batches: int | None = None, position: LoaderPosition | None = None, sources: list[int] | None = None,
+    weights: list[float] | None = None, pin_memory: bool = False, read_timeout: float = READ_TIMEOUT,
+    read_retries: int = READ_RETRIES, repeat: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over ``shards`` yielding dict batches of ``batch_size`` samples (see ``drop_last``).
 
@@ -526,8 +510,9 @@ def make_loader(
         seed, epoch, rank, world_size: the order is a function of these (module docstring).
         resampled: draw shards with replacement, forever (or for ``batches``), with ``weights`` per shard.
         shuffle_buffer: the shuffle window in samples (0 or 1: read in order); ``shuffle=False``: no shuffling.
-        with_labels: add ``"label"`` (B,) long from each sample's json: ``label_index``, an integer
-            ``label``, or a string ``label`` mapped to its index among the sorted class names.
+        with_labels: add ``"label"`` (B,) long from each sample's json: with ``classes`` (a run's class list), the
+            string ``label``'s place in it; else ``label_index``, an integer ``label``, or a string ``label`` mapped to
+            its index among the shards' class names (stats.json's, else sorted).
         drop_last: False also yields each reader's partial last batch (evaluation).
         decode_size: decode JPEGs at reduced scale (pillow's draft mode), both sides at least this many pixels;
             at least the model's image size (more for crops of a small part of the image).
@@ -550,7 +535,7 @@ def make_loader(
     _check_loader_arguments(shards, batch_size, views, workers, rank, world_size)
     counts = _known_counts(counts, shards, several_readers=not resampled and world_size * max(workers, 1) > 1,
                            timeout=read_timeout)
-    names = class_names(shards) if with_labels else None
+    names = list(classes) if classes is not None else class_names(shards) if with_labels else None
     plan = ReadPlan(
         tuple(shards), counts,
         tuple(sources or [0] * len(shards)), tuple(weights) if weights else None, seed, epoch, rank, world_size,

@@ -329,7 +329,7 @@ def embed_shard_pairs(model: nn.Module, preprocess: Callable, tokenizer: Callabl
     image-only encoder, ``tokenizer=None``) two SimCLR views of each image (``augment.simclr_transform``
     at the preprocess's size and normalisation), seeded by ``seed``. Samples are a seeded shuffle of
     the shards. Returns x, y: (n, d) float32 on CPU, not normalised, and whether they are two views
-    (``health``'s ``views``). ``preset``: the views' recipe (``augment.PRESETS``) — with a strong encoder,
+    (``health``'s ``views``). ``preset``: the views' recipe (``config.AUGMENT_PRESETS``) — with a strong encoder,
     how often positives are found says whether a recipe's two views still share enough to be matched.
     """
     from mmcontrast import data
@@ -339,7 +339,7 @@ def embed_shard_pairs(model: nn.Module, preprocess: Callable, tokenizer: Callabl
     views = views or tokenizer is None or not hasattr(model, "encode_text")
     check_fields(shards, need_text=not views)
     if views:
-        from mmcontrast.augment import PRESETS
+        from mmcontrast.config import AUGMENT_PRESETS as PRESETS
 
         transform, tokenizer = simclr_transform(*preprocess_geometry(preprocess), **PRESETS[preset]), None
     else:

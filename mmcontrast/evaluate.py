@@ -17,6 +17,7 @@ text. Does not parse arguments or print: the CLI does that. Does not own the pro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -34,8 +35,8 @@ from tqdm import tqdm
 
 from data_tools.formats import IMAGE_EXTENSIONS, IMAGE_FIELDS, TEXT_FIELD, ImageDecodeError, decode_image
 from mmcontrast.errors import UsageError
-from mmcontrast.launch import available_cpus
 from mmcontrast.shards import expand_shards
+from mmcontrast.threads import available_cpus
 from mmcontrast.zeroshot import ZeroShotClassifier
 
 DEFAULT_BATCH_SIZE = 128
@@ -43,8 +44,6 @@ DEFAULT_WORKERS = min(4, available_cpus())
 RECALL_KS = (1, 5, 10)
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
-LINEAR_PROBE_CS = tuple(10.0**p for p in range(-2, 5))  # inverse L2 strengths tried on the validation split
-LINEAR_PROBE_VAL_FRACTION = 0.2
 _ROWS_PER_CHUNK = 1024  # rows of a similarity matrix held at once (retrieval, kNN)
 
 
@@ -163,6 +162,36 @@ def class_folders(root: str | Path) -> tuple[list[Path], list[str]]:
     if loose:
         raise UsageError(f"{root} must hold one subfolder per class; {len(loose)} images sit directly in it (e.g. {loose[0].name})")
     return paths, [str(n) for n in names]
+
+
+def identical_files(first: Sequence[Path], second: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """Pairs ``(a, b)`` of byte-identical files, ``a`` from ``first`` and ``b`` from ``second`` (the same image in a
+    training and a test folder inflates every score). Only files of equal size are read and hashed."""
+    import hashlib
+    import os
+
+    def sizes(paths: Sequence[Path]) -> dict[int, list[Path]]:
+        out: dict[int, list[Path]] = {}
+        for path in paths:
+            with contextlib.suppress(OSError):
+                out.setdefault(os.path.getsize(path), []).append(Path(path))
+        return out
+
+    def digest(path: Path) -> bytes | None:
+        try:
+            return hashlib.blake2b(path.read_bytes(), digest_size=16).digest()
+        except OSError:
+            return None
+
+    a_sizes, b_sizes = sizes(first), sizes(second)
+    pairs = []
+    for size in a_sizes.keys() & b_sizes.keys():
+        seen = {}
+        for path in a_sizes[size]:
+            seen.setdefault(digest(path), path)
+        seen.pop(None, None)
+        pairs += [(seen[d], path) for path in b_sizes[size] if (d := digest(path)) in seen]
+    return sorted(pairs)
 
 
 class _ImageFiles(Dataset):
@@ -493,30 +522,17 @@ def encode_texts(model: nn.Module, tokenizer: Callable, texts: Sequence[str], ba
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, classnames: Sequence[str],
-                 cs: Sequence[float] = LINEAR_PROBE_CS, val_fraction: float = LINEAR_PROBE_VAL_FRACTION,
-                 seed: int = 0, max_iter: int = 1000) -> dict:
-    """Logistic regression on frozen features; C picked on a held-out split of train, then refit on all of train.
+                 seed: int = 0) -> dict:
+    """The probe every command fits (``probe.fit_probe``) on frozen training features, scored on the test features.
 
-    ``train_x``: ``(N, d)``, ``train_y``: ``(N,)`` class indices into ``classnames``. Returns
-    ``classification_metrics`` of the test set plus ``C`` and ``val_top1`` (per C tried).
+    ``train_x``: ``(N, d)`` raw features, ``train_y``: ``(N,)`` class indices into ``classnames``. Returns
+    ``classification_metrics`` of the test set plus the ``C`` cross-validation chose.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
+    from mmcontrast.probe import fit_probe
 
-    counts = np.bincount(train_y)
-    stratify = train_y if counts[counts > 0].min() >= 2 else None
-    fit_x, val_x, fit_y, val_y = train_test_split(train_x, train_y, test_size=val_fraction, random_state=seed, stratify=stratify)
-
-    def fit(c: float, x: np.ndarray, y: np.ndarray) -> LogisticRegression:
-        return LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
-
-    val_top1 = {c: float((fit(c, fit_x, fit_y).predict(val_x) == val_y).mean()) for c in cs}
-    best_c = max(cs, key=lambda c: (val_top1[c], -c))  # ties → the stronger regulariser
-    clf = fit(best_c, train_x, train_y)
-    scores = np.full((len(test_x), len(classnames)), -np.inf, dtype=np.float32)
-    scores[:, clf.classes_] = clf.predict_proba(test_x)
-    return {**classification_metrics(scores, test_y.tolist(), classnames), "C": best_c,
-            "val_top1": {f"{c:g}": v for c, v in val_top1.items()}}
+    probe = fit_probe(train_x, train_y, seed)
+    scores = probe.scores(test_x, len(classnames))
+    return {**classification_metrics(scores, test_y.tolist(), classnames), "C": probe.C}
 
 
 @torch.inference_mode()
@@ -540,16 +556,17 @@ def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
 class LabelledFeatures:
     """Features of a folder of class subfolders (rows = readable images)."""
 
-    features: torch.Tensor  # (n, d) L2-normalised
+    features: torch.Tensor  # (n, d), L2-normalised unless asked otherwise
     labels: torch.Tensor  # (n,) index into the class list
     errors: list[dict]  # [{"path", "error"}] of unreadable images
 
 
 def encode_class_folders(model: nn.Module, preprocess: Callable, train_dir: str | Path, test_dir: str | Path,
                          batch_size: int = DEFAULT_BATCH_SIZE, workers: int = DEFAULT_WORKERS,
-                         progress: bool = False, on_batch: BatchTimes | None = None
+                         progress: bool = False, on_batch: BatchTimes | None = None, normalize: bool = True
                          ) -> tuple[LabelledFeatures, LabelledFeatures, list[str]]:
-    """Encode train and test class folders; classes are the train folders' names (sorted)."""
+    """Encode train and test class folders; classes are the train folders' names (sorted as strings). Features are
+    L2-normalised unless ``normalize`` is False (the probes' raw features)."""
     train_paths, train_names = class_folders(train_dir)
     test_paths, test_names = class_folders(test_dir)
     classnames = sorted(set(train_names))
@@ -559,7 +576,8 @@ def encode_class_folders(model: nn.Module, preprocess: Callable, train_dir: str 
     index = {name: i for i, name in enumerate(classnames)}
 
     def encode(paths: list[Path], names: list[str], root: str | Path, desc: str) -> LabelledFeatures:
-        encoded = encode_images(model, preprocess, paths, batch_size, workers, progress=progress, desc=desc, on_batch=on_batch)
+        encoded = encode_images(model, preprocess, paths, batch_size, workers, normalize=normalize, progress=progress, desc=desc,
+                                on_batch=on_batch)
         if not encoded.ok:
             raise UsageError(f"none of the {len(paths)} images under {root} could be read")
         labels = torch.tensor([index[names[i]] for i in encoded.ok])

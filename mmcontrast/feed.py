@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,7 @@ class Sources:
     source_of: list[int]
     counts: list[int | None]
     weights: list[float] | None  # resampled: per shard, its source's upsampling factor (open_clip's convention)
+    damaged: list[str] = field(default_factory=list)  # "NAME: how" of shards found cut short while counting
 
     @property
     def n_sources(self) -> int:
@@ -50,7 +51,9 @@ def find_sources(spec: str, factors: list | None, timeout: float) -> Sources:
     shards = [s for source in per_source for s in source]
     source_of = [i for i, source in enumerate(per_source) for _ in source]
     weights = [float(factors[i]) for i in source_of] if factors is not None else None
-    return Sources(shards, source_of, shard_sample_counts(shards, timeout), weights)
+    damaged: list[str] = []
+    counts = shard_sample_counts(shards, timeout, damaged)
+    return Sources(shards, source_of, counts, weights, damaged)
 
 
 def epoch_samples(sources: Sources, num_samples: int | None) -> int | None:

@@ -21,8 +21,6 @@ import numpy as np
 from mmcontrast.errors import UsageError
 
 DEFAULT_SHOTS = (1, 2, 5, 10, 20, 50)
-PROBE_CS = (0.001, 0.01, 0.1, 1.0)  # inverse regularisation strengths tried by the cross-validation (standardised features)
-PROBE_FOLDS, PROBE_MAX_ITER, PROBE_TOL = 3, 500, 1e-3  # accuracy picks C: a tighter fit would not change the choice
 PIXEL_SIDE = 32  # raw-pixel baseline: images resized to 32 x 32 RGB (3,072 values), L2-normalised
 
 
@@ -51,45 +49,28 @@ def check_shots(train_y: np.ndarray, classes: Sequence[str], shots: Sequence[int
 
 
 def draw(train_y: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Indices of ``k`` training images of every class, drawn without replacement (seeded)."""
+    """Indices of ``k`` training images of every class, drawn without replacement (seeded), in folder order: a draw
+    of every image is the folder itself, and a probe fitted on it is ``eval linear-probe``'s."""
     rng = np.random.default_rng(seed)
-    return np.concatenate([rng.choice(np.flatnonzero(train_y == c), k, replace=False) for c in np.unique(train_y)])
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(train_y == c), k, replace=False) for c in np.unique(train_y)]))
 
 
 def logistic_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Multinomial logistic regression on features standardised with the draw's own mean and std, C chosen from
-    ``PROBE_CS`` by stratified cross-validation within the draw (up to ``PROBE_FOLDS`` folds; with 1 image per
-    class there is nothing to hold out and C = 1). Standardised, one C grid suits every feature set (L2-normalised
-    64-d features and 3,072 pixels alike) and the solver converges in tens of iterations instead of thousands."""
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.preprocessing import StandardScaler
+    """The probe every command fits (``probe.fit_probe``: standardised features, C by stratified cross-validation
+    within the draw), fitted on the draw; the predicted class of each test row."""
+    from mmcontrast.probe import fit_probe
 
-    scaler = StandardScaler().fit(train_x)
-    train_x, test_x = scaler.transform(train_x), scaler.transform(test_x)
-    folds = int(np.bincount(train_y)[np.unique(train_y)].min())
-    with quiet_sklearn():
-        if folds < 2:
-            return LogisticRegression(C=1.0, max_iter=PROBE_MAX_ITER).fit(train_x, train_y).predict(test_x)
-        cv = StratifiedKFold(n_splits=min(folds, PROBE_FOLDS), shuffle=True, random_state=seed)
-        probe = LogisticRegressionCV(Cs=list(PROBE_CS), cv=cv, scoring="accuracy", max_iter=PROBE_MAX_ITER, tol=PROBE_TOL)
-        return probe.fit(train_x, train_y).predict(test_x)
+    return fit_probe(train_x, train_y, seed).predict(test_x)
 
 
-def quiet_sklearn():
-    """scikit-learn's notices of its own coming API changes (FutureWarning), not meant for our users, silenced."""
-    import contextlib
-    import warnings
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")
-    return stack
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def nearest_class_mean(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Each test image takes the class whose mean training feature is most cosine-similar."""
+    """Each test image takes the class whose mean (L2-normalised) training feature is most cosine-similar."""
     classes = np.unique(train_y)
+    train_x, test_x = _unit(train_x), _unit(test_x)
     means = np.stack([train_x[train_y == c].mean(axis=0) for c in classes])
     means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
     return classes[(test_x @ means.T).argmax(axis=1)]
@@ -107,7 +88,7 @@ def text_prior_probe(text_weights: np.ndarray, logit_scale: float, steps: int = 
         prior = torch.as_tensor(text_weights, dtype=torch.float32) * logit_scale  # (C, d)
         weight = prior.clone().requires_grad_(True)
         bias = torch.zeros(len(prior), requires_grad=True)
-        x, y = torch.as_tensor(train_x, dtype=torch.float32), torch.as_tensor(train_y)
+        x, y = torch.as_tensor(_unit(train_x), dtype=torch.float32), torch.as_tensor(train_y)
         pull = 1.0 / len(x)  # the prior's weight falls as labelled images arrive
         optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
 
@@ -119,7 +100,7 @@ def text_prior_probe(text_weights: np.ndarray, logit_scale: float, steps: int = 
 
         optimizer.step(closure)
         with torch.no_grad():
-            return (torch.as_tensor(test_x, dtype=torch.float32) @ weight.T + bias).argmax(dim=1).numpy()
+            return (torch.as_tensor(_unit(test_x), dtype=torch.float32) @ weight.T + bias).argmax(dim=1).numpy()
 
     return rule
 
@@ -165,7 +146,7 @@ Loader = Callable[[bool], tuple]  # random_init -> (model, preprocess, tokenizer
 def _encoded_split(model, preprocess, train_dir: str | Path, test_dir: str | Path, encode: dict) -> tuple[Split, list[str], int]:
     from mmcontrast import evaluate
 
-    train, test, classes = evaluate.encode_class_folders(model, preprocess, train_dir, test_dir, **encode)
+    train, test, classes = evaluate.encode_class_folders(model, preprocess, train_dir, test_dir, normalize=False, **encode)
     split = Split(train.features.numpy(), train.labels.numpy(), test.features.numpy(), test.labels.numpy())
     return split, classes, len(train.errors) + len(test.errors)
 

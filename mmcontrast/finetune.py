@@ -1,21 +1,31 @@
-"""``mmcontrast finetune``: a labelled folder and any checkpoint into a run of the trainer's ``classify`` mode.
+"""``mmcontrast finetune``: a labelled folder and any checkpoint into the better of two classifiers, chosen honestly.
 
-Owns preparing such a run — the validation split (``--val``, or a stratified, seeded tenth of ``--train`` held
-out), the training shards (``data_tools.make_shards`` over class folders), the starting weights (the checkpoint's
-encoder and a head from a linear probe on its frozen features — LP-FT — or from a CLIP checkpoint's class-name
-embeddings, or random), class weights when classes are uneven, and the ``Config``. The training itself is the one
-trainer (``mmcontrast.train``): resume, Accelerate, checkpoints, metrics and the nothing-lost guarantees are its.
+Owns the command's plan. The class list (``class_list``); the frozen features of the labelled images and the probe on
+them (``probe.fit_probe``, the one every command fits); the choice between that probe and fine-tuning, by stratified
+K-fold cross-validation over the labelled images (``--folds``, 5) or on ``--val`` — each fold a run of the trainer's
+``classify`` mode that starts from the fold's probe (LP-FT) and is scored on the fold it did not see, after its last
+epoch (one recipe, no epoch picked on the held-out images, so the estimate is not flattered); then the final model,
+the fine-tuning recipe refitted on every labelled image or the probe itself, written to the run dir; and
+``best.json``: both estimates with their spread over the folds, the per-epoch curve, the choice and why. With few
+labels fine-tuning can lose to the frozen probe it starts from (it trades one class against another, or overfits);
+the probe is then what the run exports.
+
+Run dir: the final classifier (``model_config.json``, ``model.safetensors``) and, when fine-tuning won, the trainer's
+files of the refit (config, metrics, checkpoints); ``best.json``; ``cv/fold_K/`` the folds' trainer runs; ``data/``
+their split folders (symlinks) and shards; ``start/`` the refit's starting weights. Everything already there is
+kept, so ``--resume`` goes on where a killed run stopped (a finished fold is read, not trained again).
 
 Does not own the classifier model or its files (``classifier.py``, imported where used: ``mmcontrast --help``
-stays free of torch) or the loop.
+stays free of torch), the probe (``probe.py``) or the loop (``train.py``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
-from dataclasses import dataclass
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +33,12 @@ import numpy as np
 from mmcontrast.config import Config
 from mmcontrast.errors import UsageError
 
-VAL_FRACTION = 0.1  # of --train held out for choosing the epoch when no --val is given
 UNEVEN = 1.5  # largest class / smallest class above which the loss weighs classes by inverse frequency
-START_DIR, DATA_DIR = "start", "data"  # RUN_DIR/start: starting weights; RUN_DIR/data: split folders and shards
+START_DIR, DATA_DIR, CV_DIR = "start", "data", "cv"  # RUN_DIR/start, RUN_DIR/data, RUN_DIR/cv/fold_K
+SELECTION_FILE = "best.json"  # RUN_DIR/: the cross-validated estimates and the choice
 HEAD_INITS = ("probe", "zero-shot", "random")  # --init: a linear probe (LP-FT), the class names (CLIP), random
+DEFAULT_FOLDS = 5
+CHOICES = ("probe", "finetuned")
 
 
 @dataclass
@@ -42,114 +54,125 @@ class Settings:
     lr: float = 1e-3  # the head's; the encoder's is lr × backbone_lr_scale
     backbone_lr_scale: float = 0.1
     batch_size: int = 32
-    image_size: int | None = None
+    image_size: int | str | None = None  # a timm encoder's input size; "native": the labelled images' own
     init: str = "probe"
     templates: str = "default"
     seed: int = 0
     workers: int = 1
+    classes: list[str] | None = None  # the class list in the user's order (--classes); None: the folder names, sorted
+    folds: int = DEFAULT_FOLDS
+    resume: bool = False
+    overrides: list[str] = field(default_factory=list)  # --set key=value for every classify run
 
 
-def _link_split(train_dir: Path, out: Path, seed: int) -> tuple[Path, Path]:
-    """Class folders of symlinks ``out/train`` and ``out/val``: a stratified ``VAL_FRACTION`` of every class
-    (at least one image, never all) held out, seeded. Returns the two folders."""
+@dataclass
+class Labelled:
+    """The labelled images, their class indices and (once encoded) their frozen features."""
+
+    paths: list[Path]
+    labels: np.ndarray  # (n,) index into the class list
+    features: np.ndarray | None = None  # (n, d) raw encoder output, the probe's input
+
+
+def class_list(found: list[str], given: list[str] | None, folder: str | Path, every_class: bool = True) -> list[str]:
+    """The run's class list: ``given`` (the user's order) or the folder names ``found`` sorted as strings (folders 1, 2,
+    10 are the classes "1", "10", "2"). A folder missing from ``given`` — or, with ``every_class``, a class of it without
+    a folder — is a UsageError naming both lists."""
+    classes = list(given) if given else sorted(found)
+    unknown, absent = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+    if unknown or (every_class and absent):
+        problem = f"has no folder for {', '.join(absent)}" if not unknown else f"holds class folders {', '.join(unknown)} not in the list"
+        raise UsageError(f"{folder} {problem}: its classes are {', '.join(sorted(found))}; the class list is {', '.join(classes)}")
+    if len(classes) < 2:
+        raise UsageError(f"{folder} holds {len(classes)} class folder(s); a classifier needs at least 2")
+    return classes
+
+
+def _labelled(folder: str | Path, classes: list[str]) -> Labelled:
     from mmcontrast.evaluate import class_folders
 
-    paths, names = class_folders(train_dir)
-    rng = random.Random(seed)
-    for name in sorted(set(names)):
-        members = sorted(p for p, n in zip(paths, names) if n == name)
-        if len(members) < 2:
-            raise UsageError(f"class {name!r} has {len(members)} image in {train_dir}: fine-tuning needs at least 2 per class "
-                             "when a tenth is held out for validation (or give --val DIR)")
-        rng.shuffle(members)
-        n_val = min(len(members) - 1, max(1, round(VAL_FRACTION * len(members))))
-        for split, chosen in (("val", members[:n_val]), ("train", members[n_val:])):
-            folder = out / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i, path in enumerate(chosen):
-                link = folder / f"{i:06d}{path.suffix.lower()}"
-                if not link.is_symlink():
-                    link.symlink_to(Path(path).resolve())
-    return out / "train", out / "val"
+    paths, names = class_folders(folder)
+    return Labelled(list(paths), np.array([classes.index(n) for n in names], dtype=np.int64))
 
 
-def _write_shards(train_dir: Path, shards: Path, seed: int) -> int:
+def fold_indices(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """Held-out indices of each of ``folds`` stratified folds (seeded); a UsageError when a class has fewer images."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(labels)
+    smallest = int(counts[counts > 0].min())
+    if folds > smallest:
+        raise UsageError(f"--folds {folds} needs at least {folds} labelled images per class; the smallest class has "
+                         f"{smallest}: give --folds {max(2, smallest)} or fewer" + ("" if smallest >= 2 else ", or --val DIR"))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [held for _, held in splitter.split(np.zeros(len(labels)), labels)]
+
+
+def labelled_encoder(folder: str | Path, checkpoint: str, pretrained: str | None, image_size: int | str | None):
+    """(encoder in eval mode, its spec, the labelled images' paths, their class indices) of class folders and any
+    image checkpoint, at ``image_size`` (``native``: the images' own)."""
+    from mmcontrast.classifier import ImageClassifier, starting_encoder
+    from mmcontrast.evaluate import class_folders
+
+    classes = class_list(sorted(set(class_folders(folder)[1])), None, folder)
+    labelled = _labelled(folder, classes)
+    size = native_size(labelled.paths) if image_size == "native" else image_size
+    spec, state = starting_encoder(checkpoint, pretrained, size)
+    encoder = ImageClassifier(spec, classes).encoder
+    encoder.load_state_dict(state)
+    return encoder.eval(), spec, labelled.paths, labelled.labels
+
+
+def native_size(paths: Sequence[Path]) -> int:
+    """The labelled images' own size: the most common shorter side (``--image-size native``: no resampling for them)."""
+    from PIL import Image
+
+    sides = []
+    for path in paths[:200]:
+        with Image.open(path) as image:
+            sides.append(min(image.size))
+    values, counts = np.unique(sides, return_counts=True)
+    return int(values[counts.argmax()])
+
+
+# ---------------------------------------------------------------- the pieces a run is made of
+
+
+def _link(paths: Sequence[Path], labels: np.ndarray, classes: list[str], folder: Path) -> Path:
+    """Class folders of symlinks to ``paths`` under ``folder`` (kept when already there)."""
+    for i, (path, label) in enumerate(zip(paths, labels)):
+        target = folder / classes[label]
+        target.mkdir(parents=True, exist_ok=True)
+        link = target / f"{i:06d}{Path(path).suffix.lower()}"
+        if not link.is_symlink():
+            link.symlink_to(Path(path).resolve())
+    return folder
+
+
+def _write_shards(folder: Path, shards: Path, seed: int) -> int:
     """Class folders to shards (labels from the folder names); returns the number of samples written."""
     from data_tools import make_shards
 
-    if (shards / "stats.json").is_file():
-        return json.loads((shards / "stats.json").read_text())["written"]
-    code = make_shards.main([str(train_dir), str(shards), "--layout", "classes", "--follow-symlinks", "--seed", str(seed),
-                             "--shard-size", "1000", "--workers", "1", *(["--resume"] if shards.exists() else [])])
-    if code != 0:
-        raise UsageError(f"could not write the training shards from {train_dir} (make_shards exit {code}); see above")
+    if not (shards / "stats.json").is_file():
+        code = make_shards.main([str(folder), str(shards), "--layout", "classes", "--follow-symlinks", "--seed", str(seed),
+                                 "--shard-size", "1000", "--workers", "1", *(["--resume"] if shards.exists() else [])])
+        if code != 0:
+            raise UsageError(f"could not write the training shards from {folder} (make_shards exit {code}); see above")
     return json.loads((shards / "stats.json").read_text())["written"]
 
 
-def _class_weights(train_dir: Path, classes: list[str]) -> list[float] | None:
+def _class_weights(labels: np.ndarray, n_classes: int) -> list[float] | None:
     """Inverse-frequency weights (mean 1) when the largest class is over ``UNEVEN`` times the smallest, else None."""
-    from mmcontrast.evaluate import class_folders
-
-    _, names = class_folders(train_dir)
-    counts = np.array([names.count(c) for c in classes], dtype=np.float64)
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     if counts.max() <= UNEVEN * counts.min():
         return None
-    return (counts.sum() / (len(classes) * counts)).round(6).tolist()
+    return (counts.sum() / (n_classes * counts)).round(6).tolist()
 
 
-def _start(s: Settings, train_dir: Path, classes: list[str], start: Path) -> Path:
-    """The starting weights file: the checkpoint's encoder and the head ``s.init`` asks for."""
-    from mmcontrast import classifier as clf
-
-    spec, encoder_state = clf.starting_encoder(s.checkpoint, s.pretrained, s.image_size)
-    head = None
-    if s.init != "random":
-        from mmcontrast.evaluate import class_folders, encode_images
-        from mmcontrast.models import image_eval_transform
-
-        encoder = clf.ImageClassifier(spec, classes).encoder
-        encoder.load_state_dict(encoder_state)
-        paths, names = class_folders(train_dir)
-        encoded = encode_images(encoder.eval(), image_eval_transform(spec), paths, workers=0, normalize=False)
-        features = encoded.features.numpy()
-        if s.init == "probe":
-            labels = np.array([classes.index(names[i]) for i in encoded.ok])
-            head = clf.probe_head(features, labels, len(classes), s.seed)
-        else:
-            head = clf.zero_shot_head(s.checkpoint, s.pretrained, classes, s.templates,
-                                      float(np.linalg.norm(features, axis=1).mean()))
-    (start / "model_config.json").parent.mkdir(parents=True, exist_ok=True)
-    (start / "model_config.json").write_text(json.dumps(clf.classifier_config(spec, classes), indent=2))
-    return clf.write_start(start / "model.safetensors", spec, encoder_state, classes, head, s.seed)
-
-
-def prepare(s: Settings) -> Config:
-    """Split, shards and starting weights under ``s.output_dir`` (each kept when already there, so a prepared run
-    resumes), and the ``classify`` run's ``Config`` (before ``--set`` overrides)."""
-    from mmcontrast.evaluate import class_folders
-
-    if s.init not in HEAD_INITS:
-        raise UsageError(f"--init must be one of {', '.join(HEAD_INITS)}, got {s.init!r}")
-    run = Path(s.output_dir)
-    data = run / DATA_DIR
-    if s.val_dir:
-        train_dir, val_dir = Path(s.train_dir), Path(s.val_dir)
-    else:
-        train_dir, val_dir = _link_split(Path(s.train_dir), data / "split", s.seed)
-    _, names = class_folders(train_dir)
-    classes = sorted(set(names))
-    if len(classes) < 2:
-        raise UsageError(f"{s.train_dir} holds {len(classes)} class folder(s); a classifier needs at least 2")
-    n_train = _write_shards(train_dir, data / "shards", s.seed)
-    start = run / START_DIR
-    if not (start / "model.safetensors").is_file():
-        _start(s, train_dir, classes, start)
-    return _config(s, start, data / "shards", val_dir, n_train, _class_weights(train_dir, classes))
-
-
-def _config(s: Settings, start: Path, shards: Path, val_dir: Path, n_train: int, class_weights: list | None) -> Config:
+def _config(s: Settings, start: Path, shards: Path, output_dir: Path, eval_dir: Path | None, n_train: int,
+            class_weights: list | None) -> Config:
+    """The ``classify`` run: cadences in epochs, so they follow the real number of processes whoever launches it."""
     cfg = Config(mode="classify")
-    steps_per_epoch = max(1, n_train // s.batch_size)
     cfg.model.name, cfg.model.pretrained = str(start / "model_config.json"), str(start / "model.safetensors")
     cfg.data.train_shards, cfg.data.workers = str(shards), s.workers
     cfg.data.augment.preset = "finetune"
@@ -157,11 +180,243 @@ def _config(s: Settings, start: Path, shards: Path, val_dir: Path, n_train: int,
     cfg.loss.class_weights = class_weights
     cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas = s.lr, 0.05, [0.9, 0.999]
     cfg.optim.lr_scale = {"image": s.backbone_lr_scale, "head": 1.0}
-    cfg.optim.warmup_steps = steps_per_epoch  # one epoch: a probe-initialised head is not moved hard at first
-    cfg.train.output_dir, cfg.train.epochs, cfg.train.batch_size, cfg.train.seed = s.output_dir, s.epochs, s.batch_size, s.seed
-    cfg.log.every = cfg.log.eval_every = steps_per_epoch  # a record and a validation per epoch
-    cfg.log.checkpoint_every = steps_per_epoch * max(1, math.ceil(s.epochs / 5))
-    cfg.log.eval_images = str(val_dir)
+    cfg.train.output_dir, cfg.train.epochs, cfg.train.seed = str(output_dir), s.epochs, s.seed
+    cfg.train.batch_size = max(1, min(s.batch_size, n_train))
+    cfg.train.cadence = "epochs"
+    cfg.optim.warmup_steps = 1  # one epoch: a probe-initialised head is not moved hard at first
+    cfg.log.every, cfg.log.checkpoint_every = 1, max(1, math.ceil(s.epochs / 5))
+    cfg.log.eval_every, cfg.log.eval_images = (1, str(eval_dir)) if eval_dir else (0, None)
     cfg.log.diagnostics_every = 0
     cfg.log.trackers = []
     return cfg
+
+
+def _head(s: Settings, classes: list[str], features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The head a run starts from: the probe on these features (LP-FT), the class names (CLIP), or None (random)."""
+    from mmcontrast import classifier as clf
+
+    if s.init == "probe":
+        return clf.probe_head(features, labels, len(classes), s.seed)
+    if s.init == "zero-shot":
+        return clf.zero_shot_head(s.checkpoint, s.pretrained, classes, s.templates, float(np.linalg.norm(features, axis=1).mean()))
+    return None
+
+
+def _write_start(start: Path, spec: dict, encoder_state: dict, classes: list[str], head) -> Path:
+    from mmcontrast import classifier as clf
+
+    start.mkdir(parents=True, exist_ok=True)
+    (start / "model_config.json").write_text(json.dumps(clf.classifier_config(spec, classes), indent=2))
+    return clf.write_start(start / "model.safetensors", spec, encoder_state, classes, head)
+
+
+# ---------------------------------------------------------------- one fine-tuning run, and its score
+
+
+@dataclass
+class Encoder:
+    """The starting encoder: its spec and weights (``classifier.starting_encoder``)."""
+
+    spec: dict
+    state: dict
+
+
+def _train_run(s: Settings, enc: Encoder, classes: list[str], train: Labelled, run_dir: Path, data_dir: Path,
+               eval_dir: Path | None, train_fn: Callable[[Config], Path]) -> Path:
+    """A ``classify`` run of the recipe on ``train`` in ``run_dir`` (resumed if it was stopped, read if it finished)."""
+    from mmcontrast.checkpoint import has_checkpoint
+    from mmcontrast.config import apply_overrides, validate
+
+    start = run_dir / START_DIR
+    if not (start / "model.safetensors").is_file():
+        _write_start(start, enc.spec, enc.state, classes, _head(s, classes, train.features, train.labels))
+    folder = _link(train.paths, train.labels, classes, data_dir / "train")
+    n_train = _write_shards(folder, data_dir / "shards", s.seed)
+    cfg = _config(s, start, data_dir / "shards", run_dir, eval_dir, n_train, _class_weights(train.labels, len(classes)))
+    apply_overrides(cfg, s.overrides)
+    cfg.train.resume = has_checkpoint(run_dir)
+    validate(cfg)
+    if cfg.train.resume and _finished(run_dir, cfg.train.epochs):
+        return run_dir  # finished before: its record stands
+    return train_fn(cfg)
+
+
+def _finished(run_dir: Path, epochs: int) -> bool:
+    """Whether the run in ``run_dir`` trained all its epochs and exported its model."""
+    from mmcontrast.models import WEIGHTS_FILE
+
+    state = run_dir / "checkpoints" / "last" / "train_state.json"
+    return (run_dir / WEIGHTS_FILE).is_file() and state.is_file() and json.loads(state.read_text()).get("epoch", 0) >= epochs
+
+
+def _held_out_curve(run_dir: Path) -> list[dict]:
+    """``[{"epoch", "top1", "mean_per_class_recall"}]`` of a run's in-loop scores on its held-out images."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{"epoch": round(r["epoch"]), "top1": r["eval/val_top1"], "mean_per_class_recall": r["eval/val_mean_per_class_recall"]}
+            for r in rows if "eval/val_top1" in r]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _scores(predicted: np.ndarray, truth: np.ndarray, n_classes: int) -> dict:
+    present = [c for c in range(n_classes) if (truth == c).any()]
+    return {"top1": float((predicted == truth).mean()),
+            "mean_per_class_recall": float(np.mean([(predicted[truth == c] == c).mean() for c in present]))}
+
+
+def _summary(per_fold: list[dict]) -> dict:
+    out = {"folds": per_fold}
+    for key in ("top1", "mean_per_class_recall"):
+        values = [f[key] for f in per_fold]
+        out[key], out[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+    return out
+
+
+@dataclass
+class Selection:
+    """What the command found: both estimates, the choice, the final run dir."""
+
+    probe: dict
+    finetuned: dict
+    choice: str
+    reason: str
+    run_dir: Path
+    folds: int  # 0: chosen on --val
+    per_epoch: list = field(default_factory=list)
+    views: dict | None = None  # data.augment.preset=auto: the preset chosen and the measurement behind it
+
+    def record(self) -> dict:
+        return {"choice": self.choice, "reason": self.reason, "selected_on": f"{self.folds}-fold cross-validation"
+                if self.folds else "--val", "probe": self.probe, "finetuned": self.finetuned, "finetuned_per_epoch": self.per_epoch,
+                **({"views": self.views} if self.views else {})}
+
+
+def _encode(enc: Encoder, classes: list[str], paths: list[Path]) -> np.ndarray:
+    """Frozen features (raw, float32, in ``paths`` order) of the starting encoder; unreadable images are a UsageError."""
+    from mmcontrast.classifier import ImageClassifier
+    from mmcontrast.evaluate import encode_images
+    from mmcontrast.models import image_eval_transform
+
+    encoder = ImageClassifier(enc.spec, classes).encoder
+    encoder.load_state_dict(enc.state)
+    encoded = encode_images(encoder.eval(), image_eval_transform(enc.spec), paths, workers=0, normalize=False)
+    if encoded.errors:
+        i, error = next(iter(sorted(encoded.errors.items())))
+        raise UsageError(f"{len(encoded.errors)} labelled image(s) cannot be read (first: {paths[i]}: {error}); "
+                         "remove or replace them")
+    return encoded.features.numpy()
+
+
+def _cross_validate(s: Settings, enc: Encoder, classes: list[str], labelled: Labelled, run: Path,
+                    train_fn: Callable[[Config], Path]) -> tuple[dict, dict, list]:
+    """Probe and fine-tuning scored on each held-out fold: (probe summary, fine-tuned summary, mean per-epoch curve)."""
+    from mmcontrast.probe import fit_probe
+
+    probe_folds, tuned_folds, curves = [], [], []
+    for k, held in enumerate(fold_indices(labelled.labels, s.folds, s.seed)):
+        kept = np.setdiff1d(np.arange(len(labelled.paths)), held)
+        part = Labelled([labelled.paths[i] for i in kept], labelled.labels[kept], labelled.features[kept])
+        probe = fit_probe(part.features, part.labels, s.seed)
+        probe_folds.append(_scores(probe.predict(labelled.features[held]), labelled.labels[held], len(classes)))
+        data = run / DATA_DIR / f"fold_{k}"
+        held_dir = _link([labelled.paths[i] for i in held], labelled.labels[held], classes, data / "held_out")
+        fold_run = _train_run(s, enc, classes, part, run / CV_DIR / f"fold_{k}", data, held_dir, train_fn)
+        curve = _held_out_curve(fold_run)
+        curves.append(curve)
+        tuned_folds.append({k: curve[-1][k] for k in ("top1", "mean_per_class_recall")})
+    per_epoch = [{"epoch": point["epoch"], **{key: float(np.mean([c[i][key] for c in curves])) for key in ("top1", "mean_per_class_recall")}}
+                 for i, point in enumerate(curves[0])]
+    return _summary(probe_folds), _summary(tuned_folds), per_epoch
+
+
+def _choose(probe: dict, finetuned: dict) -> tuple[str, str]:
+    """Fine-tuning only when it scores higher than the probe it starts from (a tie keeps the probe: cheaper, and what
+    fine-tuning began at)."""
+    p, f = probe["top1"], finetuned["top1"]
+    if f > p:
+        return "finetuned", f"fine-tuning scored {f:.1%} ± {finetuned['top1_std']:.1%} against the frozen probe's {p:.1%} ± {probe['top1_std']:.1%}"
+    return "probe", f"the frozen probe scored {p:.1%} ± {probe['top1_std']:.1%}, fine-tuning {f:.1%} ± {finetuned['top1_std']:.1%}: fine-tuning did not help"
+
+
+AUTO_VIEWS = "data.augment.preset=auto"
+
+
+def _auto_views(s: Settings, enc: Encoder, classes: list[str]) -> dict | None:
+    """With ``--set data.augment.preset=auto``: the preset ``views.auto_preset`` picks on the labelled images for the
+    starting encoder, put in the overrides in place of ``auto`` (every fold and the refit train with it)."""
+    if AUTO_VIEWS not in [o.replace(" ", "") for o in s.overrides]:
+        return None
+    from mmcontrast.classifier import ImageClassifier
+    from mmcontrast.views import auto_preset
+
+    encoder = ImageClassifier(enc.spec, classes).encoder
+    encoder.load_state_dict(enc.state)
+    chosen, measured = auto_preset(encoder, enc.spec, s.train_dir, s.seed)
+    s.overrides = [f"data.augment.preset={chosen}" if o.replace(" ", "") == AUTO_VIEWS else o for o in s.overrides]
+    return {"chosen": chosen, **measured}
+
+
+def check_run_dir(s: Settings) -> Path:
+    """RUN_DIR as a Path; a UsageError when it holds an earlier run and ``--resume`` was not given."""
+    run = Path(s.output_dir)
+    if not s.resume and any((run / name).exists() for name in (CV_DIR, START_DIR, SELECTION_FILE, "checkpoints", "model.safetensors")):
+        raise UsageError(f"{run} already holds a run; pass --resume to continue it or choose another --output-dir")
+    return run
+
+
+def run(s: Settings, train_fn: Callable[[Config], Path] | None = None) -> Selection:
+    """The whole command (module docstring): returns what it chose. ``train_fn`` runs a classify config (the trainer's
+    ``train``; tests may pass another)."""
+    from mmcontrast import classifier as clf
+    from mmcontrast.evaluate import class_folders
+    from mmcontrast.probe import fit_probe
+
+    if train_fn is None:
+        from mmcontrast.train import train as train_fn
+    if s.init not in HEAD_INITS:
+        raise UsageError(f"--init must be one of {', '.join(HEAD_INITS)}, got {s.init!r}")
+    if s.folds < 2 and not s.val_dir:
+        raise UsageError(f"--folds {s.folds}: cross-validation needs at least 2 folds (or give --val DIR)")
+    run_dir = check_run_dir(s)
+    classes = class_list(sorted(set(class_folders(s.train_dir)[1])), s.classes, s.train_dir)
+    labelled = _labelled(s.train_dir, classes)
+    if s.image_size == "native":
+        s.image_size = native_size(labelled.paths)
+    enc = Encoder(*clf.starting_encoder(s.checkpoint, s.pretrained, s.image_size))
+    labelled.features = _encode(enc, classes, labelled.paths)
+    views = _auto_views(s, enc, classes)
+    if s.val_dir:
+        class_list(sorted(set(class_folders(s.val_dir)[1])), classes, s.val_dir, every_class=False)
+        val = _labelled(s.val_dir, classes)
+        val.features = _encode(enc, classes, val.paths)
+        probe = fit_probe(labelled.features, labelled.labels, s.seed)
+        probe_summary = _summary([_scores(probe.predict(val.features), val.labels, len(classes))])
+        final = _train_run(s, enc, classes, labelled, run_dir, run_dir / DATA_DIR, Path(s.val_dir), train_fn)
+        curve = _held_out_curve(final)
+        tuned_summary, per_epoch = _summary([{k: curve[-1][k] for k in ("top1", "mean_per_class_recall")}]), curve
+    else:
+        probe_summary, tuned_summary, per_epoch = _cross_validate(s, enc, classes, labelled, run_dir, train_fn)
+    choice, reason = _choose(probe_summary, tuned_summary)
+    if choice == "finetuned" and not s.val_dir:
+        _train_run(s, enc, classes, labelled, run_dir, run_dir / DATA_DIR / "all", None, train_fn)
+    elif choice == "probe":
+        _export_probe(run_dir, enc, classes, clf.probe_head(labelled.features, labelled.labels, len(classes), s.seed))
+    selection = Selection(probe_summary, tuned_summary, choice, reason, run_dir, 0 if s.val_dir else s.folds, per_epoch, views)
+    from mmcontrast.models import atomic_save
+
+    atomic_save(lambda record, path: Path(path).write_text(json.dumps(record, indent=2) + "\n"), selection.record(),
+                run_dir / SELECTION_FILE)
+    return selection
+
+
+def _export_probe(run_dir: Path, enc: Encoder, classes: list[str], head) -> None:
+    """The probe as the run's classifier: the starting encoder and the probe's head, in the classifier's files. The
+    trainer's own files of a fine-tuning run in the same dir (``--val``: it trained here) are kept beside it, its
+    weights as ``model_finetuned.safetensors``."""
+    from mmcontrast.models import WEIGHTS_FILE
+
+    weights = run_dir / WEIGHTS_FILE
+    if weights.is_file():
+        shutil.move(str(weights), str(run_dir / "model_finetuned.safetensors"))
+    _write_start(run_dir, enc.spec, enc.state, classes, head)

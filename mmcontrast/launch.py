@@ -5,8 +5,9 @@ Accelerate's launcher starts a single process for ``--cpu`` unless an MPI hostfi
 notices that case, reads N from the launcher's own command line (with Accelerate's own argument parser),
 and replaces the process with PyTorch's elastic launcher — ``python -m torch.distributed.run --standalone
 --nproc-per-node N`` (a free port, the ranks' environment, and every rank stopped when one fails) — so the
-command does what it says. The ranks get ``OMP_NUM_THREADS`` = their share of the cores minus their data
-workers, unless ``--num_cpu_threads_per_process`` was given (Accelerate sets a default of its own).
+command does what it says. The ranks start with ``OMP_NUM_THREADS`` = their share of the cores and choose their
+split themselves (``mmcontrast.threads``), unless the user gave a count (``--num_cpu_threads_per_process`` or
+``OMP_NUM_THREADS``), which they keep.
 
 In every rank of a multi-process job, ``watch_parent`` ends the process when its launcher dies (SIGKILL
 included), so no rank is left waiting in a collective. ``check_world`` refuses a job whose processes did
@@ -46,38 +47,32 @@ def _accelerate_launch_args():
     return args
 
 
-def requested_cpu_processes() -> tuple[int, int | None]:
-    """``(N, threads)`` of ``accelerate launch --cpu --num_processes N [--num_cpu_threads_per_process T]`` when
-    Accelerate started only this one process; ``(1, None)`` otherwise."""
+def requested_cpu_processes() -> int:
+    """N of ``accelerate launch --cpu --num_processes N`` when Accelerate started only this one process; else 1."""
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
-        return 1, None
+        return 1
     if "WORLD_SIZE" in os.environ or "MASTER_ADDR" not in os.environ:
-        return 1, None
+        return 1
     args = _accelerate_launch_args()
     if args is None or int(getattr(args, "num_machines", 1) or 1) > 1:
-        return 1, None  # multi-node CPU runs go through mpirun or torchrun, which set the ranks themselves
-    return max(1, int(args.num_processes or 1)), args.num_cpu_threads_per_process
+        return 1  # multi-node CPU runs go through mpirun or torchrun, which set the ranks themselves
+    return max(1, int(args.num_processes or 1))
 
 
-def exec_torchrun(n: int, module: str, argv: Sequence[str], threads: int) -> None:
-    """Replace this process with ``torch.distributed.run --standalone --nproc-per-node n -m module *argv``."""
+def exec_torchrun(n: int, module: str, argv: Sequence[str]) -> None:
+    """Replace this process with ``torch.distributed.run --standalone --nproc-per-node n -m module *argv``; the ranks
+    start with their share of the cores, or the user's thread count (``threads.user_threads``), and know which."""
+    from mmcontrast.threads import THREADS_ENV, process_share, user_threads
+
+    user = user_threads()
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}  # torchrun picks a free port
-    env["OMP_NUM_THREADS"] = str(max(1, threads))
+    env["OMP_NUM_THREADS"] = str(user or process_share(n))
+    env[THREADS_ENV] = str(user) if user else "auto"
     env["ACCELERATE_USE_CPU"] = "true"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", module, *argv]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, command, env)
-
-
-def available_cpus() -> int:
-    """The cores this process may run on (its affinity, where the platform says it; else all of them)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def cpu_threads_per_process(processes: int, workers: int) -> int:
-    """Compute threads for each of ``processes`` on this machine's cores, leaving its data ``workers`` theirs."""
-    return max(1, available_cpus() // processes - workers)
 
 
 def watch_parent(interval: float = WATCH_INTERVAL_S) -> None:

@@ -364,28 +364,54 @@ def check_fields(shards: list[str], need_text: bool, need_image: bool = True) ->
 # ---------------------------------------------------------------- counting
 
 
-def _scan_count(shard: str) -> int:
-    """Samples with an image field, from the tar headers alone (seeks over the data, decodes nothing).
+def _tar_ends_whole(shard: str) -> bool:
+    """Whether a local tar ends with tar's end-of-archive marker (two zero blocks), as every writer leaves it; a copy
+    cut short does not."""
+    with open(shard, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 2 * tarfile.BLOCKSIZE:
+            return False
+        f.seek(-2 * tarfile.BLOCKSIZE, os.SEEK_END)
+        return not any(f.read())
 
-    A damaged shard (cut short by an interrupted copy) counts the samples before the damage, with a warning.
-    """
-    keys = set()
+
+def _scan_count(shard: str) -> tuple[int, str | None]:
+    """(samples with an image field, damage) from the tar headers alone (seeks over the data, decodes nothing).
+
+    The damage says how a shard is broken: cut short (as an interrupted copy leaves it: it ends inside a member, or
+    without tar's end-of-archive marker; the whole samples before the cut are counted, the one it cuts is not, and
+    whatever followed is lost), or unreadable from some header on. None for a whole shard."""
+    keys, cut, error = set(), set(), None
+    size = os.path.getsize(shard)
     try:
         with tarfile.open(shard, "r:") as tar:
             for member in tar:
                 parts = split_member_name(member.name) if member.isreg() else None
-                if parts and parts[1].lower() in IMAGE_FIELDS:
+                if member.offset_data + member.size > size:  # its data runs past the end of the file
+                    cut.add(parts[0] if parts else member.name)
+                elif parts and parts[1].lower() in IMAGE_FIELDS:
                     keys.add(parts[0])
     except (tarfile.TarError, OSError, EOFError) as err:
-        warn_once(f"unreadable:{shard}", "shard %s is damaged after %d samples (%s); training on those "
-                  "(python -m data_tools.inspect lists the shards to re-create)", shard, len(keys), err)
-    return len(keys)
+        error = err
+    whole = len(keys - cut)
+    damage = None
+    if cut or not _tar_ends_whole(shard):
+        damage = (f"ends inside a member after {whole} whole samples; what followed it is lost" if cut or error
+                  else f"ends without tar's end-of-archive marker after {whole} samples (cut short?)")
+    elif error is not None:
+        damage = f"unreadable after {whole} samples ({error})"
+    if damage:
+        warn_once(f"unreadable:{shard}", "shard %s is damaged: %s; training on the whole samples before it "
+                  "(python -m data_tools.inspect lists the shards to re-create)", shard, damage)
+    return whole, damage
 
 
-def shard_sample_counts(shards: list[str], timeout: float = READ_TIMEOUT) -> list[int | None]:
+def shard_sample_counts(shards: list[str], timeout: float = READ_TIMEOUT, damaged: list[str] | None = None) -> list[int | None]:
     """Samples per shard: make_shards' ``stats.json``, else the shard's ``NNNNN_stats.json`` (make_shards' and
     img2dataset's), both found beside it through its own scheme; else, for a local shard, its tar headers.
-    ``None`` for a remote shard without stats (give ``data.num_samples`` for ``--epochs`` then).
+    ``None`` for a remote shard without stats (give ``data.num_samples`` for ``--epochs`` then). A local shard
+    counted from its headers that turns out cut short is warned about and, given a ``damaged`` list, named in it
+    (``"NAME: how"``).
     """
     folder_counts: dict[str, dict[str, int]] = {}
     counts: list[int | None] = []
@@ -405,7 +431,12 @@ def shard_sample_counts(shards: list[str], timeout: float = READ_TIMEOUT) -> lis
         texts = pool.map(per_shard_stats, missing)
         for i, text in zip(missing, texts):
             counts[i] = shard_sample_count(text) if text else None
-    return [_scan_count(shard) if n is None and not is_remote(shard) else n for shard, n in zip(shards, counts)]
+    for i, shard in enumerate(shards):
+        if counts[i] is None and not is_remote(shard):
+            counts[i], damage = _scan_count(shard)
+            if damage and damaged is not None:
+                damaged.append(f"{os.path.basename(shard)}: {damage}")
+    return counts
 
 
 def _shard_name(shard: str) -> str | None:
@@ -438,7 +469,9 @@ def count_samples(shards: list[str], timeout: float = READ_TIMEOUT) -> int:
 
 
 def sample_label(sample: dict) -> tuple[int | None, str | None]:
-    """(integer label, None) or (None, string label) from a sample's json; (None, None) when it has none."""
+    """(index, name) of a sample's label from its json: the index is ``label_index`` (or an integer ``label``), the name
+    a string ``label``; either may be None (both: no label). An index means a position in the class list of the shards
+    it came with (stats.json's ``classes``); a run with a class list of its own maps the name."""
     try:
         meta = json.loads(sample["json"])
     except (KeyError, ValueError):
@@ -446,11 +479,34 @@ def sample_label(sample: dict) -> tuple[int | None, str | None]:
     if not isinstance(meta, dict):
         return None, None
     index, label = meta.get("label_index"), meta.get("label")
-    if isinstance(index, int) and not isinstance(index, bool):
-        return index, None
-    if isinstance(label, int) and not isinstance(label, bool):
-        return label, None
-    return None, label if isinstance(label, str) else None
+    if not isinstance(index, int) or isinstance(index, bool):
+        index = label if isinstance(label, int) and not isinstance(label, bool) else None
+    return index, label if isinstance(label, str) else None
+
+
+def shard_classes(shards: list[str]) -> list[str]:
+    """Every class name the shards' labels use: make_shards' stats.json ``classes``, else the names in every sample's
+    json (integer labels without names are shown as numbers)."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        classes = json.loads(read_small_file(sibling(shards[0], STATS_FILE)) or b"{}").get("classes")
+        if classes:
+            return [str(c) for c in classes]
+    names = set()
+    for shard in shards:
+        for sample in read_samples([shard]):
+            index, name = sample_label(sample)
+            if name is not None or index is not None:
+                names.add(name if name is not None else str(index))
+    return sorted(names)
+
+
+def check_classes(shards: list[str], classes: list[str]) -> None:
+    """A ``UsageError`` naming both lists when the shards hold a class that ``classes`` (a run's list) lacks."""
+    found = shard_classes(shards)
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise UsageError(f"the shards hold the class(es) {', '.join(unknown)}, which the run's class list lacks; the "
+                         f"shards' classes: {', '.join(found)}; the run's: {', '.join(classes)}")
 
 
 def class_names(shards: list[str]) -> list[str] | None:
@@ -466,7 +522,7 @@ def class_names(shards: list[str]) -> list[str] | None:
             f"labels were asked for but the first sample of {shards[0]} has no json 'label' or 'label_index'; "
             "make the shards from class folders or a captions file with a label column"
         )
-    if index is not None:
+    if index is not None:  # indices into the shards' own class list: read as they are
         return None
     with contextlib.suppress(ValueError, TypeError, AttributeError):
         classes = json.loads(read_small_file(sibling(shards[0], STATS_FILE)) or b"{}").get("classes")

@@ -11,7 +11,7 @@ caching (``mmcontrast.gradcache``) call these and never ask which mode they are 
   view2)``, loss NT-Xent (or SupCon with labels); only the encoder is exported.
 * ``classify``: an image encoder plus a linear head over class names (``classifier.ImageClassifier``, the
   labelled slice: ``mmcontrast finetune``); inputs ``(image,)`` and labels, loss cross-entropy; the export holds
-  encoder, head and class names, from the epoch that scored best on the validation images.
+  encoder, head and class names after the last epoch; the in-loop evaluation scores held-out class folders.
 
 Does not own building models (``models.py``), the losses (``losses.py``) or the loop.
 """
@@ -67,7 +67,7 @@ class Task:
     health_transform: Callable | None  # the transform of the fixed health batch
     eval_transform: Callable | None  # deterministic preprocess for in-loop evaluation
     views: int  # image views per sample: 1 gives batch["image"], 2 batch["view1"], batch["view2"]
-    with_labels: bool  # batches carry batch["label"] (SupCon)
+    with_labels: bool  # batches carry batch["label"] (SupCon, classify)
     health_pair: Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]  # (unwrapped model, batch) -> (x, y)
     export: Callable[..., None]  # (unwrapped model, run dir, write weights?, state_dict=None: gathered weights)
     evaluate: Callable[[nn.Module], dict] | None = None  # in-loop evaluation of the unwrapped model -> eval/* metrics
@@ -80,6 +80,7 @@ class Task:
     monitor: Callable[[list], dict] | None = None  # a log step's numbers from its outputs; None: the contrastive monitors
     param_kind: Callable[[str], str] = lambda name: "image"  # parameter name -> its optim.lr_scale key
     param_depth: Callable[[str], int] | None = None  # parameter name -> depth below its tower's top (optim.layer_decay)
+    classes: list[str] | None = None  # the run's class list labels index into (classify); None: the shards' own
 
     @property
     def pairs_are_views(self) -> bool:
@@ -207,7 +208,7 @@ def simclr_task(model: models.SimclrModel, *, loss_name: str = "nt_xent", temper
 
 
 def _build_simclr(model_cfg: ModelConfig, loss_cfg: LossConfig, loss_name: str, data_cfg: DataConfig, log_cfg: LogConfig) -> Task:
-    from mmcontrast.augment import SimclrTransform
+    from mmcontrast.augment import view_transform
 
     spec = models.image_encoder_spec(model_cfg.name, model_cfg.timm_kwargs, model_cfg.cifar_stem, data_cfg.augment.image_size)
     encoder = models.ImageEncoder(spec)
@@ -219,11 +220,12 @@ def _build_simclr(model_cfg: ModelConfig, loss_cfg: LossConfig, loss_name: str, 
         encoder.backbone.set_grad_checkpointing(True)
     model = models.SimclrModel(encoder, model_cfg.proj_hidden_dim, model_cfg.proj_dim, batchnorm=model_cfg.proj_batchnorm)
     aug = data_cfg.augment
+    if aug.preset == "auto":  # the strongest views that keep the labels of data.augment.labelled, for this encoder
+        from mmcontrast.views import auto_preset
+
+        aug.preset, _ = auto_preset(encoder, spec, aug.labelled)
     resolve_augment(aug)  # the preset's values where the config left fields unset (validate has done it for a run)
-    transform = SimclrTransform(
-        aug.image_size or spec["image_size"], spec["mean"], spec["std"], aug.crop_scale, aug.hflip,
-        aug.color_jitter, aug.color_jitter_p, aug.grayscale_p, aug.blur_p, aug.vflip, aug.rot90,
-    )
+    transform = view_transform(aug, aug.image_size or spec["image_size"], spec["mean"], spec["std"])
     eval_transform = models.image_eval_transform(spec)
 
     def export(model: nn.Module, out_dir: Path, weights: bool, state_dict: dict | None = None) -> None:
@@ -260,13 +262,12 @@ def _head_or_image(name: str) -> str:
     return "head" if name.startswith("head.") else "image"
 
 
-def _build_classify(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, log_cfg: LogConfig,
-                    output_dir: str) -> Task:
+def _build_classify(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: DataConfig, log_cfg: LogConfig) -> Task:
     """Encoder + linear head from ``model.name`` (a classifier ``model_config.json`` that ``mmcontrast finetune``
     writes) and ``model.pretrained`` (its starting weights); cross-entropy with label smoothing and class weights;
-    the simclr views' presets as one augmented view; in-loop accuracy on ``log.eval_images`` keeps the best."""
+    the simclr views' presets as one augmented view; in-loop accuracy on ``log.eval_images``."""
     from mmcontrast import classifier as clf
-    from mmcontrast.augment import SimclrTransform
+    from mmcontrast.augment import view_transform
 
     try:
         entry = json.loads(Path(model_cfg.name).read_text())[clf.CLASSIFIER_KEY]
@@ -278,9 +279,12 @@ def _build_classify(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: Data
         state = models.load_weights_file(Path(model_cfg.pretrained))
         model.load_state_dict(models.strip_wrapper_prefixes(state))
     spec, aug = entry["encoder"], data_cfg.augment
+    if aug.preset == "auto":  # the strongest views that keep the labels of data.augment.labelled, for this encoder
+        from mmcontrast.views import auto_preset
+
+        aug.preset, _ = auto_preset(model.encoder, spec, aug.labelled)
     resolve_augment(aug)
-    transform = SimclrTransform(spec["image_size"], spec["mean"], spec["std"], aug.crop_scale, aug.hflip, aug.color_jitter,
-                                aug.color_jitter_p, aug.grayscale_p, aug.blur_p, aug.vflip, aug.rot90)
+    transform = view_transform(aug, spec["image_size"], spec["mean"], spec["std"])
     eval_transform = models.image_eval_transform(spec)
     weights = torch.tensor(loss_cfg.class_weights, dtype=torch.float32) if loss_cfg.class_weights else None
 
@@ -289,17 +293,14 @@ def _build_classify(model_cfg: ModelConfig, loss_cfg: LossConfig, data_cfg: Data
         return F.cross_entropy(outputs[0].float(), labels, weight=w, label_smoothing=loss_cfg.label_smoothing)
 
     def export(model: nn.Module, out_dir: Path, weights_too: bool, state_dict: dict | None = None) -> None:
-        best = Path(out_dir) / clf.BEST_WEIGHTS_FILE
-        if weights_too and best.is_file():  # the best epoch on the validation images, not the last
-            state_dict = models.load_weights_file(best)
         clf.save_classifier_files(model, out_dir, weights=weights_too, state_dict=state_dict)
 
-    evaluate = clf.keep_best(eval_transform, log_cfg.eval_images, model.classes, output_dir) if log_cfg.eval_every else None
+    evaluate = clf.held_out_scores(eval_transform, log_cfg.eval_images, model.classes) if log_cfg.eval_every else None
     return Task(
         model=model, inputs=_image, loss=loss, tokenizer=None, train_transform=transform, health_transform=eval_transform,
         eval_transform=eval_transform, views=1, with_labels=True, health_pair=_nothing, export=export, evaluate=evaluate,
         n_embeddings=1, pair_names=("image", "label"), loss_name="cross_entropy", monitor=_confidence,
-        param_kind=_head_or_image,
+        param_kind=_head_or_image, classes=list(model.classes),
     )
 
 
@@ -315,6 +316,6 @@ def build_task(cfg: Config) -> Task:
     builders = {
         "clip": lambda: _build_clip(cfg.model, cfg.loss, loss_name, cfg.data.clip_augment, cfg.log),
         "simclr": lambda: _build_simclr(cfg.model, cfg.loss, loss_name, cfg.data, cfg.log),
-        "classify": lambda: _build_classify(cfg.model, cfg.loss, cfg.data, cfg.log, cfg.train.output_dir),
+        "classify": lambda: _build_classify(cfg.model, cfg.loss, cfg.data, cfg.log),
     }
     return builders[cfg.mode]()

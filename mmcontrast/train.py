@@ -41,12 +41,14 @@ from mmcontrast.config import (
     LogConfig,
     apply_overrides,
     dump_yaml,
+    in_steps,
     load_config,
     set_value,
     validate,
 )
 from mmcontrast.ema import WeightEma
 from mmcontrast.errors import TrainingError, UsageError, run_user_command
+from mmcontrast.threads import TrainingThreads
 
 # ---------------------------------------------------------------- command line
 
@@ -128,15 +130,14 @@ def _run(argv: list[str]) -> int:
     if build_parser().parse_args(argv).print_lr_groups:
         print_lr_groups(cfg)
         return 0
-    n_cpu_processes, threads = launch.requested_cpu_processes()
+    n_cpu_processes = launch.requested_cpu_processes()
     if n_cpu_processes > 1:  # accelerate launch --cpu --num_processes N started only us: torchrun starts the N
         from mmcontrast.shards import check_fields, expand_sources
         from mmcontrast.tasks import needs_captions
 
         shards = [s for source in expand_sources(cfg.data.train_shards) for s in source]
         check_fields(shards, need_text=needs_captions(cfg.mode))  # a mistake is one line here, not N tracebacks
-        launch.exec_torchrun(n_cpu_processes, "mmcontrast.train", argv,
-                             threads or launch.cpu_threads_per_process(n_cpu_processes, cfg.data.workers))
+        launch.exec_torchrun(n_cpu_processes, "mmcontrast.train", argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         launch.watch_parent()
         launch.use_gloo_without_cuda()
@@ -206,14 +207,6 @@ def _make_accelerator(mixed_precision: str, trackers: list, output_dir: Path, co
     )
 
 
-def _share_cpu_cores(accelerator, workers: int) -> None:
-    """On the CPU, leave the data workers their cores: compute threads spinning on them slow both down."""
-    from mmcontrast.launch import cpu_threads_per_process
-
-    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(cpu_threads_per_process(accelerator.num_processes, workers))
-
-
 @dataclass
 class TrainState:
     """Where the run stands; saved with every checkpoint (``train_state.json``)."""
@@ -223,6 +216,7 @@ class TrainState:
     samples_seen: int = 0  # samples in the batches all processes consumed
     skipped_samples: int = 0  # samples the loaders of all processes skipped (corrupt, incomplete, lost to damage)
     nonfinite_steps: int = 0  # steps skipped because the gradient was not finite
+    cpu_threads: int | None = None  # compute threads per process the run chose on the CPU (threads.TrainingThreads)
     data: list = field(default_factory=list)  # each process's position in the epoch (data.LoaderPosition)
     identity: dict = field(default_factory=dict)  # what a resume must not change (config.RESUME_IDENTITY, processes, shards)
 
@@ -362,8 +356,9 @@ class StepLog:
             )
         return loss / acc.num_processes
 
-    def write(self, state: TrainState, feed, lr: float, model, embeddings: list[torch.Tensor]) -> dict:
-        """Build the record for ``state.step`` (``embeddings``: this process's last step), write it, start a new window."""
+    def write(self, state: TrainState, feed, lr: float, model, embeddings: list[torch.Tensor], more: dict | None = None) -> dict:
+        """Build the record for ``state.step`` (``embeddings``: this process's last step; ``more``: fields the loop adds,
+        such as the CPU threads), write it, start a new window."""
         acc, elapsed = self.accelerator, max(time.perf_counter() - self.t0, 1e-9)
         steps, data_time = self.steps, self.data_time
         loss = self.fold(state)
@@ -372,7 +367,7 @@ class StepLog:
             "samples_per_s": steps * len(embeddings[0]) * acc.num_processes / elapsed,
             "global_batch": len(embeddings[0]) * acc.num_processes, "samples_seen": state.samples_seen,
             "data_time_share": data_time / elapsed, "skipped_samples": state.skipped_samples,
-            "nonfinite_steps": state.nonfinite_steps, **feed.source_shares(),
+            "nonfinite_steps": state.nonfinite_steps, **feed.source_shares(), **(more or {}),
         }  # fmt: skip
         if acc.device.type == "cuda":  # the allocator's own count: read on the host, no wait for the GPU
             record["gpu_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
@@ -586,7 +581,6 @@ def _set_up_processes(cfg: Config, output_dir: Path) -> tuple:
     cfg.train.mixed_precision = str(accelerator.mixed_precision)
     cfg.train.compile = cfg.train.compile or str(accelerator.state.dynamo_plugin.backend) != "NO"
     validate(cfg)
-    _share_cpu_cores(accelerator, cfg.data.workers)
     return sources, trackers, accelerator
 
 
@@ -732,7 +726,8 @@ def _validation(cfg: Config, task, global_batch: int, accelerator) -> Callable |
         loader = make_loader(shards, image_transform=task.health_transform, tokenizer=task.tokenizer, views=task.views,
                              batch_size=min(global_batch, 256), workers=cfg.data.workers, seed=cfg.train.seed, counts=counts,
                              rank=part, world_size=parts,
-                             shuffle=False, drop_last=False, with_labels=task.with_labels, read_timeout=cfg.data.read_timeout)
+                             shuffle=False, drop_last=False, with_labels=task.with_labels, classes=task.classes,
+                             read_timeout=cfg.data.read_timeout)
         return held_out_metrics(model, iter(loader), task.inputs, task.loss, global_batch, task.pair_names, task.n_embeddings)
 
     return validate
@@ -754,6 +749,7 @@ class _Run:
     feed: object
     log: StepLog
     total_steps: int
+    threads: TrainingThreads
     ema: WeightEma | None = None
 
     def checkpoint(self) -> None:
@@ -783,17 +779,34 @@ def _loop(run: _Run) -> None:
             micro, data_seconds = group
             factor = lr_factor(state.step, cfg.optim.warmup_steps, run.total_steps, cfg.optim.min_lr_ratio)
             lr = set_lr(run.optimizer, cfg.optim.lr, factor)
+            run.threads.before_step(state.step)
+            started = time.perf_counter()
             loss, embeddings, finite = train_step(run.accelerator, run.task, run.model, run.optimizer, micro,
                                                   cfg.optim.grad_clip, run.holding, run.ema, state.step)
+            _keep_thread_choice(run, data_seconds + time.perf_counter() - started)
             state.step += 1
             log.add(loss, finite, data_seconds, micro)
             log.progress.update(1)
             if log.due(state.step, run.total_steps):
-                log.write(state, run.feed, lr, run.unwrapped, embeddings)
+                log.write(state, run.feed, lr, run.unwrapped, embeddings, {**run.threads.record(), **_damage(run.feed)})
             if state.step % cfg.log.checkpoint_every == 0 and state.step < run.total_steps:
                 run.checkpoint()
         log.progress.close()
         run.checkpoint()
+
+
+def _damage(feed) -> dict:
+    """``damaged_shards`` for every record while the data has shards that were found cut short."""
+    return {"damaged_shards": feed.sources.damaged} if feed.sources.damaged else {}
+
+
+def _keep_thread_choice(run: _Run, seconds: float) -> None:
+    """Tell the CPU thread trial how long the step took; when it chooses, say so and keep the choice in the state."""
+    line = run.threads.after_step(run.state.step, seconds)
+    if line is not None:
+        run.state.cpu_threads = run.threads.chosen
+        if run.accelerator.is_main_process:
+            run.log.progress.write(line, file=sys.stderr)
 
 
 def _export(accelerator, task, holding: Holding, model, unwrapped, output_dir: Path, ema: WeightEma | None) -> None:
@@ -814,6 +827,21 @@ def _export(accelerator, task, holding: Holding, model, unwrapped, output_dir: P
         weights = holding.full_weights(model)
         if accelerator.is_main_process:
             task.export(unwrapped, output_dir, True, state_dict=weights)
+
+
+def _cpu_threads(accelerator, workers: int, state: TrainState, total_steps: int) -> TrainingThreads:
+    """The run's compute threads (``threads.TrainingThreads``), set now and said in one line."""
+    def agree(values: list[float]) -> list[float]:  # the mean of every process's medians: one choice for all
+        if accelerator.num_processes == 1:
+            return values
+        return accelerator.reduce(torch.tensor(values, device=accelerator.device), "mean").tolist()
+
+    threads = TrainingThreads.plan(accelerator.device.type == "cpu", accelerator.num_processes, workers, state.step,
+                                   total_steps, state.cpu_threads, agree)
+    threads.start()
+    if accelerator.is_main_process:
+        print(threads.describe(accelerator.num_processes, workers), file=sys.stderr, flush=True)
+    return threads
 
 
 @contextlib.contextmanager
@@ -845,19 +873,25 @@ def _train(cfg: Config, output_dir: Path, sources, trackers: list, accelerator, 
     from mmcontrast.feed import Feed, epoch_samples, steps_per_epoch
 
     world, rank, batch, accum = accelerator.num_processes, accelerator.process_index, cfg.train.batch_size, cfg.train.accum_steps
+    if task.classes is not None:  # a class list of its own: the shards' classes must be in it
+        from mmcontrast.shards import check_classes
+
+        _on_first_process(accelerator, lambda: check_classes(sources.shards, task.classes))
     per_epoch = steps_per_epoch(epoch_samples(sources, cfg.data.num_samples), batch * world * accum, cfg.train.epochs)
     total_steps = cfg.train.steps or cfg.train.epochs * per_epoch
+    written, cfg = cfg, in_steps(cfg, per_epoch)  # config.yaml keeps the cadence as given (epochs stay epochs)
     validate = _validation(cfg, task, batch * world * accum, accelerator)
     model, optimizer, unwrapped = holding.prepare(task.model, optimizer)
     if accelerator.is_main_process:
         _print_lr_groups(task, optimizer, cfg.optim.lr)
     ema = WeightEma(unwrapped, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay else None
-    state = _start(accelerator, task, unwrapped, output_dir, cfg, run_identity(cfg, world, sources),
+    state = _start(accelerator, task, unwrapped, output_dir, written, run_identity(cfg, world, sources),
                    _chained(holding.load_more(model, optimizer), _ema_files(ema, accelerator, save=False)))
     if trackers:
         accelerator.init_trackers("mmcontrast", config=_flat_config(to_dict(cfg)))
     loader_args = {"image_transform": task.train_transform, "tokenizer": task.tokenizer, "views": task.views, "batch_size": batch,
-                   "workers": cfg.data.workers, "seed": cfg.train.seed, "rank": rank, "world_size": world, "with_labels": task.with_labels}
+                   "workers": cfg.data.workers, "seed": cfg.train.seed, "rank": rank, "world_size": world, "with_labels": task.with_labels,
+                   "classes": task.classes}
     feed = Feed(sources, cfg.data, per_epoch, accum, loader_args, accelerator.device, state.epoch, (state.data or [None] * world)[rank])
 
     def health_batch() -> dict:
@@ -868,7 +902,8 @@ def _train(cfg: Config, output_dir: Path, sources, trackers: list, accelerator, 
     log = StepLog(accelerator, task, cfg.log, cfg.optim.warmup_steps, cfg.train.max_nonfinite_steps, output_dir / METRICS_FILE,
                   bool(trackers), health_batch, validate, progress, holding.everyone_measures, total_steps,
                   ema.swapped_in if ema else contextlib.nullcontext)
-    _loop(_Run(cfg, output_dir, accelerator, task, holding, model, optimizer, unwrapped, state, feed, log, total_steps, ema))
+    threads = _cpu_threads(accelerator, cfg.data.workers, state, total_steps)
+    _loop(_Run(cfg, output_dir, accelerator, task, holding, model, optimizer, unwrapped, state, feed, log, total_steps, threads, ema))
     _export(accelerator, task, holding, model, unwrapped, output_dir, ema)
     accelerator.wait_for_everyone()  # before end_training, which destroys the process group (accelerate >= 0.34)
     if trackers:

@@ -110,10 +110,13 @@ def _score(kind: str, target: str, ends: Endpoints, workers: int) -> dict:
     return {"image_to_text": result["image_to_text"], "text_to_image": result["text_to_image"]}
 
 
-def sweep(ends: Endpoints, alphas: Sequence[float], evaluations: Sequence[tuple[str, str]], workers: int = 0) -> list[dict]:
+def sweep(ends: Endpoints, alphas: Sequence[float], evaluations: Sequence[tuple[str, str]], workers: int = 0,
+          choose_on: Sequence[str] = ()) -> list[dict]:
     """Score the interpolant at each of ``alphas`` on each of ``evaluations`` (``(kind, target)``, kind in
-    ``EVAL_KINDS``). One row per alpha: ``{"alpha", "KIND=TARGET": metrics, ..., "mean_zero_shot_top1"}`` (the mean
-    top-1 over the zero-shot evaluations, when there are any)."""
+    ``EVAL_KINDS``) and on the ``choose_on`` class folders (zero-shot top-1: what picks alpha, held out from the
+    evaluations). One row per alpha: ``{"alpha", "KIND=TARGET": metrics, ..., "mean_zero_shot_top1"}`` (the mean top-1
+    over the zero-shot evaluations, when there are any), plus ``"choose-on zero-shot=DIR": metrics`` and
+    ``"choose_on_mean_top1"`` with ``choose_on``."""
     unknown = [kind for kind, _ in evaluations if kind not in EVAL_KINDS]
     if unknown:
         raise UsageError(f"wise-ft evaluates {' or '.join(EVAL_KINDS)}, not {unknown[0]!r}")
@@ -127,11 +130,16 @@ def sweep(ends: Endpoints, alphas: Sequence[float], evaluations: Sequence[tuple[
         top1 = [row[f"{kind}={target}"]["top1"] for kind, target in evaluations if kind == "zero-shot"]
         if top1:
             row["mean_zero_shot_top1"] = sum(top1) / len(top1)
+        if choose_on:
+            chosen = [_score("zero-shot", target, ends, workers) for target in choose_on]
+            row.update({f"choose-on zero-shot={t}": c for t, c in zip(choose_on, chosen)})
+            row["choose_on_mean_top1"] = sum(c["top1"] for c in chosen) / len(chosen)
         rows.append(row)
     return rows
 
 
 def best_alpha(rows: Sequence[dict]) -> float | None:
-    """The alpha with the highest mean zero-shot top-1 (the first of equals), None without zero-shot scores."""
-    scored = [row for row in rows if "mean_zero_shot_top1" in row]
-    return max(scored, key=lambda row: row["mean_zero_shot_top1"])["alpha"] if scored else None
+    """The alpha with the highest mean zero-shot top-1 on the ``choose_on`` folders (the first of equals); None
+    without them — a best alpha read off the folders whose accuracy is reported would flatter it."""
+    scored = [row for row in rows if "choose_on_mean_top1" in row]
+    return max(scored, key=lambda row: row["choose_on_mean_top1"])["alpha"] if scored else None

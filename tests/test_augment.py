@@ -104,7 +104,7 @@ def test_quarter_turns_and_vertical_flips_are_exact_and_all_drawn():
 
 
 def test_presets_fill_what_the_config_leaves_unset_and_explicit_fields_win():
-    from mmcontrast.augment import PRESETS
+    from mmcontrast.config import AUGMENT_PRESETS as PRESETS
     from mmcontrast.config import AugmentConfig, UsageError, resolve_augment
 
     texture = AugmentConfig(preset="texture")

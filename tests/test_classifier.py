@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,26 +18,29 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_probe_head_predicts_what_the_probe_does_on_raw_features():
-    """LP-FT starts from the linear probe: the head's argmax on raw features is the fitted probe's prediction, with
-    three classes and with two (where scikit-learn keeps a single row)."""
+    """LP-FT starts from the linear probe: the head's argmax on raw features is the prediction of scikit-learn's
+    standardised, cross-validated logistic regression, with three classes and with two (where scikit-learn keeps a
+    single row)."""
     from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
     from sklearn.preprocessing import StandardScaler
 
-    from mmcontrast.fewshot import PROBE_CS
+    from mmcontrast.probe import PROBE_CS, PROBE_MAX_ITER, fit_probe
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 30)
     x = rng.normal(size=(90, 8)) * rng.uniform(0.1, 10, size=8) + np.eye(3, 8)[y] * 4  # features on different scales
     for keep in (y < 3, y < 2):
         xs, ys = x[keep], y[keep]
-        weight, bias = clf.probe_head(xs, ys, n_classes=4)  # a class with no image gets a zero row
-        assert weight.shape == (4, 8) and not weight[3].any() and bias[3] == 0
+        weight, bias = clf.probe_head(xs, ys, n_classes=4)  # a class with no image gets a zero row, far below
+        assert weight.shape == (4, 8) and not weight[3].any() and bias[3] < -1e3
         scaler = StandardScaler().fit(xs)
-        reference = LogisticRegressionCV(Cs=list(PROBE_CS), cv=5, scoring="accuracy", max_iter=3000, random_state=0)
+        reference = LogisticRegressionCV(Cs=list(PROBE_CS), cv=StratifiedKFold(5, shuffle=True, random_state=0),
+                                         scoring="neg_log_loss", max_iter=PROBE_MAX_ITER)
         reference.fit(scaler.transform(xs), ys)
-        n = len(np.unique(ys))
-        head = (xs @ weight.T + bias)[:, :n].argmax(axis=1)
+        head = (xs @ weight.T + bias).argmax(axis=1)
         assert np.array_equal(head, reference.predict(scaler.transform(xs)))
+        assert np.array_equal(head, fit_probe(xs, ys).predict(xs))
 
 
 def test_lr_scale_gives_each_kind_of_parameter_its_learning_rate():
@@ -67,35 +71,73 @@ def test_frozen_batchnorm_keeps_its_statistics_in_training():
 
 @pytest.fixture(scope="module")
 def finetuned(trained_tiny_clip, tmp_path_factory):
-    """2 epochs of `mmcontrast finetune` from the tiny CLIP run's image tower, a tenth held out for validation."""
+    """`mmcontrast finetune` from the tiny CLIP run's image tower: 2-fold cross-validation of 2-epoch runs, then the
+    choice. A stale best.safetensors (an earlier version's, killed) lies in the fresh run dir and must not matter."""
     run = tmp_path_factory.mktemp("finetune") / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(b"stale")
     args = ["finetune", "--train", str(trained_tiny_clip.train_dir), "--checkpoint", str(trained_tiny_clip.run_dir),
-            "--output-dir", str(run), "--epochs", "2", "--batch-size", "16", "--workers", "0"]
+            "--output-dir", str(run), "--epochs", "2", "--batch-size", "16", "--workers", "0", "--folds", "2"]
     assert main(args) == 0
     return run, args
 
 
-def test_finetune_writes_a_classifier_run_that_every_command_loads(finetuned, trained_tiny_clip):
+def test_finetune_chooses_by_cross_validation_and_writes_a_run_every_command_loads(finetuned, trained_tiny_clip):
     from mmcontrast import load
+    from mmcontrast.finetune import CHOICES, SELECTION_FILE
+    from mmcontrast.probe import fit_probe
 
     run, _ = finetuned
     config = json.loads((run / "model_config.json").read_text())[clf.CLASSIFIER_KEY]
     assert config["classes"] == sorted(trained_tiny_clip.classes) and config["encoder"]["source"] == "open_clip"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [4, 8]  # 72 training images (a tenth of 80 held out), batch 16: 4 steps an epoch
-    assert all("eval/val_top1" in r and 0 < r["mean_confidence"] <= 1 for r in rows)
-    best = json.loads((run / clf.BEST_RECORD_FILE).read_text())
-    assert best["val_top1"] == max(r["eval/val_top1"] for r in rows)
-    from safetensors import safe_open
-
-    with safe_open(str(run / clf.BEST_WEIGHTS_FILE), framework="pt") as f:  # the weights carry their own scores
-        assert json.loads(f.metadata()["best"]) == best
-    model, preprocess, tokenizer = load(run)
+    best = json.loads((run / SELECTION_FILE).read_text())
+    assert best["choice"] in CHOICES and best["selected_on"] == "2-fold cross-validation" and best["reason"]
+    for estimate in (best["probe"], best["finetuned"]):
+        assert len(estimate["folds"]) == 2 and estimate["top1"] == pytest.approx(np.mean([f["top1"] for f in estimate["folds"]]))
+    # each fold is a run of the trainer, scored after every epoch on the images it did not see (40 of 80: 3 steps of 16)
+    rows = [json.loads(line) for line in (run / "cv" / "fold_0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all("eval/val_top1" in r and 0 < r["mean_confidence"] <= 1 for r in rows)
+    assert best["finetuned"]["folds"][0]["top1"] == rows[-1]["eval/val_top1"]  # the last epoch: none is picked
+    model, _, tokenizer = load(run)
     assert isinstance(model, clf.ImageClassifier) and tokenizer is None
-    from safetensors.torch import load_file
+    if best["choice"] == "probe":  # the exported head is the probe on every labelled image's frozen features
+        from mmcontrast.evaluate import class_folders, encode_images
 
-    exported, kept = load_file(str(run / "model.safetensors")), load_file(str(run / clf.BEST_WEIGHTS_FILE))
-    assert exported.keys() == kept.keys() and all(torch.equal(exported[k], kept[k]) for k in kept)
+        paths, names = class_folders(trained_tiny_clip.train_dir)
+        x = encode_images(model.encoder, load(run)[1], paths, workers=0, normalize=False).features.numpy()
+        y = np.array([config["classes"].index(n) for n in names])
+        with torch.no_grad():
+            head = model.head(torch.from_numpy(x)).argmax(dim=1).numpy()
+        assert np.array_equal(head, fit_probe(x, y).predict(x))
+
+
+def _bars(root: Path, per_class: int, seed: int) -> Path:
+    """Two classes that only a horizontal flip tells apart: a bright bar in the left or in the right third."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, columns in (("left", slice(2, 10)), ("right", slice(22, 30))):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.normal(110, 12, (32, 32, 3))
+            pixels[:, columns] += 90
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_cross_validation_exports_the_probe_when_finetuning_hurts(trained_tiny_clip, tmp_path, capsys):
+    """Bars on the left against bars on the right, fine-tuned with views that flip images left to right half the
+    time: training is told both answers for every image, so fine-tuning must lose what the frozen features already
+    separate; cross-validation sees it and the run exports the probe."""
+    data, run = _bars(tmp_path / "bars", 12, 0), tmp_path / "run"
+    assert main(["finetune", "--train", str(data), "--checkpoint", str(trained_tiny_clip.run_dir), "--output-dir", str(run),
+                 "--epochs", "8", "--batch-size", "8", "--workers", "0", "--folds", "3", "--lr", "0.01",
+                 "--set", "data.augment.hflip=0.5"]) == 0
+    out = capsys.readouterr().out
+    best = json.loads((run / "best.json").read_text())
+    assert best["probe"]["top1"] >= 0.9 and best["finetuned"]["top1"] < best["probe"]["top1"] and best["choice"] == "probe"
+    assert "kept the frozen probe" in out
+    assert not (run / "config.yaml").exists()  # nothing was refitted: the probe is the run's classifier
 
 
 def test_predict_and_eval_classifier_read_back(finetuned, trained_tiny_clip, tmp_path, capsys):
@@ -126,9 +168,12 @@ def test_finetune_resumes_and_refuses_to_clobber(finetuned, capsys):
     run, args = finetuned
     assert main(args) == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
-    assert main([*args, "--epochs", "3", "--resume"]) == 0
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [4, 8, 12]
+    fold = run / "cv" / "fold_0" / "metrics.jsonl"
+    before = fold.read_text()
+    assert main([*args, "--resume"]) == 0  # finished folds are read, not trained again
+    assert fold.read_text() == before
+    assert main([*args, "--epochs", "3", "--resume"]) == 0  # a longer recipe: each fold goes on from its checkpoint
+    assert [json.loads(line)["step"] for line in fold.read_text().splitlines()] == [2, 4, 6]
 
 
 def test_classifier_bad_inputs_are_one_line_and_exit_2(finetuned, trained_tiny_clip, tmp_path, capsys):
@@ -147,8 +192,47 @@ def test_classifier_bad_inputs_are_one_line_and_exit_2(finetuned, trained_tiny_c
           "--output-dir", str(tmp_path / "y")], "needs its weights: --pretrained"),
         (["finetune", "--train", str(trained_tiny_clip.train_dir), "--checkpoint", str(run), "--init", "zero-shot",
           "--output-dir", str(tmp_path / "z")], "--init zero-shot needs a CLIP checkpoint"),
+        (["finetune", "--train", str(trained_tiny_clip.train_dir), "--checkpoint", str(run), "--folds", "30",
+          "--output-dir", str(tmp_path / "f")], "--folds 30 needs at least 30 labelled images per class"),
+        (["finetune", "--train", str(trained_tiny_clip.train_dir), "--checkpoint", str(run), "--classes", "red_square,blue_square",
+          "--output-dir", str(tmp_path / "c")], "not in the list: its classes are"),
+        (["finetune", "--train", str(trained_tiny_clip.train_dir), "--checkpoint", str(run), "--image-size", "huge",
+          "--output-dir", str(tmp_path / "s")], "--image-size takes a number of pixels or native"),
     ]
     for argv, message in cases:
         assert main([*argv, "--quiet"] if argv[0] != "finetune" else argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def _grey_levels(root: Path, names: list[str], per_class: int = 8) -> Path:
+    """One class per name: flat grey images, each class its own level (trivially separable), a little noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for level, name in enumerate(names):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.normal(20 + 20 * level, 2, (32, 32, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_numbered_class_folders_train_like_named_ones(tmp_path):
+    """Folders 1, 2, 3 and 0 ... 10 are classes like any other: one class list (the names sorted as strings) decides every
+    index — shards, training, scores, predictions — so they fine-tune as well as the same images in folders c00 ... c10
+    (they crashed, or trained against shuffled labels, when the shards indexed digit folders by their value)."""
+    torch.manual_seed(0)
+    weights = tmp_path / "random.pt"
+    torch.save(clf.models.ImageEncoder(clf.models.timm_encoder_spec("timm:resnet10t", 32)).backbone.state_dict(), weights)
+    scores = {}
+    for case, names in (("three", ["1", "2", "3"]), ("digits", [str(i) for i in range(11)]),
+                        ("named", [f"c{i:02d}" for i in range(11)])):
+        data = _grey_levels(tmp_path / case, names, per_class=24 if case == "three" else 8)  # as many steps as 11 classes
+        run = tmp_path / f"run_{case}"
+        assert main(["finetune", "--train", str(data), "--val", str(data), "--checkpoint", "timm:resnet10t", "--pretrained",
+                     str(weights), "--image-size", "32", "--init", "random", "--epochs", "12", "--batch-size", "8",
+                     "--lr", "0.01", "--workers", "0", "--output-dir", str(run)]) == 0
+        scores[case] = json.loads((run / "best.json").read_text())["finetuned"]["top1"]
+    assert scores["three"] >= 0.9 and scores["named"] >= 0.9
+    assert abs(scores["digits"] - scores["named"]) <= 0.1, scores

@@ -175,3 +175,38 @@ def test_processes_killed_and_resumed_end_with_the_weights_of_an_uninterrupted_r
     else:
         assert all(torch.allclose(want[k], got[k], rtol=1e-4, atol=1e-5) for k in want)
         assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in want_rows], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def three_shards_one_cut(tmp_path_factory) -> Path:
+    """Three shards of 1,000 pairs without stats files; the middle one cut in half, as an interrupted copy leaves it."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("cut")
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(buffer, format="JPEG")
+    for s in range(3):
+        with wds.TarWriter(str(folder / f"{s:05d}.tar")) as sink:
+            for i in range(1000):
+                sink.write({"__key__": f"{s}_{i:04d}", "jpg": buffer.getvalue(), "txt": f"a red square {i % 7}"})
+    cut = folder / "00001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    return folder
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_shard_that_ends_inside_a_member_is_counted_and_named(three_shards_one_cut, tmp_path, processes):
+    """Without stats files the counts come from the tar headers: a shard cut inside a member is named on stderr and in
+    every metrics record (whichever process counts), and its whole samples before the cut are trained on."""
+    r = train(str(three_shards_one_cut), tmp_path / "run", "--epochs", "1", "--batch-size", str(64 // processes),
+              "--log-every", "10", "--workers", "0", processes=processes)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "00001.tar is damaged: ends inside a member after" in r.stderr
+    rows = records(tmp_path / "run")
+    assert all(len(row["damaged_shards"]) == 1 and row["damaged_shards"][0].startswith("00001.tar: ends inside a member")
+               for row in rows)
+    whole = int(rows[0]["damaged_shards"][0].split("after ")[1].split()[0])
+    assert 400 < whole < 600 and rows[-1]["samples_seen"] == (2000 + whole) // 64 * 64

@@ -208,10 +208,10 @@ def test_an_image_size_the_vit_cannot_take_is_a_usage_error():
 
 # ---------------------------------------------------------------- learning (examples/digits_simclr, shortened)
 
-# Measured (seed 0, 2-core CPU): after 120 steps the probe reads 94.7% on SimCLR features, 80.2% on the
-# same encoder randomly initialised (raw pixels: 96.7%); 600 steps (the example) give 95.3%.
+# Measured (seed 0, 2-core CPU) with the cross-validated probe on standardised features (mmcontrast.probe): after 120
+# steps the probe reads 95.0% on SimCLR features, 90.0% on the same encoder randomly initialised: half the errors.
 LEARNING_STEPS = 120
-MARGIN = 0.08  # a clear margin, with room for other platforms' float and decode differences
+ERROR_RATIO = 0.7  # SimCLR's errors at most this share of random init's (measured 0.5), room for other platforms
 
 
 def _example(name: str, path: Path):
@@ -230,7 +230,8 @@ def _probe_top1(checkpoint: Path, data: Path) -> float:
     from mmcontrast import evaluate, load
 
     model, preprocess, _ = load(checkpoint)
-    train, test, classes = evaluate.encode_class_folders(model, preprocess, data / "train", data / "test", workers=0)
+    train, test, classes = evaluate.encode_class_folders(model, preprocess, data / "train", data / "test", workers=0,
+                                                         normalize=False)
     result = evaluate.linear_probe(train.features.numpy(), train.labels.numpy(), test.features.numpy(), test.labels.numpy(), classes)
     return result["top1"]
 
@@ -250,7 +251,7 @@ def test_simclr_features_beat_a_random_encoder_on_digits(tmp_path):
 
     simclr, random_init = _probe_top1(run_dir, data), _probe_top1(tmp_path / "random", data)
     print(f"linear probe on 359 held-out digits: SimCLR {simclr:.1%}, random init {random_init:.1%}")
-    assert simclr >= random_init + MARGIN, (simclr, random_init)
+    assert 1 - simclr <= ERROR_RATIO * (1 - random_init), (simclr, random_init)
     # a learning run is never flagged: every record after warm-up says it is not at chance, and nothing is said
     judged = [r for r in metrics(run_dir) if "health/at_chance" in r]
     assert judged and not any(r["health/at_chance"] for r in judged), [(r["step"], r["loss"]) for r in judged]

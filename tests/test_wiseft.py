@@ -85,16 +85,25 @@ def _write(path: Path, cfg: dict) -> Path:
     return path
 
 
-def test_a_sweep_scores_each_alpha_plots_and_writes_the_best(trained_tiny_clip, two_runs, tiny_val_shards, tmp_path, capsys):
+def test_a_sweep_scores_each_alpha_plots_and_writes_the_one_chosen_on_held_out_folders(trained_tiny_clip, two_runs,
+                                                                                       tiny_val_shards, tmp_path, capsys):
     """From a random start (α = 0) to a trained tiny CLIP (α = 1): α = 1 scores what eval zero-shot gives the trained
-    run, α = 0 about chance; the JSON has each α's metrics, the PNG is drawn, and --output-dir gets the best α."""
+    run, α = 0 about chance; the JSON has each α's metrics, the PNG is drawn, and --output-dir gets the α that
+    --choose-on's folders (not the --eval ones) chose. Without --choose-on no α is called best."""
     from mmcontrast.evaluate import zero_shot_top1_top5
 
     zero, _ = two_runs
-    folder = str(trained_tiny_clip.test_dir)
-    args = ["wise-ft", str(zero), str(trained_tiny_clip.run_dir), "--alphas", "0,0.5,1", "--eval", f"zero-shot={folder}",
-            "--eval", f"retrieval={tiny_val_shards}", "--precision", "fp32", "--plot", str(tmp_path / "curve.png"), "--output", str(tmp_path / "sweep.json"),
-            "--output-dir", str(tmp_path / "best")]  # fmt: skip
+    folder, held_out = str(trained_tiny_clip.test_dir), str(trained_tiny_clip.train_dir)
+    sweep = ["wise-ft", str(zero), str(trained_tiny_clip.run_dir), "--alphas", "0,0.5,1", "--eval", f"zero-shot={folder}",
+             "--precision", "fp32"]  # fmt: skip
+    assert cli.main([*sweep, "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--choose-on" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert cli.main([*sweep, "--choose-on", f"zero-shot={folder}"]) == 2  # chosen on the folder it is scored on
+    assert "also an --eval folder" in capsys.readouterr().err
+    assert cli.main([*sweep, "--output", str(tmp_path / "plain.json")]) == 0
+    assert "chosen_alpha" not in json.loads((tmp_path / "plain.json").read_text()) and "held out" not in capsys.readouterr().out
+    args = [*sweep, "--eval", f"retrieval={tiny_val_shards}", "--choose-on", f"zero-shot={held_out}",
+            "--plot", str(tmp_path / "curve.png"), "--output", str(tmp_path / "sweep.json"), "--output-dir", str(tmp_path / "best")]
     assert cli.main(args) == 0
     table = capsys.readouterr().out
     assert "mean zero-shot top-1" in table and len(table.strip().splitlines()) >= 4
@@ -106,4 +115,6 @@ def test_a_sweep_scores_each_alpha_plots_and_writes_the_best(trained_tiny_clip, 
     assert rows[-1]["mean_zero_shot_top1"] > rows[0]["mean_zero_shot_top1"]
     assert 0 <= rows[1][f"retrieval={tiny_val_shards}"]["text_to_image"]["R@5"] <= 1
     assert (tmp_path / "curve.png").stat().st_size > 0
-    assert json.loads((tmp_path / "best" / wiseft.PROVENANCE_FILE).read_text())["alpha"] == result["best_alpha"]
+    chosen = max(rows, key=lambda r: r["choose_on_mean_top1"])["alpha"]
+    assert result["chosen_alpha"] == chosen and result["chosen_on"] == [held_out]
+    assert json.loads((tmp_path / "best" / wiseft.PROVENANCE_FILE).read_text())["alpha"] == chosen
