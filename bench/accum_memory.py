@@ -3,7 +3,7 @@
     python bench/accum_memory.py [--global-batch 1024] [--model mmc-tiny] [--steps 3] [--mode clip|simclr]
 
 Each configuration (batch 1024 K=1, batch 128 K=8, batch 64 K=16) runs in its own process: the tiny
-model, synthetic inputs, AdamW, ``mmcontrast.train.step_gradients`` (the trainer's own step) for one
+model, synthetic inputs, the config's AdamW, ``mmcontrast.train.train_step`` (the trainer's own step) for one
 warm-up step and ``--steps`` timed ones. Step memory is the growth of the process's peak RSS over
 its RSS once model, optimiser state and inputs exist (a 2-sample step creates the optimiser state
 first): activations, gradients and temporaries — what gradient caching changes. The interpreter,
@@ -13,12 +13,14 @@ libraries and optimiser state are the same in every row and would only dilute th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rss_mib() -> float:
@@ -28,44 +30,32 @@ def _rss_mib() -> float:
 
 def worker(batch: int, k: int, model_name: str, steps: int, mode: str) -> dict:
     import torch
+    from accelerate import Accelerator
 
-    from mmcontrast import models
-    from mmcontrast.train import SimclrModel, Task, step_gradients
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from health_cost import synthetic_batch
+
+    from mmcontrast.config import load_config, set_value
+    from mmcontrast.diagnostics import preprocess_geometry
+    from mmcontrast.optim import depths_for, optimizer_for
+    from mmcontrast.tasks import build_task
+    from mmcontrast.train import train_step
 
     torch.manual_seed(0)
-    if mode == "clip":
-        bundle = models.create_clip(model_name)
-        task = Task("clip", bundle.model, None, bundle.tokenizer, "clip", "plain")
-        size = bundle.model.visual.image_size[0]
-        ctx = bundle.model.context_length
+    cfg = load_config(ROOT / "configs" / f"{mode}_tiny_cpu.yaml")
+    set_value(cfg, "model.name", model_name)
+    task = build_task(cfg)
+    task.param_depth = depths_for(task, cfg.optim.layer_decay)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(task.model, optimizer_for(task, cfg.optim))
+    size = preprocess_geometry(task.eval_transform)[0]
+    data = [[synthetic_batch(task, batch, size) for _ in range(k)] for _ in range(steps + 1)]
 
-        def micro_batches():
-            return [{"image": torch.randn(batch, 3, size, size), "text": torch.randint(1, 400, (batch, ctx))} for _ in range(k)]
-    else:
-        spec = models.image_encoder_spec(model_name, {}, False)
-        task = Task("simclr", SimclrModel(models.ImageEncoder(spec), 256, 64), None, None, "nt_xent", temperature=0.2)
-        size = spec["image_size"]
+    def one_step(micro: list[dict]) -> None:  # the trainer's own step: gradients of K micro-batches, then AdamW
+        train_step(accelerator, task, model, optimizer, micro, cfg.optim.grad_clip)
 
-        def micro_batches():
-            return [{"view1": torch.randn(batch, 3, size, size), "view2": torch.randn(batch, 3, size, size)} for _ in range(k)]
-
-    class Single:  # the part of Accelerate that step_gradients uses, one process
-        def backward(self, loss):
-            loss.backward()
-
-        def no_sync(self, model):
-            return contextlib.nullcontext()
-
-    model = task.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    data = [micro_batches() for _ in range(steps + 1)]
-
-    def one_step(micro):
-        opt.zero_grad(set_to_none=True)
-        step_gradients(Single(), task, model, micro)
-        opt.step()
-
-    one_step([{key: v[:2] for key, v in micro_batches()[0].items()}])  # optimiser state, at 2 samples
+    one_step([synthetic_batch(task, 2, size)])  # optimiser state, at 2 samples
     base = _rss_mib()  # model, optimiser state, inputs and interpreter: the same in every row
     one_step(data[0])  # warm-up at full size
     start = time.perf_counter()

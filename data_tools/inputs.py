@@ -20,6 +20,7 @@ nor is a folder the walk is already inside (a symlink loop).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -27,8 +28,9 @@ import os
 import posixpath
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from data_tools.formats import IMAGE_EXTENSIONS, is_image_file
 
@@ -331,3 +333,30 @@ def _relative_inside(root: str, path: str) -> str | None:
     rel = os.path.relpath(path, root) if os.path.isabs(path) else path
     rel = posixpath.normpath(rel.replace(os.sep, "/"))
     return None if rel == ".." or rel.startswith("../") else rel
+
+
+def identical_files(first: Sequence[Path], second: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """Pairs ``(a, b)`` of byte-identical files, ``a`` from ``first`` and ``b`` from ``second`` (the same image in a
+    training and a test folder inflates every score). Only files of equal size are read and hashed."""
+    def sizes(paths: Sequence[Path]) -> dict[int, list[Path]]:
+        out: dict[int, list[Path]] = {}
+        for path in paths:
+            with contextlib.suppress(OSError):
+                out.setdefault(os.path.getsize(path), []).append(Path(path))
+        return out
+
+    def digest(path: Path) -> bytes | None:
+        try:
+            return hashlib.blake2b(path.read_bytes(), digest_size=16).digest()
+        except OSError:
+            return None
+
+    a_sizes, b_sizes = sizes(first), sizes(second)
+    pairs = []
+    for size in a_sizes.keys() & b_sizes.keys():
+        seen = {}
+        for path in a_sizes[size]:
+            seen.setdefault(digest(path), path)
+        seen.pop(None, None)
+        pairs += [(seen[d], path) for path in b_sizes[size] if (d := digest(path)) in seen]
+    return sorted(pairs)

@@ -17,7 +17,7 @@ from mmcontrast.errors import UsageError  # noqa: E402  (tiny, no heavy imports)
 
 def __getattr__(name: str) -> Any:
     if name == "load":
-        from mmcontrast.models import load
+        from mmcontrast.loading import load
 
         return load
     if name == "ZeroShotClassifier":

@@ -22,12 +22,13 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mmcontrast.config import CHECKPOINTS_DIR, LAST_CHECKPOINT, TRAIN_STATE_FILE
+from mmcontrast.config import CHECKPOINTS_DIR, LAST_CHECKPOINT, TRAIN_STATE_FILE, Config
 from mmcontrast.errors import TrainingError, UsageError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,50 @@ MANIFEST_FILE = "manifest.json"
 RNG_FILE = "random_states_{}.pkl"  # Accelerate's name for process i's RNG states
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _HASH_CHUNK = 1 << 24
+
+
+# ---------------------------------------------------------------- where a run stands, and what a resume must keep
+
+
+@dataclass
+class TrainState:
+    """Where the run stands; saved with every checkpoint (``train_state.json``)."""
+
+    step: int = 0
+    epoch: int = 0
+    samples_seen: int = 0  # samples in the batches all processes consumed
+    skipped_samples: int = 0  # samples the loaders of all processes skipped (corrupt, incomplete, lost to damage)
+    nonfinite_steps: int = 0  # steps skipped because the gradient was not finite
+    cpu_threads: int | None = None  # compute threads per process the run chose on the CPU (threads.TrainingThreads)
+    data: list = field(default_factory=list)  # each process's position in the epoch (data.LoaderPosition)
+    identity: dict = field(default_factory=dict)  # what a resume must not change (config.RESUME_IDENTITY, processes, shards)
+
+
+def run_identity(cfg: Config, processes: int, sources) -> dict:
+    """``config.identity`` plus what only the launch knows: the number of processes and the shards (file names,
+    sources and sample counts: a position in the data means these samples)."""
+    import hashlib
+
+    from mmcontrast.config import identity
+
+    listing = "\n".join(f"{os.path.basename(s)} {i} {n}" for s, i, n in zip(sources.shards, sources.source_of, sources.counts))
+    digest = hashlib.sha1(listing.encode()).hexdigest()[:12]
+    return {**identity(cfg), "processes": processes, "data.shards": f"{len(sources.shards)} shards ({digest})"}
+
+
+def refuse_changed_identity(now: dict) -> Callable[[dict], None]:
+    def check(saved_state: dict) -> None:
+        from mmcontrast.config import resume_conflict
+
+        conflict = resume_conflict(saved_state.get("identity", {}), now)
+        if conflict is not None:
+            field_name, saved, current = conflict
+            raise UsageError(
+                f"--resume: {field_name} is {current!r} but the checkpoint was made with {saved!r}; resume with the "
+                "same value (only things like the learning rate, log cadence and --steps may change) or use a new --output-dir"
+            )
+
+    return check
 
 
 def checkpoints_dir(output_dir: Path) -> Path:

@@ -23,7 +23,7 @@ from torch import nn
 from mmcontrast import models
 from mmcontrast.errors import UsageError
 
-CLASSIFIER_KEY = "mmcontrast_classifier"  # marks the model_config.json of a fine-tuned classifier
+CLASSIFIER_KEY = models.CLASSIFIER_KEY  # marks the model_config.json of a fine-tuned classifier
 
 
 class ImageClassifier(nn.Module):
@@ -64,54 +64,12 @@ class ImageClassifier(nn.Module):
 # ---------------------------------------------------------------- starting points
 
 
-def starting_encoder(checkpoint: str, pretrained: str | None = None, image_size: int | None = None) -> tuple[dict, dict]:
-    """(encoder spec, encoder state dict in ``ImageEncoder``'s layout) of any image checkpoint.
-
-    ``checkpoint``: a SimCLR run (or weights file), a CLIP run (its image tower), an open_clip model name with a
-    local ``pretrained`` file, a fine-tuned classifier (its encoder), or ``timm:NAME`` with ``pretrained`` in
-    timm's layout (at ``image_size``, default its pretrained input size).
-    """
-    model, _, _ = models.load(checkpoint, pretrained=pretrained, image_size=image_size)
-    if isinstance(model, ImageClassifier):
-        return model.spec, model.encoder.state_dict()
-    if isinstance(model, models.ImageEncoder):
-        return model.spec, model.state_dict()
-    visual = getattr(model, "visual", None)
-    if visual is None:
-        raise UsageError(f"{checkpoint} has no image tower to fine-tune")
-    if image_size is not None:
-        raise UsageError("--image-size applies to timm:NAME encoders; a CLIP image tower takes its own size")
-    target = Path(checkpoint)
-    config = (target if target.is_dir() else target.parent) / models.MODEL_CONFIG_FILE if target.exists() else checkpoint
-    spec = models.image_encoder_spec(str(config), {}, cifar_stem=False)  # the CLIP config's vision tower alone
-    return spec, {f"backbone.{k}": v for k, v in visual.state_dict().items()}
-
-
 def probe_head(features: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(weight (C, d), bias (C,)) of the linear probe every command fits (``probe.fit_probe``) on raw features, folded
     into a linear layer on raw features: LP-FT's start. Classes absent from ``labels`` get zero rows."""
     from mmcontrast.probe import fit_probe
 
     return fit_probe(features, labels, seed).head(n_classes)
-
-
-def zero_shot_head(checkpoint: str, pretrained: str | None, classes: Sequence[str], templates: str,
-                   feature_norms: float) -> tuple[np.ndarray, np.ndarray]:
-    """(weight, bias) of a head that scores a feature by its cosine with each class name's text embedding (the
-    zero-shot classifier), scaled for raw features of mean norm ``feature_norms``. Needs a CLIP checkpoint."""
-    from mmcontrast.evaluate import prompt_name
-    from mmcontrast.zeroshot import ZeroShotClassifier
-
-    model, _, tokenizer = models.load(checkpoint, pretrained=pretrained)
-    if tokenizer is None or not hasattr(model, "encode_text"):
-        raise UsageError(f"--init zero-shot needs a CLIP checkpoint (a text tower for the class names); {checkpoint} has none: "
-                         "use --init probe")
-    zs = ZeroShotClassifier(model, tokenizer, [prompt_name(c) for c in classes], templates)
-    weight = zs.class_embeddings.cpu().numpy() * zs.logit_scale / max(feature_norms, 1e-12)
-    return weight.astype(np.float32), np.zeros(len(classes), dtype=np.float32)
-
-
-# ---------------------------------------------------------------- files
 
 
 def write_start(path: Path, spec: dict, encoder_state: dict, classes: Sequence[str],

@@ -506,10 +506,10 @@ def make_loader(
             (``augment.SimclrTransform``) runs per image, then per batch in the worker's collate.
         tokenizer: ``list[str] -> LongTensor (n, L)`` (open_clip's tokenizer); None for image-only runs.
         views: transformed copies per image: 1 gives ``"image"``, 2 gives ``"view1"``/``"view2"`` (SimCLR).
-        batch_size, workers: samples per batch (per process); DataLoader worker processes (0: this process).
-        seed, epoch, rank, world_size: the order is a function of these (module docstring).
+        batch_size, workers, seed, epoch, rank, world_size: samples per batch (per process); DataLoader worker
+            processes (0: this process); the order is a function of the last four (module docstring).
         resampled: draw shards with replacement, forever (or for ``batches``), with ``weights`` per shard.
-        shuffle_buffer: the shuffle window in samples (0 or 1: read in order); ``shuffle=False``: no shuffling.
+        shuffle_buffer, shuffle: the shuffle window in samples (0 or 1: read in order); False: no shuffling.
         with_labels: add ``"label"`` (B,) long from each sample's json: with ``classes`` (a run's class list), the
             string ``label``'s place in it; else ``label_index``, an integer ``label``, or a string ``label`` mapped to
             its index among the shards' class names (stats.json's, else sorted).
@@ -522,8 +522,7 @@ def make_loader(
         position: where a resumed run continues (``LoaderPosition`` of the batches it consumed).
         sources: the source index of each shard (``"A::B"``), reported per sample in ``"__sources__"``.
         pin_memory, read_timeout, read_retries, repeat: page-locked batches (CUDA); seconds a remote read may stall;
-            retries of a remote shard that failed mid-read (then its rest is skipped and counted); without counts,
-            go round the shards again and again (an endless epoch).
+            retries of a shard that failed mid-read (its rest is then skipped, counted); repeat: an endless epoch.
 
     Batches: ``{"image" | "view1", "view2": (B, 3, H, W) float, "text": (B, L) long (with a tokenizer),
     "label": (B,) long (with_labels), "__key__": list[str], "__sources__": list[int], "skipped": int,
@@ -536,11 +535,8 @@ def make_loader(
     counts = _known_counts(counts, shards, several_readers=not resampled and world_size * max(workers, 1) > 1,
                            timeout=read_timeout)
     names = list(classes) if classes is not None else class_names(shards) if with_labels else None
-    plan = ReadPlan(
-        tuple(shards), counts,
-        tuple(sources or [0] * len(shards)), tuple(weights) if weights else None, seed, epoch, rank, world_size,
-        max(workers, 1), batch_size, batches, resampled, shuffle, repeat,
-    )
+    plan = ReadPlan(tuple(shards), counts, tuple(sources or [0] * len(shards)), tuple(weights) if weights else None, seed, epoch,
+                    rank, world_size, max(workers, 1), batch_size, batches, resampled, shuffle, repeat)
     decoder = Decoder(image_transform, tokenizer, views, with_labels, {n: i for i, n in enumerate(names)} if names else None,
                       decode_size)
     dataset = ShardStream(plan, decoder, shuffle_buffer=shuffle_buffer, drop_last=drop_last, position=position,

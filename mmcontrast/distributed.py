@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from mmcontrast.errors import UsageError
 
 # torch renamed the single-tensor collectives (the old names warn); older releases have only those.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -289,3 +292,22 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():  # timm's act and drop among them
         out.add_module(name, convert_global_batchnorm(child))
     return out
+
+
+def on_first_process(accelerator, make: Callable[[], object]):
+    """``make()``'s result, computed by the first process and broadcast; a ``UsageError`` it raises is raised on
+    every process (the others would otherwise wait for a result that never comes)."""
+    if accelerator.num_processes == 1:
+        return make()
+    from accelerate.utils import broadcast_object_list
+
+    result: tuple = (None, None)
+    if accelerator.is_main_process:
+        try:
+            result = (make(), None)
+        except UsageError as err:
+            result = (None, str(err))
+    value, error = broadcast_object_list([result])[0]
+    if error is not None:
+        raise UsageError(error)
+    return value

@@ -18,6 +18,8 @@ averages its own shard of each parameter, in place, as timm's ``ModelEmaV3`` ave
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -131,3 +133,33 @@ class WeightEma:
         with torch.no_grad():
             for average, name in zip(self.average, self.names):
                 average.copy_(state[name])
+
+
+# ---------------------------------------------------------------- the glue to the loop
+
+
+def checkpoint_files(ema: WeightEma | None, accelerator, save: bool) -> Callable[[Path], None] | None:
+    """What a checkpoint saves (``save``) or loads beyond Accelerate's own: each process's average, or None without one."""
+    if ema is None:
+        return None
+    method = ema.save if save else ema.load
+    return lambda folder: method(folder, accelerator.process_index)
+
+
+def export(accelerator, task, holding, model, unwrapped, output_dir: Path, ema: WeightEma | None) -> None:
+    """The run's model files (every task's ``export``) (``task.export``); with a moving average, its weights are ``model.safetensors`` and the
+    trained ones ``model_raw.safetensors``. A sharded model's weights are gathered on the first process (every
+    process takes part)."""
+    from mmcontrast.models import WEIGHTS_FILE
+
+    weights = holding.full_weights(model)
+    if accelerator.is_main_process:
+        task.export(unwrapped, output_dir, True, state_dict=weights)
+    if ema is None:
+        return
+    if accelerator.is_main_process:  # every task writes its own layout: the raw export, renamed
+        os.replace(output_dir / WEIGHTS_FILE, output_dir / RAW_WEIGHTS_FILE)
+    with ema.swapped_in():  # written inside: the gathered weights may share storage with the model's (whole tensors)
+        weights = holding.full_weights(model)
+        if accelerator.is_main_process:
+            task.export(unwrapped, output_dir, True, state_dict=weights)

@@ -17,7 +17,6 @@ text. Does not parse arguments or print: the CLI does that. Does not own the pro
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import time
@@ -162,36 +161,6 @@ def class_folders(root: str | Path) -> tuple[list[Path], list[str]]:
     if loose:
         raise UsageError(f"{root} must hold one subfolder per class; {len(loose)} images sit directly in it (e.g. {loose[0].name})")
     return paths, [str(n) for n in names]
-
-
-def identical_files(first: Sequence[Path], second: Sequence[Path]) -> list[tuple[Path, Path]]:
-    """Pairs ``(a, b)`` of byte-identical files, ``a`` from ``first`` and ``b`` from ``second`` (the same image in a
-    training and a test folder inflates every score). Only files of equal size are read and hashed."""
-    import hashlib
-    import os
-
-    def sizes(paths: Sequence[Path]) -> dict[int, list[Path]]:
-        out: dict[int, list[Path]] = {}
-        for path in paths:
-            with contextlib.suppress(OSError):
-                out.setdefault(os.path.getsize(path), []).append(Path(path))
-        return out
-
-    def digest(path: Path) -> bytes | None:
-        try:
-            return hashlib.blake2b(path.read_bytes(), digest_size=16).digest()
-        except OSError:
-            return None
-
-    a_sizes, b_sizes = sizes(first), sizes(second)
-    pairs = []
-    for size in a_sizes.keys() & b_sizes.keys():
-        seen = {}
-        for path in a_sizes[size]:
-            seen.setdefault(digest(path), path)
-        seen.pop(None, None)
-        pairs += [(seen[d], path) for path in b_sizes[size] if (d := digest(path)) in seen]
-    return sorted(pairs)
 
 
 class _ImageFiles(Dataset):
@@ -607,60 +576,3 @@ def knn_top1(encoder: nn.Module, preprocess: Callable, train_dir: str | Path, te
     train, test, classes = encode_class_folders(encoder, preprocess, train_dir, test_dir, workers=workers)
     scores = knn_scores(train.features, train.labels, test.features, len(classes))
     return float((scores.argmax(dim=1) == test.labels).float().mean())
-
-
-@torch.inference_mode()
-def held_out_metrics(model: nn.Module, batches: Iterator[dict], inputs: Callable[[dict], tuple],
-                     loss: Callable[[Sequence[torch.Tensor], torch.Tensor | None], torch.Tensor], block: int,
-                     names: tuple[str, str], n_embeddings: int = 2, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
-    """The training loss and retrieval recall@K between a model's two embeddings of held-out samples.
-
-    ``inputs``/``loss`` are the task's (``mmcontrast.tasks``): the loss is averaged over blocks of ``block``
-    samples (the training global batch, so the number compares with the training loss; a shorter last
-    block is left out unless it is the only one). Recall: ``names[0]`` → ``names[1]`` and back, over all
-    samples, as ``retrieval_recall`` (pairs (i, i)). The model's outputs are ``n_embeddings`` per-sample
-    embeddings, then scalars (logit scale, bias). The loss gathers nothing inside ``distributed.local_only``:
-    every process that calls it computes the same numbers on its own. Inside ``distributed.shared_work`` each
-    process passes the batches of its part of the samples; the outputs are gathered and ordered by sample key, as
-    they are in one process, so the numbers do not depend on how many processes read them.
-    """
-    device = next(model.parameters()).device
-    a, b, scalars, labels = _held_out_outputs(model, batches, inputs, n_embeddings)
-    if a is None:
-        raise UsageError("the validation shards gave no full batch; give more held-out samples or lower the batch size")
-    a, b, scalars = a.to(device), b.to(device), [s.to(device) for s in scalars]
-    starts = range(0, max(1, len(a) - block + 1), block) if len(a) >= block else [0]
-    label = torch.tensor(labels, device=device) if labels else None  # (N,) for a loss on labels (SupCon)
-    losses = [float(loss([a[s : s + block], b[s : s + block], *scalars], None if label is None else label[s : s + block]))
-              for s in starts]
-    a, b = nn.functional.normalize(a, dim=-1), nn.functional.normalize(b, dim=-1)
-    recall = retrieval_recall(a, b, torch.arange(len(a)), ks)
-    out = {"val/loss": float(np.mean(losses)), "val/samples": float(len(a))}
-    for direction, (x, y) in zip(("image_to_text", "text_to_image"), (names, names[::-1])):
-        out.update({f"val/{x}_to_{y}_{k}": v for k, v in recall[direction].items()})
-    return out
-
-
-def _held_out_outputs(model: nn.Module, batches: Iterator[dict], inputs: Callable[[dict], tuple],
-                      n_embeddings: int) -> tuple[torch.Tensor | None, torch.Tensor | None, list, list]:
-    """The model's two embeddings ``(N, d)`` float32 on the CPU, its scalars and the labels of every process's
-    ``batches`` (``distributed.gather_parts``), ordered by sample key; ``(None, None, [], [])`` without samples."""
-    from mmcontrast.distributed import gather_parts
-
-    device = next(model.parameters()).device
-    keys, a, b, labels, scalars = [], [], [], [], []
-    for batch in batches:
-        out = model(*(x.to(device) for x in inputs(batch)))
-        keys.extend(batch["__key__"])
-        a.append(out[0].float().cpu())
-        b.append(out[1].float().cpu())
-        labels.extend(batch["label"].tolist() if "label" in batch else [])
-        scalars = scalars or [s.float().cpu() for s in out[n_embeddings:]]
-    parts = [p for p in gather_parts((keys, a, b, labels, scalars)) if p[0]]
-    if not parts:
-        return None, None, [], []
-    keys = [k for p in parts for k in p[0]]
-    order = sorted(range(len(keys)), key=keys.__getitem__)  # stable: one order however the samples were split
-    a_all, b_all = (torch.cat([t for p in parts for t in p[i]])[order] for i in (1, 2))
-    labels = [label for p in parts for label in p[3]]
-    return a_all, b_all, parts[0][4], [labels[i] for i in order] if labels else []

@@ -106,17 +106,21 @@ def text_prior_probe(text_weights: np.ndarray, logit_scale: float, steps: int = 
 
 
 def curve(split: Split, rule: Rule, shots: Sequence[int], repeats: int, seed: int = 0) -> list[dict]:
-    """``[{"shots": k, "mean", "std", "runs": [...]}]``: test accuracy of ``rule`` fit on ``repeats`` seeded draws
-    of k images per class. The same draws for every feature set (the seed depends on k and the repeat only)."""
+    """``[{"shots": k, "mean", "std", "runs", "recall_mean", "recall_std", "recall_runs"}]``: test accuracy (top-1) and
+    mean per-class recall (what an uneven test set's top-1 hides) of ``rule`` fit on ``repeats`` seeded draws of k
+    images per class. The same draws for every feature set (the seed depends on k and the repeat only)."""
     points = []
+    classes = np.unique(split.test_y)
     for k in shots:
-        accuracies = []
+        accuracies, recalls = [], []
         for r in range(repeats):
             idx = draw(split.train_y, k, seed=seed + 1000 * k + r)
             predicted = rule(split.train_x[idx], split.train_y[idx], split.test_x, seed=r)
             accuracies.append(float((predicted == split.test_y).mean()))
+            recalls.append(float(np.mean([(predicted[split.test_y == c] == c).mean() for c in classes])))
         points.append({"shots": int(k), "mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)),
-                       "runs": accuracies})
+                       "runs": accuracies, "recall_mean": float(np.mean(recalls)), "recall_std": float(np.std(recalls)),
+                       "recall_runs": recalls})
     return points
 
 

@@ -32,6 +32,15 @@ import numpy as np
 
 from mmcontrast.config import Config
 from mmcontrast.errors import UsageError
+from mmcontrast.labelled import (
+    Labelled,
+    class_list,
+    fold_indices,
+    labelled_images,
+    native_size,
+    starting_encoder,
+    zero_shot_head,
+)
 
 UNEVEN = 1.5  # largest class / smallest class above which the loss weighs classes by inverse frequency
 START_DIR, DATA_DIR, CV_DIR = "start", "data", "cv"  # RUN_DIR/start, RUN_DIR/data, RUN_DIR/cv/fold_K
@@ -63,76 +72,6 @@ class Settings:
     folds: int = DEFAULT_FOLDS
     resume: bool = False
     overrides: list[str] = field(default_factory=list)  # --set key=value for every classify run
-
-
-@dataclass
-class Labelled:
-    """The labelled images, their class indices and (once encoded) their frozen features."""
-
-    paths: list[Path]
-    labels: np.ndarray  # (n,) index into the class list
-    features: np.ndarray | None = None  # (n, d) raw encoder output, the probe's input
-
-
-def class_list(found: list[str], given: list[str] | None, folder: str | Path, every_class: bool = True) -> list[str]:
-    """The run's class list: ``given`` (the user's order) or the folder names ``found`` sorted as strings (folders 1, 2,
-    10 are the classes "1", "10", "2"). A folder missing from ``given`` — or, with ``every_class``, a class of it without
-    a folder — is a UsageError naming both lists."""
-    classes = list(given) if given else sorted(found)
-    unknown, absent = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
-    if unknown or (every_class and absent):
-        problem = f"has no folder for {', '.join(absent)}" if not unknown else f"holds class folders {', '.join(unknown)} not in the list"
-        raise UsageError(f"{folder} {problem}: its classes are {', '.join(sorted(found))}; the class list is {', '.join(classes)}")
-    if len(classes) < 2:
-        raise UsageError(f"{folder} holds {len(classes)} class folder(s); a classifier needs at least 2")
-    return classes
-
-
-def _labelled(folder: str | Path, classes: list[str]) -> Labelled:
-    from mmcontrast.evaluate import class_folders
-
-    paths, names = class_folders(folder)
-    return Labelled(list(paths), np.array([classes.index(n) for n in names], dtype=np.int64))
-
-
-def fold_indices(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
-    """Held-out indices of each of ``folds`` stratified folds (seeded); a UsageError when a class has fewer images."""
-    from sklearn.model_selection import StratifiedKFold
-
-    counts = np.bincount(labels)
-    smallest = int(counts[counts > 0].min())
-    if folds > smallest:
-        raise UsageError(f"--folds {folds} needs at least {folds} labelled images per class; the smallest class has "
-                         f"{smallest}: give --folds {max(2, smallest)} or fewer" + ("" if smallest >= 2 else ", or --val DIR"))
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return [held for _, held in splitter.split(np.zeros(len(labels)), labels)]
-
-
-def labelled_encoder(folder: str | Path, checkpoint: str, pretrained: str | None, image_size: int | str | None):
-    """(encoder in eval mode, its spec, the labelled images' paths, their class indices) of class folders and any
-    image checkpoint, at ``image_size`` (``native``: the images' own)."""
-    from mmcontrast.classifier import ImageClassifier, starting_encoder
-    from mmcontrast.evaluate import class_folders
-
-    classes = class_list(sorted(set(class_folders(folder)[1])), None, folder)
-    labelled = _labelled(folder, classes)
-    size = native_size(labelled.paths) if image_size == "native" else image_size
-    spec, state = starting_encoder(checkpoint, pretrained, size)
-    encoder = ImageClassifier(spec, classes).encoder
-    encoder.load_state_dict(state)
-    return encoder.eval(), spec, labelled.paths, labelled.labels
-
-
-def native_size(paths: Sequence[Path]) -> int:
-    """The labelled images' own size: the most common shorter side (``--image-size native``: no resampling for them)."""
-    from PIL import Image
-
-    sides = []
-    for path in paths[:200]:
-        with Image.open(path) as image:
-            sides.append(min(image.size))
-    values, counts = np.unique(sides, return_counts=True)
-    return int(values[counts.argmax()])
 
 
 # ---------------------------------------------------------------- the pieces a run is made of
@@ -198,7 +137,7 @@ def _head(s: Settings, classes: list[str], features: np.ndarray, labels: np.ndar
     if s.init == "probe":
         return clf.probe_head(features, labels, len(classes), s.seed)
     if s.init == "zero-shot":
-        return clf.zero_shot_head(s.checkpoint, s.pretrained, classes, s.templates, float(np.linalg.norm(features, axis=1).mean()))
+        return zero_shot_head(s.checkpoint, s.pretrained, classes, s.templates, float(np.linalg.norm(features, axis=1).mean()))
     return None
 
 
@@ -215,7 +154,7 @@ def _write_start(start: Path, spec: dict, encoder_state: dict, classes: list[str
 
 @dataclass
 class Encoder:
-    """The starting encoder: its spec and weights (``classifier.starting_encoder``)."""
+    """The starting encoder: its spec and weights (``starting_encoder``)."""
 
     spec: dict
     state: dict
@@ -380,15 +319,15 @@ def run(s: Settings, train_fn: Callable[[Config], Path] | None = None) -> Select
         raise UsageError(f"--folds {s.folds}: cross-validation needs at least 2 folds (or give --val DIR)")
     run_dir = check_run_dir(s)
     classes = class_list(sorted(set(class_folders(s.train_dir)[1])), s.classes, s.train_dir)
-    labelled = _labelled(s.train_dir, classes)
+    labelled = labelled_images(s.train_dir, classes)
     if s.image_size == "native":
         s.image_size = native_size(labelled.paths)
-    enc = Encoder(*clf.starting_encoder(s.checkpoint, s.pretrained, s.image_size))
+    enc = Encoder(*starting_encoder(s.checkpoint, s.pretrained, s.image_size))
     labelled.features = _encode(enc, classes, labelled.paths)
     views = _auto_views(s, enc, classes)
     if s.val_dir:
         class_list(sorted(set(class_folders(s.val_dir)[1])), classes, s.val_dir, every_class=False)
-        val = _labelled(s.val_dir, classes)
+        val = labelled_images(s.val_dir, classes)
         val.features = _encode(enc, classes, val.paths)
         probe = fit_probe(labelled.features, labelled.labels, s.seed)
         probe_summary = _summary([_scores(probe.predict(val.features), val.labels, len(classes))])
@@ -413,10 +352,12 @@ def run(s: Settings, train_fn: Callable[[Config], Path] | None = None) -> Select
 def _export_probe(run_dir: Path, enc: Encoder, classes: list[str], head) -> None:
     """The probe as the run's classifier: the starting encoder and the probe's head, in the classifier's files. The
     trainer's own files of a fine-tuning run in the same dir (``--val``: it trained here) are kept beside it, its
-    weights as ``model_finetuned.safetensors``."""
+    weights as ``model_finetuned.safetensors`` (with ``train.ema_decay``, the averaged ones; the raw ones as
+    ``model_finetuned_raw.safetensors``)."""
+    from mmcontrast.ema import RAW_WEIGHTS_FILE
     from mmcontrast.models import WEIGHTS_FILE
 
-    weights = run_dir / WEIGHTS_FILE
-    if weights.is_file():
-        shutil.move(str(weights), str(run_dir / "model_finetuned.safetensors"))
+    for name, kept in ((WEIGHTS_FILE, "model_finetuned.safetensors"), (RAW_WEIGHTS_FILE, "model_finetuned_raw.safetensors")):
+        if (run_dir / name).is_file():
+            shutil.move(str(run_dir / name), str(run_dir / kept))
     _write_start(run_dir, enc.spec, enc.state, classes, head)

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from mmcontrast.errors import UsageError
 
@@ -115,3 +116,43 @@ def check_world(accelerator) -> None:
             f"the launcher started {launched} processes but they formed a group of {accelerator.num_processes}; "
             "launch with `accelerate launch` (add --cpu without GPUs) or `torchrun --nproc-per-node N`"
         )
+
+
+# ---------------------------------------------------------------- the processes' Accelerator
+
+
+def usable_trackers(names: list) -> list:
+    """The configured trackers minus TensorBoard when it is not installed (it is the default)."""
+    from accelerate.utils import is_tensorboard_available
+
+    return [n for n in names if n != "tensorboard" or is_tensorboard_available()]
+
+
+def flat_config(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_config(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def make_accelerator(mixed_precision: str, trackers: list, output_dir: Path, compile_model: bool, dist_timeout_s: float = 1800.0):
+    """Accelerate with the run's precision and trackers; ``compile_model`` compiles the model with torch.compile
+    (inductor), as ``accelerate launch --dynamo_backend inductor`` does for runs started without it. The process
+    group it forms (under any launcher: accelerate launch, torchrun, srun) lets a process wait ``dist_timeout_s`` in a
+    collective before the job fails."""
+    import datetime
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    return Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=dist_timeout_s))],
+        mixed_precision=None if mixed_precision == "no" else mixed_precision,  # None: `accelerate launch --mixed_precision`
+        dynamo_backend="inductor" if compile_model else None,  # None: Accelerate's own (launch --dynamo_backend)
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmcontrast.config import CHECKPOINTS_DIR, LAST_CHECKPOINT
 from mmcontrast.errors import UsageError
 
 WEIGHTS_FILE = "model.safetensors"
@@ -39,11 +38,12 @@ MODEL_CONFIG_FILE = "model_config.json"
 OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 IMAGE_ENCODER_KEY = "mmcontrast_image_encoder"  # marks a model_config.json of a lone image backbone
+CLASSIFIER_KEY = "mmcontrast_classifier"  # marks a fine-tuned classifier's model_config.json (mmcontrast.classifier)
 
 _registered_dir: Path | None = None
 
 
-def _open_clip():
+def open_clip_module():
     import open_clip
 
     global _registered_dir
@@ -54,9 +54,9 @@ def _open_clip():
     return open_clip
 
 
-def _register(name: str, cfg: dict) -> None:
+def register_config(name: str, cfg: dict) -> None:
     """Put ``cfg`` into open_clip's registry under ``name`` (through its public add_model_config)."""
-    oc = _open_clip()
+    oc = open_clip_module()
     path = _registered_dir / f"{name}.json"
     path.write_text(json.dumps(cfg))
     oc.add_model_config(path)
@@ -79,7 +79,7 @@ def _resolve_package_path(name: str) -> str:
     return name
 
 
-def _resolve_paths_in_cfg(cfg: dict) -> dict:
+def resolve_paths_in_cfg(cfg: dict) -> dict:
     cfg = copy.deepcopy(cfg)
     text_cfg = cfg.get("text_cfg", {})
     for key in ("hf_model_name", "hf_tokenizer_name"):
@@ -90,7 +90,7 @@ def _resolve_paths_in_cfg(cfg: dict) -> dict:
 
 def resolve_model(name: str) -> tuple[str, dict]:
     """Name or JSON path → (registry name, open_clip model config). UsageError when unknown."""
-    oc = _open_clip()
+    oc = open_clip_module()
     path = Path(name)
     if name.endswith(".json") or path.is_file():
         if not path.is_file():
@@ -117,9 +117,9 @@ def resolve_model(name: str) -> tuple[str, dict]:
                 "Give a name from open_clip.list_models() or a model-config JSON file."
             )
         key = name
-    resolved = _resolve_paths_in_cfg(cfg)
+    resolved = resolve_paths_in_cfg(cfg)
     if resolved != oc.get_model_config(key):
-        _register(key, resolved)
+        register_config(key, resolved)
     return key, resolved
 
 
@@ -135,7 +135,7 @@ class ClipBundle:
     name: str
 
 
-def _check_pretrained(pretrained: str | None) -> None:
+def check_pretrained(pretrained: str | None) -> None:
     if pretrained and not Path(pretrained).is_file():
         raise UsageError(
             f"pretrained weights {pretrained!r} are not a local file; mmcontrast never downloads weights. "
@@ -150,7 +150,7 @@ def create_clip(name: str, pretrained: str | None = None, aug_cfg: dict | None =
     a ``state_dict`` in a ``.pt``/``.bin``), an mmcontrast run's ``model.safetensors``, or the run dir itself.
     ``model_kwargs`` override top-level fields of the model config (e.g. ``init_logit_scale``).
     """
-    oc = _open_clip()
+    oc = open_clip_module()
     key, cfg = resolve_model(name)
     weights = _pretrained_file(pretrained)
     with _quiet_model_creation(random_init=True):
@@ -170,7 +170,7 @@ def _pretrained_file(pretrained: str | None) -> Path | None:
         return None
     if Path(pretrained).is_dir() and (Path(pretrained) / WEIGHTS_FILE).is_file():
         return Path(pretrained) / WEIGHTS_FILE
-    _check_pretrained(pretrained)
+    check_pretrained(pretrained)
     return Path(pretrained)
 
 
@@ -553,7 +553,7 @@ def load_image_encoder_weights(encoder: ImageEncoder, weights: str | Path) -> No
         raise UsageError(f"{weights} does not match the image encoder {encoder.spec['name']}: {str(err).splitlines()[0][:300]}") from None
 
 
-def _load_image_encoder(spec: dict, weights: Path | None, device: str) -> tuple[nn.Module, Callable, None]:
+def load_image_encoder(spec: dict, weights: Path | None, device: str) -> tuple[nn.Module, Callable, None]:
     encoder = ImageEncoder(spec)
     if weights is not None:
         load_image_encoder_weights(encoder, weights)
@@ -570,72 +570,3 @@ def timm_encoder_spec(name: str, image_size: int | None = None) -> dict:
         cfg = timm.models.get_pretrained_cfg(spec["name"])
         image_size = int((cfg.input_size if cfg is not None else (3, 224, 224))[-1])
     return {**spec, "image_size": int(image_size)}
-
-
-def load(path_or_name: str | Path, pretrained: str | None = None, device: str = "cpu", image_size: int | None = None,
-         random_init: bool = False) -> tuple[nn.Module, Callable, Callable | None]:
-    """Load a model for inference: ``(model, preprocess, tokenizer)``.
-
-    Accepts a run dir (final weights, or ``checkpoints/last`` of a run still training), a weights
-    file with its ``model_config.json`` beside it, an open_clip model name plus a local ``pretrained``
-    file, or ``timm:NAME`` plus a local ``pretrained`` file in timm's state-dict layout (at ``image_size``,
-    default the model's pretrained input size). Image-only (SimCLR) encoders come back with ``tokenizer=None``.
-    ``random_init``: the same architecture and preprocessing with freshly initialised weights (a baseline).
-
-    Example:
-        >>> model, preprocess, tokenizer = load("runs/x")  # doctest: +SKIP
-    """
-    oc = _open_clip()
-    if str(path_or_name).startswith("timm:"):
-        if not pretrained and not random_init:
-            raise UsageError(f"{path_or_name} needs its weights: --pretrained LOCAL_FILE (timm's state-dict layout; nothing is downloaded)")
-        if pretrained:
-            _check_pretrained(pretrained)
-        return _load_image_encoder(timm_encoder_spec(str(path_or_name), image_size), None if random_init else Path(pretrained), device)
-    target = Path(path_or_name)
-    if target.is_dir():
-        weights = target / WEIGHTS_FILE
-        in_training = target / CHECKPOINTS_DIR / LAST_CHECKPOINT / WEIGHTS_FILE
-        if not weights.is_file() and in_training.is_file():
-            weights = in_training
-        config_file = target / MODEL_CONFIG_FILE
-    elif target.is_file():
-        weights, config_file = target, target.parent / MODEL_CONFIG_FILE
-    elif str(path_or_name).endswith((".safetensors", ".pt", ".pth", ".bin")) or "/" in str(path_or_name):
-        raise UsageError(f"checkpoint {path_or_name} does not exist")
-    else:
-        bundle = create_clip(str(path_or_name), None if random_init else pretrained)
-        return bundle.model.to(device).eval(), bundle.preprocess_val, bundle.tokenizer
-
-    if not config_file.is_file() or not weights.is_file():
-        raise UsageError(
-            f"{path_or_name} is not a checkpoint: expected {WEIGHTS_FILE} and {MODEL_CONFIG_FILE} "
-            "(a run dir of mmcontrast.train, or a weights file with its model_config.json beside it)"
-        )
-    try:
-        cfg = json.loads(config_file.read_text())
-    except json.JSONDecodeError:
-        raise UsageError(f"{config_file} is not valid JSON") from None
-    if IMAGE_ENCODER_KEY in cfg:
-        return _load_image_encoder(cfg[IMAGE_ENCODER_KEY], None if random_init else weights, device)
-    from mmcontrast.classifier import CLASSIFIER_KEY, load_classifier
-
-    if CLASSIFIER_KEY in cfg:
-        return load_classifier(cfg, None if random_init else weights, device)
-    if target.is_dir() and (target / OPEN_CLIP_CONFIG_FILE).is_file() and weights.parent == target and not random_init:
-        try:
-            model, _, preprocess = oc.create_model_and_transforms(f"local-dir:{target}", weights_only=True)
-        except (RuntimeError, ValueError) as err:
-            raise UsageError(f"{target} does not load as an open_clip model: {str(err).splitlines()[0][:300]}") from None
-        return model.to(device).eval(), preprocess, oc.get_tokenizer(f"local-dir:{target}")
-    key = f"mmcontrast-{abs(hash(str(config_file.resolve())))}"
-    _register(key, _resolve_paths_in_cfg(cfg.get("model_cfg", cfg)))
-    model, _, preprocess = oc.create_model_and_transforms(key)
-    if not random_init:
-        state = load_weights_file(weights)
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise UsageError(f"{weights} does not match {config_file}: {str(err).splitlines()[0][:300]}") from None
-    return model.to(device).eval(), preprocess, oc.get_tokenizer(key)

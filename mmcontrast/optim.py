@@ -120,6 +120,23 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def depths_for(task, layer_decay: float) -> Callable[[str], int] | None:
+    """Parameter name -> depth below its tower's top (``models.layer_depths``) when ``optim.layer_decay`` is on, else
+    None; read off the model before it is sharded."""
+    if layer_decay == 1.0:
+        return None
+    from mmcontrast.models import layer_depths
+
+    return layer_depths(task.model, task.param_kind).__getitem__
+
+
+def optimizer_for(task, o) -> torch.optim.Optimizer:
+    """The optimizer the run's config (``o``: ``config.OptimConfig``) asks for over ``task.model``, with the task's
+    kinds of parameter and their depths (``task.param_depth``, from ``depths_for``)."""
+    return build_optimizer(task.model, o.name, o.lr, o.weight_decay, o.betas, o.eps, o.momentum, o.lr_scale, task.param_kind,
+                           o.layer_decay, task.param_depth)
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: list, eps: float, momentum: float,
                     lr_scale: dict | None = None, kind_of: Callable[[str], str] | None = None, layer_decay: float = 1.0,
                     depth_of: Callable[[str], int] | None = None):

@@ -90,7 +90,7 @@ def measure_views(encoder, spec: dict, paths: Sequence[Path], labels: np.ndarray
     import torch
 
     from mmcontrast.evaluate import encode_images
-    from mmcontrast.finetune import fold_indices
+    from mmcontrast.labelled import fold_indices
     from mmcontrast.models import image_eval_transform
     from mmcontrast.probe import cross_validation_folds, fit_probe
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmcontrast import models
+from mmcontrast import loading, models
 from mmcontrast.errors import UsageError
 
 PROVENANCE_FILE = "wise_ft.json"  # in an interpolated run dir: the endpoints and α it was made from
@@ -55,12 +55,12 @@ def _model_cfg(spec: str) -> dict:
 def load_endpoints(zero_shot: str, finetuned: str, pretrained: str | None = None, device: str = "cpu") -> Endpoints:
     """Read both ends (``pretrained``: the zero-shot end's weights when it is an open_clip model name) and check that
     they are one CLIP architecture; a UsageError names the first tensor that differs."""
-    model, preprocess, tokenizer = models.load(finetuned, device=device)
+    model, preprocess, tokenizer = loading.load(finetuned, device=device)
     if tokenizer is None or not hasattr(model, "encode_text"):
         raise UsageError(f"{finetuned} is not a CLIP model (image and text towers); wise-ft interpolates CLIP runs")
     if not Path(zero_shot).exists() and not pretrained:
         raise UsageError(f"{zero_shot} is an open_clip model name: give its weights with --pretrained LOCAL_FILE")
-    start = models.load(zero_shot, pretrained=pretrained)[0]
+    start = loading.load(zero_shot, pretrained=pretrained)[0]
     # copies: the model's own tensors are overwritten with each interpolant
     ends = [{k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()} for m in (start, model)]
     difference = models.first_difference(ends[0], ends[1], names=(zero_shot, finetuned))

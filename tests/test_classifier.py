@@ -98,7 +98,7 @@ def test_finetune_chooses_by_cross_validation_and_writes_a_run_every_command_loa
     rows = [json.loads(line) for line in (run / "cv" / "fold_0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all("eval/val_top1" in r and 0 < r["mean_confidence"] <= 1 for r in rows)
     assert best["finetuned"]["folds"][0]["top1"] == rows[-1]["eval/val_top1"]  # the last epoch: none is picked
-    model, _, tokenizer = load(run)
+    model, _, tokenizer = load(run)  # the stale best.safetensors was neither exported nor read
     assert isinstance(model, clf.ImageClassifier) and tokenizer is None
     if best["choice"] == "probe":  # the exported head is the probe on every labelled image's frozen features
         from mmcontrast.evaluate import class_folders, encode_images
@@ -109,6 +109,25 @@ def test_finetune_chooses_by_cross_validation_and_writes_a_run_every_command_loa
         with torch.no_grad():
             head = model.head(torch.from_numpy(x)).argmax(dim=1).numpy()
         assert np.array_equal(head, fit_probe(x, y).predict(x))
+
+
+def test_with_a_moving_average_the_raw_and_averaged_weights_are_both_kept_and_differ(trained_tiny_clip, tmp_path):
+    """train.ema_decay in classify mode: the averaged weights are the run's model, the trained ones lie beside them
+    (model_raw), both the last epoch's — whichever classifier --val chose (the probe's export keeps them renamed)."""
+    from safetensors.torch import load_file
+
+    from mmcontrast.finetune import SELECTION_FILE
+
+    run = tmp_path / "run"
+    assert main(["finetune", "--train", str(trained_tiny_clip.train_dir), "--val", str(trained_tiny_clip.test_dir),
+                 "--checkpoint", str(trained_tiny_clip.run_dir), "--output-dir", str(run), "--epochs", "2", "--batch-size", "16",
+                 "--workers", "0", "--set", "train.ema_decay=0.5"]) == 0
+    tuned = json.loads((run / SELECTION_FILE).read_text())["choice"] == "finetuned"
+    averaged, raw = ("model.safetensors", "model_raw.safetensors") if tuned else \
+        ("model_finetuned.safetensors", "model_finetuned_raw.safetensors")
+    averaged, raw = load_file(str(run / averaged)), load_file(str(run / raw))
+    assert averaged.keys() == raw.keys() and any(not torch.equal(averaged[k], raw[k]) for k in raw)
+    assert not (run / "best.safetensors").exists()
 
 
 def _bars(root: Path, per_class: int, seed: int) -> Path:

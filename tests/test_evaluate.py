@@ -17,7 +17,7 @@ from torch import nn
 
 from mmcontrast import UsageError, cli
 from mmcontrast import evaluate as ev
-from mmcontrast.models import load
+from mmcontrast.loading import load
 from mmcontrast.plots import confusion_matrix_png
 from mmcontrast.probe import PROBE_CS
 from mmcontrast.zeroshot import ZeroShotClassifier

@@ -116,3 +116,62 @@ def test_few_shot_bad_inputs_are_one_line_and_exit_2(trained_tiny_clip, tmp_path
     assert main(["eval", "few-shot", "--train", str(trained_tiny_clip.train_dir), "--test", str(trained_tiny_clip.test_dir),
                  "--checkpoint", "timm:resnet18", "--quiet"]) == 2
     assert "needs its weights: --pretrained" in capsys.readouterr().err
+
+
+def _noisy_levels(root, per_class: int, seed: int):
+    """Two classes of grey images whose levels overlap (each image's level drawn around its class's): a probe is right
+    on some, wrong on others."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for level, name in ((100, "darker"), (110, "lighter")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.normal(rng.normal(level, 8), 20, (32, 32, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_linear_probe_few_shot_and_finetunes_probe_score_the_same_draw_alike(tmp_path):
+    """One probe everywhere (mmcontrast.probe): on the same labelled images and features, `eval linear-probe`,
+    `eval few-shot` with every image of the draw and the probe `finetune` weighs against fine-tuning give one number."""
+    import torch
+
+    from mmcontrast import classifier as clf
+
+    torch.manual_seed(0)
+    weights = tmp_path / "random.pt"
+    torch.save(clf.models.ImageEncoder(clf.models.timm_encoder_spec("timm:resnet10t", 32)).backbone.state_dict(), weights)
+    train, test = _noisy_levels(tmp_path / "train", 20, 0), _noisy_levels(tmp_path / "test", 30, 1)
+    model = ["--checkpoint", "timm:resnet10t", "--pretrained", str(weights), "--image-size", "32", "--workers", "0"]
+    exact = ["--precision", "fp32"]  # finetune encodes in float32; bf16 features (auto, on CPUs that have it) differ
+    assert main(["eval", "linear-probe", *model, *exact, "--train", str(train), "--test", str(test), "--output", str(tmp_path / "lp.json")]) == 0
+    assert main(["eval", "few-shot", *model, *exact, "--train", str(train), "--test", str(test), "--shots", "20", "--repeats", "1",
+                 "--baselines", "none", "--output", str(tmp_path / "fs.json")]) == 0
+    assert main(["finetune", *model, "--train", str(train), "--val", str(test), "--epochs", "1", "--batch-size", "8",
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    linear = json.loads((tmp_path / "lp.json").read_text())
+    few = json.loads((tmp_path / "fs.json").read_text())["curves"]["checkpoint"][0]
+    weighed = json.loads((tmp_path / "run" / "best.json").read_text())["probe"]
+    assert 0.55 < linear["top1"] < 0.95, linear["top1"]  # neither chance nor perfect: agreement means something
+    assert few["mean"] == pytest.approx(linear["top1"]) and weighed["top1"] == pytest.approx(linear["top1"])
+    assert few["recall_mean"] == pytest.approx(linear["mean_per_class_recall"])
+
+
+def test_test_images_that_are_training_images_are_counted_and_warned(tmp_path, capsys):
+    """The same file in --train and --test inflates every score: counted in the JSON, said once on stderr."""
+    import torch
+
+    from mmcontrast import classifier as clf
+
+    torch.manual_seed(0)
+    weights = tmp_path / "random.pt"
+    torch.save(clf.models.ImageEncoder(clf.models.timm_encoder_spec("timm:resnet10t", 32)).backbone.state_dict(), weights)
+    train, test = _noisy_levels(tmp_path / "train", 6, 0), _noisy_levels(tmp_path / "test", 6, 1)
+    shutil.copy(train / "darker" / "000.png", test / "darker" / "copy.png")
+    shutil.copy(train / "lighter" / "001.png", test / "darker" / "renamed.png")  # its bytes, not its name or folder
+    model = ["--checkpoint", "timm:resnet10t", "--pretrained", str(weights), "--image-size", "32", "--workers", "0"]
+    assert main(["eval", "linear-probe", *model, "--train", str(train), "--test", str(test), "--output", str(tmp_path / "lp.json")]) == 0
+    assert json.loads((tmp_path / "lp.json").read_text())["train_test_identical"] == 2
+    err = capsys.readouterr().err
+    assert "warning: 2 image(s) of --test are byte-identical to images of --train" in err

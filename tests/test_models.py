@@ -10,7 +10,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from mmcontrast import models
+from mmcontrast import loading, models
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_a_checkpoint_of_a_ddp_wrapped_model_loads_as_the_run_dir(one_process_gr
     last.mkdir(parents=True)
     save_file(state, str(last / models.WEIGHTS_FILE))  # what Accelerate's save_state writes for a DDP model on GPUs
 
-    loaded, _, tokenizer = models.load(run)  # a run still training: checkpoints/last
+    loaded, _, tokenizer = loading.load(run)  # a run still training: checkpoints/last
     images, text = torch.randn(2, 3, 32, 32), tokenizer(["a red circle", "a blue square"])
     bundle.model.eval()
     with torch.no_grad():

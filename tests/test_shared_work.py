@@ -89,7 +89,8 @@ def measure(root: Path) -> dict:
     """Everything the ranks share, computed by whoever calls it (every rank inside shared_work, or one process)."""
     from mmcontrast.diagnostics import batch_health
     from mmcontrast.distributed import local_only, work_share
-    from mmcontrast.evaluate import encode_images, held_out_metrics, knn_top1
+    from mmcontrast.evaluate import encode_images, knn_top1
+    from mmcontrast.heldout import held_out_metrics
 
     train_dir, test_dir = root / "train", root / "test"
     encoder = MeanColour()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmcontrast import cli, models, wiseft
+from mmcontrast import cli, loading, models, wiseft
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_one_alpha_is_a_run_dir_open_clip_and_every_command_load(two_runs, tmp_p
     assert mid["logit_scale"] == pytest.approx(2.5)
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'mid'}", weights_only=True)
     assert torch.equal(model.state_dict()["visual.proj"], mid["visual.proj"])
-    assert models.load(tmp_path / "mid")[2] is not None  # mmcontrast commands: a CLIP run with its tokenizer
+    assert loading.load(tmp_path / "mid")[2] is not None  # mmcontrast commands: a CLIP run with its tokenizer
     assert json.loads((tmp_path / "mid" / wiseft.PROVENANCE_FILE).read_text())["alpha"] == 0.5
 
 
@@ -110,7 +110,7 @@ def test_a_sweep_scores_each_alpha_plots_and_writes_the_one_chosen_on_held_out_f
     result = json.loads((tmp_path / "sweep.json").read_text())
     rows = result["results"]
     assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0]
-    model, preprocess, tokenizer = models.load(trained_tiny_clip.run_dir)
+    model, preprocess, tokenizer = loading.load(trained_tiny_clip.run_dir)
     assert rows[-1][f"zero-shot={folder}"]["top1"] == pytest.approx(zero_shot_top1_top5(model, tokenizer, preprocess, folder)["top1"])
     assert rows[-1]["mean_zero_shot_top1"] > rows[0]["mean_zero_shot_top1"]
     assert 0 <= rows[1][f"retrieval={tiny_val_shards}"]["text_to_image"]["R@5"] <= 1

@@ -8,7 +8,7 @@ import torch
 
 from mmcontrast import UsageError
 from mmcontrast.evaluate import discover_images, folder_names, match_labels, prompt_name
-from mmcontrast.models import load
+from mmcontrast.loading import load
 from mmcontrast.zeroshot import (
     DEFAULT_TEMPLATES,
     OPENAI_TEMPLATES,

@@ -67,7 +67,7 @@ def load_for_eval(args: argparse.Namespace, options: dict | None = None):
     from pathlib import Path
 
     from mmcontrast.evaluate import encoders_in_precision, resolve_device
-    from mmcontrast.models import load
+    from mmcontrast.loading import load
 
     device = resolve_device(args.device)
     if args.image_size is not None and (args.image_size < 8 or not args.checkpoint.startswith("timm:")):
@@ -97,7 +97,8 @@ def warn_overlap(first: str, second: str, flags: tuple[str, str]) -> int:
     """Count the images of ``second`` that are byte-identical to one of ``first`` (the same image in training and held-out
     folders inflates every score), and say so on stderr when there are any. Both must be class folders (one line and
     exit 2 otherwise, before any warning)."""
-    from mmcontrast.evaluate import class_folders, identical_files
+    from data_tools.inputs import identical_files
+    from mmcontrast.evaluate import class_folders
 
     pairs = identical_files(class_folders(first)[0], class_folders(second)[0])
     if pairs:

@@ -144,7 +144,7 @@ def _eval_few_shot(args: argparse.Namespace) -> int:
         if not random_init:
             return loaded
         from mmcontrast.evaluate import encoders_in_precision
-        from mmcontrast.models import load as load_model
+        from mmcontrast.loading import load as load_model
 
         baseline = load_model(args.checkpoint, pretrained=args.pretrained, device=str(next(loaded[0].parameters()).device),
                               image_size=args.image_size, random_init=True)

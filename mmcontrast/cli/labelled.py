@@ -146,7 +146,7 @@ def _views(args: argparse.Namespace) -> int:
     if args.copies < 1:
         raise UsageError("--copies must be at least 1")
     from mmcontrast import views
-    from mmcontrast.finetune import labelled_encoder
+    from mmcontrast.labelled import labelled_encoder
 
     encoder, spec, paths, labels = labelled_encoder(args.train, args.checkpoint, args.pretrained, image_size(args.image_size))
     result = views.measure_views(encoder, spec, paths, labels, copies=args.copies, seed=args.seed)
