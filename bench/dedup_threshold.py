@@ -4,9 +4,9 @@ A third of the originals get one copy each, resized, recompressed or cropped in 
 collection is indexed (exact), ``dedup.find_duplicates`` groups it at each threshold, and pairs are scored with
 ``dedup.pair_precision_recall`` (a found pair is right when both are the same original or its copy).
 
-Without ``--checkpoint`` the encoder is the copy detector of tests/test_search.py: mmc-tiny's image tower trained
-for 80 steps with NT-Xent to match two planted copies of each of 256 generated pictures (the SSCD recipe, Pizzi et
-al. 2022, in miniature), measured on three other collections of 150 pictures (``--seeds``). The first row of each
+Without ``--checkpoint`` the encoder is the copy detector of tests/test_search.py: ``configs/copy_detector_cpu.yaml``,
+mmc-tiny's image tower trained by the trainer for 80 steps with NT-Xent to match two copies of each of 256 generated
+pictures (``data.augment.preset=copies``: the SSCD recipe, Pizzi et al. 2022, in miniature), measured on three other collections of 150 pictures (``--seeds``). The first row of each
 is the threshold ``dedup`` calibrates by default (``--threshold auto``: ``dedup.calibrate_threshold``). With ``--checkpoint C`` (and ``--images DIR`` of distinct
 images) it measures your own model on your own images: the threshold that suits a checkpoint depends on it.
 
@@ -27,6 +27,8 @@ import numpy as np
 
 from mmcontrast import cli, dedup, search
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def picture(rng: np.random.Generator, size: int = 64):
     """A distinct picture: a random 6 x 6 grid of colours, smoothly interpolated (tests/test_search.py uses it too)."""
@@ -36,32 +38,22 @@ def picture(rng: np.random.Generator, size: int = 64):
 
 
 def train_copy_detector(out: Path, steps: int = 80) -> Path:
-    import torch
+    """The trainer on ``configs/copy_detector_cpu.yaml`` over 256 generated pictures (image-only shards): an image-only
+    run dir (tests/test_search.py trains the same one)."""
+    import subprocess
 
-    from mmcontrast.losses import nt_xent_loss
-    from mmcontrast.models import (
-        ImageEncoder,
-        image_encoder_spec,
-        image_eval_transform,
-        save_image_encoder_files,
-    )
+    from data_tools import make_shards
 
-    torch.manual_seed(0)
     rng = np.random.default_rng(1)
-    encoder = ImageEncoder(image_encoder_spec("mmc-tiny", {}, cifar_stem=False))
-    preprocess = image_eval_transform(encoder.spec)
-    scenes = [picture(rng) for _ in range(256)]
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=2e-3)
-    for _ in range(steps):
-        chosen = rng.choice(len(scenes), 64, replace=False)
-        views = [torch.stack([preprocess(dedup.plant_copy(scenes[i], dedup.COPY_KINDS[rng.integers(3)], rng)) for i in chosen])
-                 for _ in range(2)]
-        loss = nt_xent_loss(encoder.encode_image(views[0]), encoder.encode_image(views[1]), temperature=0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    save_image_encoder_files(encoder.eval(), out)
-    return out
+    (out / "pictures").mkdir(parents=True, exist_ok=True)
+    for i in range(256):
+        picture(rng).save(out / "pictures" / f"{i:03d}.png")
+    if make_shards.main([str(out / "pictures"), str(out / "shards"), "--layout", "images", "--workers", "1"]) != 0:
+        raise SystemExit("could not write the copy detector's shards")
+    subprocess.run([sys.executable, "-m", "mmcontrast.train", "--config", str(ROOT / "configs" / "copy_detector_cpu.yaml"),
+                    "--train-shards", str(out / "shards"), "--output-dir", str(out / "run"), "--steps", str(steps), "--seed", "0"],
+                   check=True)
+    return out / "run"
 
 
 def plant_collection(folder: Path, originals: list, seed: int = 0) -> dict[str, str]:

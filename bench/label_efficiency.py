@@ -9,6 +9,8 @@ Rows (``--rows``, comma-separated; default every row but ``ceiling-finetune``), 
 
 * ``baselines``: ``mmcontrast eval few-shot`` on each draw (all its images: ``--shots N --repeats 1``): raw pixels,
   the architecture at random init, the frozen ImageNet features under the logistic probe and nearest class mean;
+* ``native-max``: the frozen features at the images' own size with global max pooling instead of the average
+  (``eval few-shot --image-size N --pool max``): a small defect's response is not averaged away;
 * ``finetune``: ``mmcontrast finetune`` with its defaults on each draw (it cross-validates the frozen probe against
   fine-tuning and keeps the better), then ``mmcontrast eval classifier``;
 * ``simclr``: ``configs/simclr_imagenet_cpu.yaml`` continued on ``DATA/unlabelled`` (``make_shards --layout images``
@@ -18,7 +20,7 @@ Rows (``--rows``, comma-separated; default every row but ``ceiling-finetune``), 
 
 Features are computed in float32 everywhere (``--precision fp32``: the probe `finetune` weighs is fitted on float32
 features, and bf16 features move a 100-image probe by points). Every command's wall time is recorded. Writes ``OUT/label_efficiency.json`` and ``OUT/label_efficiency.png`` and
-prints a Markdown table with the majority class's share of the test set (what guessing one class scores) and the
+prints a Markdown table (``--report``: of what is finished, running nothing) with the majority class's share of the test set (what guessing one class scores) and the
 published reference given with ``--reference``. Runs already finished in ``--workdir`` are read, not run again.
 """
 
@@ -33,14 +35,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("baselines", "finetune", "simclr", "ceiling-probe", "ceiling-finetune")
-DEFAULT_ROWS = ("baselines", "finetune", "simclr", "ceiling-probe")
+ROWS = ("baselines", "native-max", "finetune", "simclr", "ceiling-probe", "ceiling-finetune")
+DEFAULT_ROWS = ("baselines", "native-max", "finetune", "simclr", "ceiling-probe")
 CHECKPOINT = "timm:efficientnet_lite0"
 NAMES = {  # result key -> the table's row
     "pixels": "raw pixels, logistic probe",
     "random_init": "Lite0 at random init, logistic probe",
     "checkpoint_ncm": "frozen ImageNet Lite0, nearest class mean",
     "checkpoint": "frozen ImageNet Lite0, logistic probe",
+    "native_max_probe": "the same at the images' own size, max pooling (`--image-size N --pool max`)",
     "finetune": "`finetune`, defaults (CV: probe or fine-tuned)",
     "simclr_probe": "continued SimCLR on unlabelled, then the probe",
     "simclr_finetune": "continued SimCLR on unlabelled, then `finetune`",
@@ -64,10 +67,16 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def _cached(result: Path, cmd: list[str], log: Path) -> tuple[dict, float]:
-    """``cmd``'s JSON output at ``result`` and its wall time, running it only when ``result`` is not there yet."""
+REPORT_ONLY = False  # --report: the table of what is finished, nothing run
+
+
+def _cached(result: Path, cmd: list[str], log: Path) -> tuple[dict | None, float]:
+    """``cmd``'s JSON output at ``result`` and its wall time, running it only when ``result`` is not there yet (with
+    ``--report``, None instead)."""
     timing = result.with_suffix(".seconds")
     if not result.is_file():
+        if REPORT_ONLY:
+            return None, float("nan")
         timing.write_text(str(_run(cmd, log)))
     return json.loads(result.read_text()), float(timing.read_text()) if timing.is_file() else float("nan")
 
@@ -99,6 +108,8 @@ def few_shot(table: Table, checkpoint: list[str], draw: Path, test: Path, work: 
     cmd = _mmcontrast("eval", "few-shot", *checkpoint, "--train", str(draw), "--test", str(test), "--shots", str(per_class),
                       "--repeats", "1", "--baselines", baselines, "--precision", "fp32", "--output", str(out))
     result, seconds = _cached(out, cmd, out.with_suffix(".log"))
+    if result is None:
+        return
     rows = {"checkpoint": f"{prefix}probe"} if prefix else {k: k for k in ("pixels", "random_init", "checkpoint_ncm", "checkpoint")}
     for name, row in rows.items():
         point = result["curves"][name][-1]
@@ -112,6 +123,8 @@ def finetune(table: Table, key: str, checkpoint: list[str], train: Path, test: P
                       *(["--resume"] if (run / "data").exists() and not (run / "best.json").is_file() else []))
     timing = run.with_suffix(".seconds")
     if not (run / "best.json").is_file():
+        if REPORT_ONLY:
+            return
         run.parent.mkdir(parents=True, exist_ok=True)
         timing.write_text(str(_run(cmd, run.with_suffix(".log"))))
     scored = work / f"{key}_{train.name}_test.json"
@@ -153,7 +166,8 @@ def plot(summary: dict, path: Path, majority: float, reference: float | None) ->
     ax.set_yticks(list(y), [NAMES.get(k, k).replace("`", "") for k in keys])
     ax.invert_yaxis()
     ax.set_xlabel("% on the test set (mean ± std over the draws)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(40, 100)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / len(keys)), ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -164,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", required=True, help="ImageNet EfficientNet-Lite0 in timm's layout (.safetensors)")
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"any of {', '.join(ROWS)}")
     p.add_argument("--workdir", type=Path, default=Path("bench/out/label_efficiency"))
+    p.add_argument("--report", action="store_true", help="only the table of the runs already finished in --workdir")
     p.add_argument("--reference", type=float, default=88.4, help="a published figure with every label, in %% (ELPV: 88.4)")
     args = p.parse_args(argv)
+    global REPORT_ONLY
+    REPORT_ONLY = args.report
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if unknown := sorted(set(rows) - set(ROWS)):
         p.error(f"--rows: unknown {', '.join(unknown)}")
@@ -176,23 +193,30 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     imagenet = ["--checkpoint", CHECKPOINT, "--pretrained", args.weights]
     table = Table()
-    for draw in draws:
-        if "baselines" in rows:
-            few_shot(table, imagenet, draw, test, work, baselines="pixels,random-init")
-        if "finetune" in rows:
-            finetune(table, "finetune", imagenet, draw, test, work)
+    for draw in draws if "baselines" in rows else []:  # the cheap rows first: minutes, where fine-tuning takes an hour
+        few_shot(table, imagenet, draw, test, work, baselines="pixels,random-init")
+    if "native-max" in rows:
+        from PIL import Image
+
+        with Image.open(next(p for p in sorted(test.rglob("*")) if p.is_file())) as image:
+            native = ["--image-size", str(min(image.size)), "--pool", "max"]
+        for draw in draws:
+            few_shot(table, imagenet + native, draw, test, work, prefix="native_max_")
+    if "ceiling-probe" in rows:
+        out = work / "ceiling_probe.json"
+        cmd = _mmcontrast("eval", "linear-probe", *imagenet, "--train", str(args.data / "pool"), "--test", str(test),
+                          "--precision", "fp32", "--output", str(out))
+        result, seconds = _cached(out, cmd, out.with_suffix(".log"))
+        if result is not None:
+            table.add("ceiling_probe", result["top1"], result["mean_per_class_recall"], seconds, cmd)
+    for draw in draws if "finetune" in rows else []:
+        finetune(table, "finetune", imagenet, draw, test, work)
     if "simclr" in rows:
         run, seconds = continued_simclr(args.data, args.weights, work)
         for draw in draws:
             few_shot(table, ["--checkpoint", str(run)], draw, test, work, prefix="simclr_")
             finetune(table, "simclr_finetune", ["--checkpoint", str(run)], draw, test, work)
         print(f"continued SimCLR on the unlabelled images: {seconds / 60:.1f} min", file=sys.stderr)
-    if "ceiling-probe" in rows:
-        out = work / "ceiling_probe.json"
-        cmd = _mmcontrast("eval", "linear-probe", *imagenet, "--train", str(args.data / "pool"), "--test", str(test),
-                          "--precision", "fp32", "--output", str(out))
-        result, seconds = _cached(out, cmd, out.with_suffix(".log"))
-        table.add("ceiling_probe", result["top1"], result["mean_per_class_recall"], seconds, cmd)
     if "ceiling-finetune" in rows:
         finetune(table, "ceiling_finetune", imagenet, args.data / "pool", test, work)
     counts = {d.name: len(list(d.iterdir())) for d in test.iterdir() if d.is_dir()}
@@ -202,12 +226,12 @@ def main(argv: list[str] | None = None) -> int:
                                                             "test_counts": counts, "majority": majority,
                                                             "reference": args.reference, "rows": summary}, indent=2))
     plot(summary, work / "label_efficiency.png", majority, args.reference)
-    print(f"\n| what ({len(draws)} draws, {sum(counts.values())} test images) | top-1 | mean per-class recall | wall time |")
-    print("|---|---:|---:|---:|")
+    print(f"\n| what ({sum(counts.values())} test images) | draws | top-1 | mean per-class recall | wall time |")
+    print("|---|---:|---:|---:|---:|")
     for key, row in summary.items():
-        print(f"| {NAMES.get(key, key)} | {100 * row['top1_mean']:.1f}% ± {100 * row['top1_std']:.1f} | "
+        print(f"| {NAMES.get(key, key)} | {len(row['top1'])} | {100 * row['top1_mean']:.1f}% ± {100 * row['top1_std']:.1f} | "
               f"{100 * row['recall_mean']:.1f}% ± {100 * row['recall_std']:.1f} | {row['seconds_mean'] / 60:.1f} min |")
-    print(f"| majority class alone | {100 * majority:.1f}% | 50.0% | |")
+    print(f"| majority class alone | | {100 * majority:.1f}% | 50.0% | |")
     print(f"\nwrote {work / 'label_efficiency.json'} and {work / 'label_efficiency.png'}")
     return 0
 

@@ -74,30 +74,34 @@ def bench_collection(model: str, n_images: int, root: Path) -> list[tuple[str, s
             ("search similar image, k=10", "queries/s", f"{similar:.0f}")]
 
 
-def bench_vectors(n: int, dim: int, n_queries: int = 200) -> list[tuple[str, str, str]]:
-    import faiss
+def bench_vectors(n: int, dim: int, root: Path, n_queries: int = 200) -> list[tuple[str, str, str]]:
+    from mmcontrast.collection import Collection
 
     rng = np.random.default_rng(0)
     # embeddings have few effective dimensions: a 32-d latent mapped into ``dim`` plus a little noise (uniform random
     # unit vectors, with none, are the worst case of every approximate index)
     latent = rng.standard_normal((n, 32)).astype(np.float32)
     vectors = latent @ rng.standard_normal((32, dim)).astype(np.float32) + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
-    faiss.normalize_L2(vectors)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = vectors[rng.choice(n, n_queries, replace=False)] + 0.05 * rng.standard_normal((n_queries, dim)).astype(np.float32)
-    faiss.normalize_L2(queries)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    (root / "vectors" / "img_emb").mkdir(parents=True)
+    np.save(root / "vectors" / "img_emb" / "img_emb_0.npy", vectors)
+    collection = Collection(root / "vectors")
     rows = []
-    key = ann.choose_index_key(n, dim)
-    for name in ("Flat", key):
+    for name in ("Flat", ann.choose_index_key(n, dim)):
+        out = root / name.replace(",", "_")
+        out.mkdir()
         start = time.perf_counter()
-        index = ann.train_index(vectors, name)
-        param, recall = ann.tune_index(index, name, vectors)
+        infos = search.index_collection(collection, out, name)  # as `index` builds, tunes and measures it
         built = time.perf_counter() - start
+        index = ann.read(str(out / search.FAISS_FILE), name, infos["index_param"])
         start = time.perf_counter()
         for q in queries:
-            index.search(q[None], 10)
+            ann.search(index, q[None], 10, infos["rerank"], collection.vectors)
         qps = n_queries / (time.perf_counter() - start)
-        rows.append((f"{n} x {dim} vectors, {name} {param}".rstrip(), "queries/s",
-                     f"{qps:.0f} (recall@10 {recall['recall@10']:.3f}, built in {built:.0f} s)"))
+        rows.append((f"{n} x {dim} vectors, {name} {infos['index_param']}".rstrip(), "queries/s",
+                     f"{qps:.0f} (held-out recall@10 {infos['recall@10']:.3f}, built in {built:.0f} s)"))
     return rows
 
 
@@ -111,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rows += bench_collection(args.model, args.images, Path(tmp))
-    if args.vectors:
-        rows += bench_vectors(args.vectors, args.dim)
+        if args.vectors:
+            rows += bench_vectors(args.vectors, args.dim, Path(tmp) / "ann")
     width = max(len(r[0]) for r in rows)
     print(f"command: python bench/search_throughput.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print(f"{'what':<{width}}  {'unit':<9}  value")

@@ -41,7 +41,8 @@ FINISH_CHUNK_ELEMENTS = 1 << 20  # floats per slice of the batch in finish() (4 
 def view_transform(aug, image_size: int, mean: Sequence[float], std: Sequence[float]) -> SimclrTransform:
     """The view transform ``aug`` (a resolved ``config.AugmentConfig``: every field set) describes, at ``image_size``."""
     return SimclrTransform(image_size, mean, std, aug.crop_scale, aug.hflip, aug.color_jitter, aug.color_jitter_p,
-                           aug.grayscale_p, aug.blur_p, aug.vflip, aug.rot90, aug.crop_mode)
+                           aug.grayscale_p, aug.blur_p, aug.vflip, aug.rot90, aug.crop_mode, aug.crop_ratio,
+                           Recompression(aug.downscale, aug.jpeg_quality, aug.recompress_p))
 
 
 # columns of the per-image parameter row
@@ -53,7 +54,8 @@ _GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 class SimclrTransform:
     """One random SimCLR view: PIL RGB image → (3, image_size, image_size) normalised float tensor.
 
-    RandomResizedCrop(``crop_scale``, bicubic) — or, with ``crop_mode="fixed"``, a random ``image_size`` window of the
+    With a ``recompression`` (the copies preset): first a copy as collections hold them (``Recompression``). Then
+    RandomResizedCrop(``crop_scale``, ``crop_ratio``, bicubic) — or, with ``crop_mode="fixed"``, a random ``image_size`` window of the
     image at its own scale, never resampled (reflected where the image is smaller) — → horizontal flip (``hflip``) → vertical flip (``vflip``) → a
     random multiple of 90° (``rot90``) → colour jitter
     (brightness, contrast, saturation, hue = ``color_jitter``, in a random order) with probability
@@ -76,15 +78,18 @@ class SimclrTransform:
         vflip: float = 0.0,
         rot90: bool = False,
         crop_mode: str = "resized",
+        crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        recompression: Recompression | None = None,
     ):
         if crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
         self.image_size = image_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        crop = (T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC)
+        crop = (T.RandomResizedCrop(image_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio), interpolation=T.InterpolationMode.BICUBIC)
                 if crop_mode == "resized" else T.RandomCrop(image_size, pad_if_needed=True, padding_mode="reflect"))
         self.geometry = T.Compose([
+            *([recompression] if recompression is not None and recompression.p > 0 else []),
             crop,
             T.RandomHorizontalFlip(p=hflip),
             T.RandomVerticalFlip(p=vflip),
@@ -209,6 +214,34 @@ def _gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.T
     y = F.conv2d(y, weights[:, None, None, :], groups=n * c)  # along the width
     y = F.conv2d(y, weights[:, None, :, None], groups=n * c)  # along the height
     return y.reshape(n, c, height, width)
+
+
+class Recompression:
+    """A copy of a PIL image as collections hold them: with probability ``p`` shrunk by a factor in ``downscale`` and
+    blown up again (bilinear), and independently with probability ``p`` re-encoded as a JPEG of a quality in
+    ``jpeg_quality`` (``dedup.plant_copy``'s kinds). Draws from torch's RNG like the other steps."""
+
+    def __init__(self, downscale: Sequence[float], jpeg_quality: Sequence[int], p: float):
+        self.downscale, self.jpeg_quality, self.p = tuple(downscale), tuple(int(q) for q in jpeg_quality), p
+
+    def __call__(self, image):
+        import io
+
+        from PIL import Image
+
+        u = torch.rand(4).tolist()
+        if u[0] < self.p:
+            f = self.downscale[0] + u[1] * (self.downscale[1] - self.downscale[0])
+            w, h = image.size
+            image = image.resize((max(8, round(w * f)), max(8, round(h * f))), Image.BILINEAR).resize((w, h), Image.BILINEAR)
+        if u[2] < self.p:
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, "JPEG", quality=self.jpeg_quality[0] + round(u[3] * (self.jpeg_quality[1] - self.jpeg_quality[0])))
+            image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        return image
+
+    def __repr__(self) -> str:
+        return f"Recompression(downscale={self.downscale}, jpeg_quality={self.jpeg_quality}, p={self.p})"
 
 
 class _RandomQuarterTurns:

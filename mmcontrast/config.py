@@ -51,10 +51,11 @@ class ModelConfig:
 # Each augmentation teaches the encoder to ignore what it changes: keep out of a recipe whatever carries the signal
 # (docs/simclr.md, "Choosing the views").
 CROP_MODES = ("resized", "fixed")  # RandomResizedCrop, or a window at the image's own scale (data.augment.crop_mode)
+_NO_RECOMPRESSION = {"crop_ratio": [0.75, 1.3333], "downscale": [1.0, 1.0], "jpeg_quality": [95, 95], "recompress_p": 0.0}
 AUGMENT_PRESETS = {
     # SimCLR's ImageNet recipe (Chen et al., 2020): objects in photos, where colour and scale are nuisances.
     "natural": {"crop_mode": "resized", "crop_scale": [0.08, 1.0], "hflip": 0.5, "vflip": 0.0, "rot90": False, "color_jitter": [0.4, 0.4, 0.4, 0.1],
-                "color_jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.5},
+                "color_jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.5, **_NO_RECOMPRESSION},
     # Surfaces, fabrics, metals, microscopy: views that overlap (a texture's crops all look alike, so two small ones
     # cannot be matched), mild brightness/contrast (a global change of the texture's statistics is often the
     # defect), no hue or saturation (the material's colour is signal), no blur (fine detail is). Vertical flips and
@@ -62,28 +63,34 @@ AUGMENT_PRESETS = {
     # gravel photo, they cut how often a view finds its twin from 0.29 to 0.07 (docs/simclr.md), a task a small
     # encoder does not learn in minutes; set data.augment.rot90 / vflip when the budget allows the invariance.
     "texture": {"crop_mode": "resized", "crop_scale": [0.5, 1.0], "hflip": 0.5, "vflip": 0.0, "rot90": False, "color_jitter": [0.1, 0.1, 0.0, 0.0],
-                "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.0},
+                "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.0, **_NO_RECOMPRESSION},
     # Satellite, aerial and slide images: no "up", so every flip and rotation; scale jitter; brightness/contrast for
     # sun and stain, no hue (vegetation, water and stain colours are signal).
     "overhead": {"crop_mode": "resized", "crop_scale": [0.2, 1.0], "hflip": 0.5, "vflip": 0.5, "rot90": True, "color_jitter": [0.3, 0.3, 0.1, 0.0],
-                 "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.2},
+                 "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.2, **_NO_RECOMPRESSION},
     # Inspection images of one kind of part, framed alike (solar cells, wafers, tiles, fabric): the defect may be a few
     # pixels anywhere, so no view crops it away or resamples it (a window at the image's own scale: the whole image
     # when the encoder takes its size), and a part photographed square-on has no "up" (every flip and quarter turn);
     # mild brightness and contrast for the lighting, no hue, saturation or blur (the defect is in the detail).
     "inspection": {"crop_mode": "fixed", "crop_scale": [1.0, 1.0], "hflip": 0.5, "vflip": 0.5, "rot90": True,
-                   "color_jitter": [0.1, 0.1, 0.0, 0.0], "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.0},
+                   "color_jitter": [0.1, 0.1, 0.0, 0.0], "color_jitter_p": 0.8, "grayscale_p": 0.0, "blur_p": 0.0, **_NO_RECOMPRESSION},
     # Supervised fine-tuning on a few labelled images (mmcontrast finetune): the label, not a second view, says what
     # to keep, so the views only need to vary a little — SimCLR fine-tunes with crops and flips alone.
     "finetune": {"crop_mode": "resized", "crop_scale": [0.35, 1.0], "hflip": 0.5, "vflip": 0.0, "rot90": False, "color_jitter": [0.1, 0.1, 0.0, 0.0],
-                 "color_jitter_p": 0.5, "grayscale_p": 0.0, "blur_p": 0.0},
+                 "color_jitter_p": 0.5, "grayscale_p": 0.0, "blur_p": 0.0, **_NO_RECOMPRESSION},
+    # Copy detection (SSCD-style, Pizzi et al. 2022; mmcontrast dedup): the two views are two copies of one picture as
+    # collections hold them — slightly cropped, shrunk and blown up again, re-encoded as a poor JPEG — and nothing
+    # else, so the features match copies and keep apart look-alikes that differ in content, colour or orientation.
+    "copies": {"crop_mode": "resized", "crop_scale": [0.8, 1.0], "crop_ratio": [0.95, 1.05], "hflip": 0.0, "vflip": 0.0,
+               "rot90": False, "color_jitter": [0.0, 0.0, 0.0, 0.0], "color_jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0,
+               "downscale": [0.4, 0.8], "jpeg_quality": [20, 60], "recompress_p": 0.5},
 }
 
 
 @dataclass
 class AugmentConfig:
     """The training views (simclr's two, classify's one). ``preset`` picks a recipe for a kind of image
-    (``augment.PRESETS``: natural | texture | overhead | inspection | finetune); a field set here overrides the
+    (``AUGMENT_PRESETS``: natural | texture | overhead | inspection | finetune | copies); a field set here overrides the
     preset's value."""
 
     preset: str = "natural"
@@ -96,6 +103,10 @@ class AugmentConfig:
     color_jitter_p: float | None = None
     grayscale_p: float | None = None
     blur_p: float | None = None  # switched off automatically for images under 64 px
+    crop_ratio: list | None = None  # RandomResizedCrop's aspect-ratio range
+    downscale: list | None = None  # a copy's shrink factor range (shrunk, then blown up again), with recompress_p
+    jpeg_quality: list | None = None  # a copy's JPEG re-encoding quality range, with recompress_p
+    recompress_p: float | None = None  # probability of each of the shrink and the JPEG re-encoding (the copies preset)
     image_size: int | None = None  # default: the encoder's input size (a timm encoder: 32)
     labelled: str | None = None  # preset auto: class folders on which each preset's views are measured (mmcontrast views)
 

@@ -64,6 +64,7 @@ class Settings:
     backbone_lr_scale: float = 0.1
     batch_size: int = 32
     image_size: int | str | None = None  # a timm encoder's input size; "native": the labelled images' own
+    pool: str | None = None  # a timm encoder's global pooling (models.POOLS); None: its own (average)
     init: str = "probe"
     templates: str = "default"
     seed: int = 0
@@ -322,7 +323,7 @@ def run(s: Settings, train_fn: Callable[[Config], Path] | None = None) -> Select
     labelled = labelled_images(s.train_dir, classes)
     if s.image_size == "native":
         s.image_size = native_size(labelled.paths)
-    enc = Encoder(*starting_encoder(s.checkpoint, s.pretrained, s.image_size))
+    enc = Encoder(*starting_encoder(s.checkpoint, s.pretrained, s.image_size, s.pool))
     labelled.features = _encode(enc, classes, labelled.paths)
     views = _auto_views(s, enc, classes)
     if s.val_dir:

@@ -60,7 +60,8 @@ def fold_indices(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     return [held for _, held in splitter.split(np.zeros(len(labels)), labels)]
 
 
-def labelled_encoder(folder: str | Path, checkpoint: str, pretrained: str | None, image_size: int | str | None):
+def labelled_encoder(folder: str | Path, checkpoint: str, pretrained: str | None, image_size: int | str | None,
+                     pool: str | None = None):
     """(encoder in eval mode, its spec, the labelled images' paths, their class indices) of class folders and any
     image checkpoint, at ``image_size`` (``native``: the images' own)."""
     from mmcontrast.classifier import ImageClassifier
@@ -69,13 +70,14 @@ def labelled_encoder(folder: str | Path, checkpoint: str, pretrained: str | None
     classes = class_list(sorted(set(class_folders(folder)[1])), None, folder)
     labelled = labelled_images(folder, classes)
     size = native_size(labelled.paths) if image_size == "native" else image_size
-    spec, state = starting_encoder(checkpoint, pretrained, size)
+    spec, state = starting_encoder(checkpoint, pretrained, size, pool)
     encoder = ImageClassifier(spec, classes).encoder
     encoder.load_state_dict(state)
     return encoder.eval(), spec, labelled.paths, labelled.labels
 
 
-def starting_encoder(checkpoint: str, pretrained: str | None = None, image_size: int | None = None) -> tuple[dict, dict]:
+def starting_encoder(checkpoint: str, pretrained: str | None = None, image_size: int | None = None,
+                     pool: str | None = None) -> tuple[dict, dict]:
     """(encoder spec, encoder state dict in ``ImageEncoder``'s layout) of any image checkpoint.
 
     ``checkpoint``: a SimCLR run (or weights file), a CLIP run (its image tower), an open_clip model name with a
@@ -86,7 +88,9 @@ def starting_encoder(checkpoint: str, pretrained: str | None = None, image_size:
     from mmcontrast.classifier import ImageClassifier
     from mmcontrast.loading import load
 
-    model, _, _ = load(checkpoint, pretrained=pretrained, image_size=image_size)
+    if pool is not None and not str(checkpoint).startswith("timm:"):
+        raise UsageError("--pool sets the pooling of a timm:NAME encoder; a run keeps the pooling it was trained with")
+    model, _, _ = load(checkpoint, pretrained=pretrained, image_size=image_size, pool=pool)
     if isinstance(model, ImageClassifier):
         return model.spec, model.encoder.state_dict()
     if isinstance(model, models.ImageEncoder):

@@ -5,7 +5,7 @@ open_clip names, ``timm:NAME``) by its ``model_config.json``; this module reads 
 neither imports the other for it. Accepts a run dir (final weights, or ``checkpoints/last`` of a run still
 training), a weights file with its ``model_config.json`` beside it, an open_clip model name plus a local
 ``pretrained`` file, or ``timm:NAME`` plus a local ``pretrained`` file in timm's state-dict layout (at ``image_size``,
-default the model's pretrained input size). Nothing is downloaded.
+default the model's pretrained input size; ``pool``: its global pooling, ``models.POOLS``). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def checkpoint_files(path_or_name: str | Path) -> tuple[Path, Path, dict] | None
 
 
 def load(path_or_name: str | Path, pretrained: str | None = None, device: str = "cpu", image_size: int | None = None,
-         random_init: bool = False) -> tuple[nn.Module, Callable, Callable | None]:
+         random_init: bool = False, pool: str | None = None) -> tuple[nn.Module, Callable, Callable | None]:
     """Load a model for inference: ``(model, preprocess, tokenizer)`` (tokenizer None for image-only encoders and
     classifiers). ``random_init``: the same architecture and preprocessing with fresh weights (a baseline).
 
@@ -63,7 +63,7 @@ def load(path_or_name: str | Path, pretrained: str | None = None, device: str = 
             raise UsageError(f"{path_or_name} needs its weights: --pretrained LOCAL_FILE (timm's state-dict layout; nothing is downloaded)")
         if pretrained:
             models.check_pretrained(pretrained)
-        return models.load_image_encoder(models.timm_encoder_spec(str(path_or_name), image_size), None if random_init else Path(pretrained), device)
+        return models.load_image_encoder(models.timm_encoder_spec(str(path_or_name), image_size, pool), None if random_init else Path(pretrained), device)
     files = checkpoint_files(path_or_name)
     if files is None:
         bundle = models.create_clip(str(path_or_name), None if random_init else pretrained)

@@ -560,13 +560,21 @@ def load_image_encoder(spec: dict, weights: Path | None, device: str) -> tuple[n
     return encoder.to(device).eval(), image_eval_transform(spec), None
 
 
-def timm_encoder_spec(name: str, image_size: int | None = None) -> dict:
+POOLS = ("avg", "max", "avgmax", "catavgmax")  # timm's global pooling of the last feature map (catavgmax: both, 2x wide)
+
+
+def timm_encoder_spec(name: str, image_size: int | None = None, pool: str | None = None) -> dict:
     """The spec of ``timm:NAME`` used as a pretrained image encoder: at ``image_size``, else the input size of the
-    model's pretrained config (224 for ImageNet models), with ImageNet normalisation."""
+    model's pretrained config (224 for ImageNet models), with ImageNet normalisation; ``pool`` (one of ``POOLS``)
+    replaces the model's global average pooling (max keeps a small strong response that an average dilutes)."""
     import timm
 
     spec = image_encoder_spec(name, {}, cifar_stem=False, image_size=1)
     if image_size is None:
         cfg = timm.models.get_pretrained_cfg(spec["name"])
         image_size = int((cfg.input_size if cfg is not None else (3, 224, 224))[-1])
+    if pool is not None:
+        if pool not in POOLS:
+            raise UsageError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        spec["timm_kwargs"] = {**spec.get("timm_kwargs", {}), "global_pool": pool}
     return {**spec, "image_size": int(image_size)}

@@ -1,19 +1,21 @@
-"""Search over an embedding space: indexing a collection, querying it, finding its near-duplicates.
+"""Search over an embedding space: indexing a collection and querying it.
 
 Owns the index folder and everything done with it:
 
 * ``build_index``: embed a folder of images or a set of shards in parts (under ``accelerate launch`` every
-  process embeds its share of the parts), each part written atomically, so a killed run resumes without
-  embedding a finished part again; then one faiss index over them all: exact (``Flat``) for a small collection,
-  for a large one the approximate index autofaiss would choose for its size, its search parameter tuned to a recall
-  target and its recall@1/@10 against exact search measured and stored (the faiss side is ``ann.py``'s);
-* ``Searcher``: an index opened for queries (a text, an image file, an indexed item) with its metadata.
+  process embeds its share of the parts; with ``--part I/N`` one machine of N embeds its share into a shared
+  folder), each part written atomically, so a killed run resumes without embedding a finished part again;
+* ``index_collection``: one faiss index over a folder of parts (``collection.Collection``, read a window at a time):
+  exact (``Flat``) for a small collection, for a large one the approximate index that fits the memory budget, its
+  recall measured on held-out queries and its search parameter tuned on them (the faiss side is ``ann.py``'s);
+  ``index_embeddings`` does the same for embeddings computed elsewhere, in clip-retrieval's layout, left where
+  they are;
+* ``Searcher``: an index opened for queries (texts, image files, indexed items, batches of vectors), the faiss
+  index memory-mapped and metadata read by id.
 
-Near-duplicates are ``dedup.py``'s (it uses the index's range search).
-
-Embedding goes through ``evaluate.py``'s encoding path (``encode_images``, ``iter_caption_samples``,
-``encode_image_batch``, ``encode_texts``). Does not parse arguments, print, or render pages (``cli.py``,
-``web.py``).
+Near-duplicates are ``dedup.py``'s. Embedding goes through ``evaluate.py``'s encoding path (``encode_images``,
+``iter_caption_samples``, ``encode_image_batch``, ``encode_texts``). Does not parse arguments, print, or render
+pages (``cli/search.py``, ``web.py``).
 
 The folder: clip-retrieval's layout of embeddings and metadata, with the faiss index and its infos beside them.
 
@@ -22,13 +24,13 @@ The folder: clip-retrieval's layout of embeddings and metadata, with the faiss i
     INDEX/text_emb/text_emb_NNNNN.npy       (n, d) the captions' embeddings (shards with captions, CLIP checkpoints)
     INDEX/metadata/metadata_NNNNN.parquet   a row per item: path (or key, shard, caption), bytes, width, height
     INDEX/parts/part_NNNNN.json             written last: the part is finished (its counts, what was skipped and why)
-    INDEX/image.index                       the faiss index (inner product = cosine); row i = item i in part order
-    INDEX/index_infos.json                  index key and search parameter, measured recall, counts, checkpoint
+    INDEX/image.index                       the faiss index (inner product = cosine); id i = item i in part order
+    INDEX/index_infos.json                  index key, search parameter, held-out recall, counts, checkpoint
+                                            (and ``embeddings``: the folder of parts, when it is not INDEX itself)
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import io
 import json
@@ -45,14 +47,14 @@ from pathlib import Path
 import numpy as np
 
 from mmcontrast import ann
+from mmcontrast.collection import IMG_EMB, METADATA, TEXT_EMB, Collection, normalize
 from mmcontrast.errors import UsageError
 
 PLAN_FILE = "plan.json"
 INFOS_FILE = "index_infos.json"
 FAISS_FILE = "image.index"
-IMG_EMB, TEXT_EMB, METADATA, PARTS = "img_emb", "text_emb", "metadata", "parts"
+PARTS = "parts"
 OUR_ENTRIES = (PLAN_FILE, INFOS_FILE, FAISS_FILE, IMG_EMB, TEXT_EMB, METADATA, PARTS)
-SHOWN = ("path", "key", "shard", "caption")  # the metadata columns a result carries (bytes, width, height stay behind)
 
 DEFAULT_PART_SIZE = 4096  # images per part: the unit of resuming and of sharing work between processes
 THUMBNAIL_SIDE = 256
@@ -313,19 +315,23 @@ def embed_parts(index_dir: Path, plan: Plan, todo: Sequence[int], model, preproc
 
 def build_index(plan: Plan, index_dir: str | Path, processes: Processes, load_model: Callable[[], tuple], loader: dict,
                 resume: bool = False, overwrite: bool = False, index_key: str = "auto",
-                recall_target: float = ann.RECALL_TARGET, max_memory: int = ann.DEFAULT_INDEX_MEMORY,
-                progress: bool = False) -> dict | None:
+                recall_target: float = ann.RECALL_TARGET, max_memory: int | None = None,
+                progress: bool = False, slice_: tuple[int, int] | None = None) -> dict | None:
     """Embed ``plan``'s unfinished parts (this process's share) and, on the first process, build the faiss index.
 
     ``load_model() -> (model, preprocess, tokenizer)`` is called only when this process has parts to embed.
-    Returns the index infos on the first process (also written to ``index_infos.json``), None on the others.
+    ``slice_ = (i, n)`` embeds only the parts whose number is i modulo n (one machine of n sharing a folder) and
+    builds no faiss index: a last run with ``resume`` embeds what is missing and builds it.
+    Returns the index infos on the first process (also written to ``index_infos.json``), None on the others and
+    for a slice.
     """
     ann.check_index_key(index_key)
     out = Path(index_dir)
+    resume = resume or (slice_ is not None and (out / PLAN_FILE).is_file())  # another slice started the folder
     if processes.rank == 0:
         prepare_folder(out, plan, resume, overwrite)
     processes.barrier()
-    todo = [i for i in range(len(plan.parts)) if not part_done(out, i)]
+    todo = [i for i in range(len(plan.parts)) if not part_done(out, i) and (slice_ is None or i % slice_[1] == slice_[0])]
     processes.barrier()  # every process has read the same finished parts before any writes a new one
     mine = todo[processes.rank :: processes.world]
     embedded, elapsed = 0, 0.0
@@ -335,11 +341,11 @@ def build_index(plan: Plan, index_dir: str | Path, processes: Processes, load_mo
         embedded = embed_parts(out, plan, mine, model, preprocess, tokenizer, loader, progress, processes.rank)
         elapsed = time.perf_counter() - start
     processes.barrier()
-    if processes.rank != 0:
+    if processes.rank != 0 or slice_ is not None:
         return None
     run = {"parts_embedded": len(todo), "parts_reused": len(plan.parts) - len(todo),
            "items_per_s": round(embedded * processes.world / elapsed, 2) if embedded else None, "processes": processes.world}
-    return finish_index(out, plan, index_key, recall_target, max_memory, run)
+    return finish_index(out, plan, index_key, recall_target, max_memory, run, progress)
 
 
 # ---------------------------------------------------------------- the index over all parts
@@ -349,54 +355,101 @@ def _part_counts(index_dir: Path, n_parts: int) -> list[dict]:
     return [_read_json(index_dir / _part_name(PARTS, i, ".json")) for i in range(n_parts)]
 
 
-def load_embeddings(index_dir: Path, n_parts: int, kind: str = IMG_EMB) -> np.ndarray:
-    """All parts' embeddings, in part order: ``(N, d)`` float32."""
-    arrays = [np.load(index_dir / _part_name(kind, i, ".npy")) for i in range(n_parts)
-              if (index_dir / _part_name(kind, i, ".npy")).is_file()]
-    arrays = [a for a in arrays if len(a)]
-    return np.ascontiguousarray(np.concatenate(arrays)) if arrays else np.zeros((0, 0), np.float32)
+def load_embeddings(index_dir: str | Path) -> np.ndarray:
+    """Every stored image embedding, ``(N, d)`` float32 in id order: for small collections and tests only (an index of
+    any size is read through ``Collection``, a window at a time)."""
+    collection = Collection(index_dir)
+    return collection.vectors(np.arange(len(collection)))
 
 
-def finish_index(index_dir: Path, plan: Plan, index_key: str, recall_target: float, max_memory: int, run: dict) -> dict:
-    """Build, tune and write the faiss index over every part; write and return ``index_infos.json``."""
-    import faiss
+def _held_out_queries(collection: Collection, n: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Held-out ids (a seeded draw) and their vectors as queries: their images, and their captions where the
+    collection has caption embeddings (text -> image queries, as a CLIP index is searched)."""
+    held = collection.sample_ids(n)
+    queries = {"image": collection.vectors(held)}
+    if collection.has_text:
+        text = collection.vectors(held, TEXT_EMB)
+        queries["text"] = text[np.linalg.norm(text, axis=1) > 0.5]  # rows of zeros: items without a caption
+    return held, queries
 
+
+def index_collection(collection: Collection, index_dir: Path, index_key: str = "auto",
+                     recall_target: float = ann.RECALL_TARGET, max_memory: int | None = None, progress: bool = False) -> dict:
+    """Build, tune and write the faiss index over ``collection``; returns what ``index_infos.json`` says of it.
+
+    An approximate index is trained on a sample and filled a chunk at a time; up to ``ann.RECALL_QUERIES`` items (a
+    tenth at most) are held out while its recall@1/@10 is measured against exact search and its search parameter
+    tuned to ``recall_target``, then added. The index is written for ``Searcher`` to memory-map.
+    """
+    from tqdm import tqdm
+
+    n, dim = len(collection), collection.dim
+    budget = ann.default_index_memory(n, dim) if max_memory is None else max_memory
+    key = ann.choose_index_key(n, dim, budget) if index_key == "auto" else index_key
+    start = time.perf_counter()
+    held, queries = (None, None) if key == "Flat" else _held_out_queries(collection, min(ann.RECALL_QUERIES, n // 10))
+    rerank = ann.rerank_factor(key)
+    with tqdm(total=n, desc="faiss", unit="vec", disable=not progress) as bar:
+        index, measured = ann.build(collection, key, queries, held, on_chunk=bar.update)
+    if measured is None:
+        param, recall = "", {"image": {"recall@1": 1.0, f"recall@{ann.RECALL_K}": 1.0}}
+    else:
+        param, recall, rerank = ann.tune(index, key, measured, rerank, collection.vectors, recall_target)
+        ann.add_held(index, collection, held)
+    _write_atomic(index_dir / FAISS_FILE, lambda tmp: ann.write(index, tmp))
+    on = ("exact by construction" if measured is None else
+          f"{len(held)} held-out items (kept out of the index while measured) as image queries"
+          + (f" and {len(queries['text'])} of their captions as text queries" if "text" in recall else "")
+          + ", against exact search over the others")
+    return {"index_key": key, "index_param": param, "rerank": rerank, "exact": key == "Flat", **recall["image"],
+            "recall": recall, "recall_measured_on": on, "max_index_memory": budget,
+            "index_bytes": (index_dir / FAISS_FILE).stat().st_size, "faiss_build_s": round(time.perf_counter() - start, 2),
+            "n_indexed": n, "dim": dim, "parts": len(collection.parts), "rows_per_part": collection.rows_per_part}
+
+
+def finish_index(index_dir: Path, plan: Plan, index_key: str, recall_target: float, max_memory: int | None, run: dict,
+                 progress: bool = False) -> dict:
+    """The faiss index over every embedded part of ``plan``; write and return ``index_infos.json``."""
     counts = _part_counts(index_dir, len(plan.parts))
-    vectors = load_embeddings(index_dir, len(plan.parts))
-    if len(vectors) == 0:
+    if not sum(c["embedded"] for c in counts):
         raise UsageError(f"none of the {sum(c['seen'] for c in counts)} items could be read; nothing to index")
-    key = ann.choose_index_key(len(vectors), vectors.shape[1], max_memory) if index_key == "auto" else index_key
-    try:
-        index = ann.train_index(vectors, key)
-    except RuntimeError as err:
-        raise UsageError(f"faiss cannot build {key!r} over {len(vectors)} vectors of {vectors.shape[1]} dimensions: "
-                         f"{str(err).strip().splitlines()[-1][:200]}") from None
-    param, recall = ann.tune_index(index, key, vectors, recall_target)
-    _write_atomic(index_dir / FAISS_FILE, lambda tmp: faiss.write_index(index, tmp))
+    built = index_collection(Collection(index_dir), index_dir, index_key, recall_target, max_memory, progress)
     reasons: dict[str, int] = {}
     for c in counts:
         for reason, n in c["skipped_reasons"].items():
             reasons[reason] = reasons.get(reason, 0) + n
-    infos = {"index_key": key, "index_param": param, "exact": key == "Flat", **recall,
-             "recall_measured_on": "exact by construction" if key == "Flat" else
-             f"{min(ann.RECALL_QUERIES, len(vectors))} indexed vectors as queries, against exact search",
-             "n_items": sum(c["seen"] for c in counts), "n_indexed": len(vectors), "n_skipped": sum(c["skipped"] for c in counts),
-             "skipped_reasons": reasons, "dim": int(vectors.shape[1]), "kind": plan.kind, "source": plan.source,
-             "checkpoint": plan.checkpoint, "pretrained": plan.pretrained, "precision": plan.precision,
-             "parts": len(plan.parts), "rows_per_part": [c["embedded"] for c in counts], **run}
+    infos = {**built, "n_items": sum(c["seen"] for c in counts), "n_skipped": sum(c["skipped"] for c in counts),
+             "skipped_reasons": reasons, "kind": plan.kind, "source": plan.source, "checkpoint": plan.checkpoint,
+             "pretrained": plan.pretrained, "precision": plan.precision, **run}
     _write_json(index_dir / INFOS_FILE, infos)
     return infos
 
 
+def index_embeddings(embeddings: str | Path, index_dir: str | Path, index_key: str = "auto",
+                     recall_target: float = ann.RECALL_TARGET, max_memory: int | None = None, overwrite: bool = False,
+                     progress: bool = False) -> dict:
+    """An index over embeddings computed elsewhere: a clip-retrieval-layout folder (``collection.py``), read where it
+    is (the index folder holds the faiss index and its infos, which point at it). Returns the infos."""
+    collection = Collection(embeddings)  # checks every part before anything is written
+    out = Path(index_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} is a file; give a folder")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not ((out / INFOS_FILE).is_file() and overwrite):
+        raise UsageError(f"--output-dir {out} already holds files ({', '.join(present[:3])}); give a new folder"
+                         + (" or pass --overwrite" if (out / INFOS_FILE).is_file() else ""))
+    if present and out.resolve() == collection.root.resolve():
+        raise UsageError("--output-dir is the --embeddings folder; give another folder for the index")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INFOS_FILE).unlink(missing_ok=True)
+    built = index_collection(collection, out, index_key, recall_target, max_memory, progress)
+    infos = {**built, "n_items": len(collection), "kind": "embeddings", "embeddings": str(collection.root.resolve()),
+             "source": {"embeddings": str(collection.root.resolve())}, "checkpoint": None}
+    _write_json(out / INFOS_FILE, infos)
+    return infos
+
+
 # ---------------------------------------------------------------- querying
-
-
-def _read_metadata(index_dir: Path, n_parts: int) -> dict[str, list]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tables = [pq.read_table(index_dir / _part_name(METADATA, i, ".parquet")) for i in range(n_parts)]
-    return pa.concat_tables(tables, promote_options="default").to_pydict()
 
 
 def check_k(k: int) -> int:
@@ -406,26 +459,26 @@ def check_k(k: int) -> int:
 
 
 class Searcher:
-    """An index opened for queries: the faiss index, its metadata, and (loaded on first use) the checkpoint's encoders.
+    """An index opened for queries: the faiss index (memory-mapped), the collection it was built over (vectors and
+    metadata read by id), and (loaded on first use) the checkpoint's encoders.
 
     Results are ``{"query": {...}, "k": k, "results": [{"id", "path" | "key", "score", "caption"?}, ...]}``, best first.
     Queries are answered one at a time (a lock), so one Searcher can serve several threads.
     """
 
     def __init__(self, index_dir: str | Path, device: str = "cpu", precision: str | None = None):
-        import faiss
-
         self.dir = Path(index_dir)
         if not (self.dir / INFOS_FILE).is_file():
             raise UsageError(f"{index_dir} is not a finished index (no {INFOS_FILE}); build it with `mmcontrast index`"
                              + (" --resume" if (self.dir / PLAN_FILE).is_file() else ""))
         self.infos = _read_json(self.dir / INFOS_FILE)
-        self.index = faiss.read_index(str(self.dir / FAISS_FILE))
-        if self.infos["index_param"]:
-            faiss.ParameterSpace().set_index_parameters(self.index, self.infos["index_param"])
-        self.metadata = _read_metadata(self.dir, self.infos["parts"])
-        self.starts = np.cumsum([0, *self.infos["rows_per_part"]]).tolist()  # first row of each part
-        self.device, self.precision = device, precision or self.infos.get("precision", "auto")
+        self.collection = Collection(self.infos.get("embeddings") or self.dir)
+        self.index = ann.read(str(self.dir / FAISS_FILE), self.infos["index_key"], self.infos["index_param"])
+        if len(self.collection) != self.index.ntotal:
+            raise UsageError(f"{self.collection.root} holds {len(self.collection)} vectors but the index "
+                             f"{self.index.ntotal}: the embeddings changed since; build the index again")
+        self.rerank = int(self.infos.get("rerank", 1))
+        self.device, self.precision = device, precision or self.infos.get("precision") or "auto"
         self._model: tuple | None = None
         self._lock = threading.Lock()
 
@@ -433,11 +486,18 @@ class Searcher:
         return int(self.index.ntotal)
 
     @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
     def model(self) -> tuple:
         """``(model, preprocess, tokenizer)`` of the checkpoint the index was built with."""
         if self._model is None:
+            if not self.infos.get("checkpoint"):
+                raise UsageError(f"{self.dir} was built from embeddings with no checkpoint to encode a text or an image; "
+                                 "search it with --vectors Q.npy")
             from mmcontrast.evaluate import encoders_in_precision
-            from mmcontrast.models import load
+            from mmcontrast.loading import load
 
             self._model = load(self.infos["checkpoint"], pretrained=self.infos.get("pretrained"), device=self.device)
             encoders_in_precision(self._model[0], self.precision)
@@ -445,25 +505,30 @@ class Searcher:
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """``(len(ids), d)`` stored embeddings of indexed items (read from their parts, memory-mapped)."""
-        rows = []
-        for i in ids:
-            part = bisect.bisect_right(self.starts, i) - 1
-            rows.append(np.load(self.dir / _part_name(IMG_EMB, part, ".npy"), mmap_mode="r")[i - self.starts[part]])
-        return np.asarray(rows, dtype=np.float32).reshape(len(rows), -1)
+        return self.collection.vectors(ids)
 
     def item(self, i: int) -> dict:
         """What the index knows of item ``i``: ``path`` (or ``key`` and ``shard``), ``caption`` when there is one."""
-        if not 0 <= i < len(self):
-            raise UsageError(f"no item {i} in this index (it holds {len(self)})")
-        return {name: values[i] for name, values in self.metadata.items() if values[i] is not None and name in SHOWN}
+        return self.collection.rows([i])[0]
+
+    def search_batch(self, queries: np.ndarray, k: int) -> list[list[dict]]:
+        """The ``k`` nearest items of each row of ``(q, d)`` queries (L2-normalised here): a list per query, best first."""
+        check_k(k)
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise UsageError(f"queries of shape {tuple(queries.shape)}: this index takes (n, {self.dim}) vectors")
+        if not np.isfinite(queries).all():
+            raise UsageError("the query vectors hold NaN or infinite values")
+        with self._lock:
+            scores, ids = ann.search(self.index, normalize(queries), k, self.rerank, self.collection.vectors)
+        found = ids[ids >= 0]
+        rows = dict(zip(found.tolist(), self.collection.rows(found.tolist())))
+        return [[{"id": int(i), **rows[int(i)], "score": round(float(s), 6)} for s, i in zip(srow, irow) if i >= 0]
+                for srow, irow in zip(scores, ids)]
 
     def search_vectors(self, queries: np.ndarray, k: int, query: dict) -> dict:
-        """The ``k`` nearest items of one ``(1, d)`` L2-normalised query."""
-        check_k(k)
-        with self._lock:
-            scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(self)))
-        results = [{"id": int(i), **self.item(int(i)), "score": round(float(s), 6)} for s, i in zip(scores[0], ids[0]) if i >= 0]
-        return {"query": query, "k": k, "results": results}
+        """The ``k`` nearest items of one ``(1, d)`` query."""
+        return {"query": query, "k": k, "results": self.search_batch(queries, k)[0]}
 
     def search_text(self, text: str, k: int = 10) -> dict:
         from mmcontrast.evaluate import encode_texts

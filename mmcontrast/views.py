@@ -30,10 +30,12 @@ COPIES = 2  # augmented copies of each held-out image per view
 FOLDS = 5
 MIN_LOSS_TOLERANCE = 0.02  # a loss within max(this, one image's worth, the folds' standard error) keeps the label
 # A preset's parts: the fields each part keeps from the preset, the rest set to "off" (identity)
-OFF = {"crop_mode": "resized", "crop_scale": [1.0, 1.0], "hflip": 0.0, "vflip": 0.0, "rot90": False,
-       "color_jitter": [0.0, 0.0, 0.0, 0.0], "color_jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0}
-PARTS = {"crop": ("crop_mode", "crop_scale"), "hflip": ("hflip",), "vflip": ("vflip",), "rot90": ("rot90",),
-         "color_jitter": ("color_jitter", "color_jitter_p"), "grayscale": ("grayscale_p",), "blur": ("blur_p",)}
+OFF = {"crop_mode": "resized", "crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "hflip": 0.0, "vflip": 0.0, "rot90": False,
+       "color_jitter": [0.0, 0.0, 0.0, 0.0], "color_jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0,
+       "downscale": [1.0, 1.0], "jpeg_quality": [95, 95], "recompress_p": 0.0}
+PARTS = {"crop": ("crop_mode", "crop_scale", "crop_ratio"), "hflip": ("hflip",), "vflip": ("vflip",), "rot90": ("rot90",),
+         "color_jitter": ("color_jitter", "color_jitter_p"), "grayscale": ("grayscale_p",), "blur": ("blur_p",),
+         "recompress": ("downscale", "jpeg_quality", "recompress_p")}
 
 
 @dataclass
@@ -55,7 +57,7 @@ def _fields(preset: str, part: str | None = None) -> dict:
 
 
 def _is_identity(fields: dict) -> bool:
-    return fields == OFF or (fields["crop_mode"] == "fixed" and {**fields, "crop_mode": "resized"} == OFF)
+    return fields == OFF or (fields["crop_mode"] == "fixed" and {**fields, "crop_mode": "resized", "crop_ratio": OFF["crop_ratio"]} == OFF)
 
 
 def candidate_views(presets: Sequence[str] = tuple(AUGMENT_PRESETS)) -> dict[str, dict]:

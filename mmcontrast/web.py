@@ -8,8 +8,9 @@ exactly what ``mmcontrast search`` prints.
 * ``make_server``: the standard library's threading HTTP server. ``GET /?q=TEXT`` (or ``?similar=ID``, what
   clicking an image asks) is the page with a search box and the results as ``<img>`` with their scores;
   ``GET /api/search?q=TEXT&k=K`` is ``search``'s JSON; ``GET /image/ID`` the thumbnail of indexed item ID. The
-  server opens only files the index lists (by their number in it), never a path taken from a request, and answers
-  a malformed query with 400 and one line saying what is wrong, never a traceback.
+  server opens only files the index lists (by their number in it), never a path taken from a request, shows paths
+  relative to the indexed folder (``public_path``), and answers a malformed query with 400 and one line saying what
+  is wrong, never a traceback. ``is_loopback`` tells the command when to warn that the page is open to a network.
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ def contact_sheet(searcher: Searcher, result: dict) -> str:
     return _document(f"search: {_describe(result['query'])}", f'{heading}<div class="grid">{figures}</div>')
 
 
-def dedup_report(searcher: Searcher, groups: Sequence, threshold: float, limit: int = REPORT_GROUPS) -> str:
+def dedup_report(searcher: Searcher, groups: Sequence, threshold: float | None, limit: int = REPORT_GROUPS) -> str:
     """Near-duplicate groups as one self-contained HTML page (the first ``limit``): the one kept framed green."""
-    parts = [f"<h2>{len(groups)} groups of near-duplicates at cosine ≥ {threshold}</h2>"]
+    at = f" at cosine ≥ {threshold}" if threshold is not None else " by perceptual hash"
+    parts = [f"<h2>{len(groups)} groups of near-duplicates{at}</h2>"]
     for g, group in enumerate(groups[:limit]):
         figures = "".join(_figure(_data_uri(searcher, i), {**searcher.item(i), "score": s}, extra_class="keep" if n == 0 else "")
                           for n, (i, s) in enumerate(zip(group.ids, group.scores)))
@@ -137,12 +139,42 @@ def parse_query(query_string: str, default_k: int) -> tuple[str | None, str | No
     return text, similar, k
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: whatever it resolves to, it is not promised to stay local
+        return False
+
+
+def public_path(searcher: Searcher, path: str) -> str:
+    """``path`` as the page shows it: relative to the indexed folder, or the file name alone when it lies outside
+    (a page served to a network never tells where on this machine the collection lives)."""
+    from pathlib import PurePath
+
+    root = (searcher.infos.get("source") or {}).get("images")
+    if root and PurePath(path).is_relative_to(root):
+        return str(PurePath(path).relative_to(root))
+    return PurePath(path).name if PurePath(path).is_absolute() else path
+
+
 def answer(searcher: Searcher, text: str | None, similar: str | None, k: int) -> dict:
+    """The server's JSON for a query: ``search``'s result with paths relative to the indexed folder."""
     if similar is not None:
-        return searcher.search_similar(int(similar), k)
-    if text is None:
+        result = searcher.search_similar(int(similar), k)
+    elif text is None:
         raise UsageError("give q=TEXT (or similar=ID)")
-    return searcher.search_text(text, k)
+    else:
+        result = searcher.search_text(text, k)
+    for row in [*result["results"], result["query"]]:
+        for field in ("path", "shard"):
+            if isinstance(row.get(field), str):
+                row[field] = public_path(searcher, row[field])
+    return result
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -212,7 +212,8 @@ def test_held_out_items_are_out_of_the_index_while_it_is_measured(approximate):
 # ---------------------------------------------------------------- near-duplicates on approximate indexes
 
 
-def test_dedup_on_an_approximate_index_finds_the_exact_pairs_and_never_chains(tmp_path, capsys):
+@pytest.mark.parametrize("key", ["HNSW16", "IVF64,PQ8x8"])
+def test_dedup_on_an_approximate_index_finds_the_exact_pairs_and_never_chains(key, tmp_path, capsys):
     rng = np.random.default_rng(2)
     base = clustered(12_000, 32, seed=3)
     copies = base[:300] + 0.08 * rng.standard_normal((300, 32)).astype(np.float32)  # near-duplicates of 300 items
@@ -224,7 +225,7 @@ def test_dedup_on_an_approximate_index_finds_the_exact_pairs_and_never_chains(tm
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     write_clip_retrieval(tmp_path / "emb", vectors, [6000, len(vectors) - 6000], dtype=np.float32)
     assert cli.main(["index", "--embeddings", str(tmp_path / "emb"), "--output-dir", str(tmp_path / "idx"), "--quiet",
-                     "--index-key", "HNSW16"]) == 0  # fmt: skip
+                     "--index-key", key]) == 0  # fmt: skip
     capsys.readouterr()
     threshold = 0.95
     rc, out, err = run_cli(["dedup", "--index", tmp_path / "idx", "--method", "embedding", "--threshold", threshold,

@@ -160,3 +160,25 @@ def test_a_locked_open_clip_vit_trains_its_last_groups_only():
     assert "backbone.proj" in training and f"backbone.transformer.resblocks.{last - 1}.attn.in_proj_weight" not in training
     with pytest.raises(UsageError, match=f"has {last + 3} layer groups, so leave 1 to {last + 2}"):
         models.ImageEncoder(encoder.spec).lock(last + 3)
+
+
+def test_a_timm_encoder_pools_as_asked_and_a_run_refuses_the_flag(tmp_path, capsys):
+    """--pool max: the encoder's feature is the maximum of its last feature map over positions (a small strong
+    response is kept, not averaged away); the spec carries it, so an exported run keeps it. On a run dir: exit 2."""
+    import torch
+
+    from mmcontrast.cli import main
+
+    torch.manual_seed(0)
+    encoder = models.ImageEncoder(models.timm_encoder_spec("timm:resnet10t", 32, pool="max")).eval()
+    assert encoder.spec["timm_kwargs"]["global_pool"] == "max"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(encoder.encode_image(x), encoder.backbone.forward_features(x).amax(dim=(2, 3)))
+        average = models.ImageEncoder(models.timm_encoder_spec("timm:resnet10t", 32))
+        average.load_state_dict(encoder.state_dict())
+        assert torch.allclose(average.eval().encode_image(x), encoder.backbone.forward_features(x).mean(dim=(2, 3)), atol=1e-6)
+    (tmp_path / "a" / "x").mkdir(parents=True)
+    assert main(["eval", "linear-probe", "--checkpoint", str(tmp_path), "--pool", "max", "--train", str(tmp_path / "a"),
+                 "--test", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --pool sets the pooling of a timm:NAME checkpoint")

@@ -49,7 +49,7 @@ def clip_index(trained_tiny_clip, tiny_image_folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def text_model(trained_tiny_clip):
-    from mmcontrast.models import load
+    from mmcontrast.loading import load
 
     return load(str(trained_tiny_clip.run_dir))
 
@@ -59,7 +59,7 @@ def brute_force(index_dir: Path, text_model, text: str) -> np.ndarray:
     from mmcontrast.evaluate import encode_texts
 
     model, _, tokenizer = text_model
-    vectors = search.load_embeddings(index_dir, json.loads((index_dir / search.INFOS_FILE).read_text())["parts"])
+    vectors = search.load_embeddings(index_dir)
     return vectors @ encode_texts(model, tokenizer, [text]).numpy()[0]
 
 
@@ -81,8 +81,8 @@ def test_text_search_is_the_exact_brute_force_ranking(clip_index, text_model, ca
         assert np.allclose([r["score"] for r in result["results"]], scores[expected], atol=1e-5)
         gaps = np.diff(np.sort(scores)[::-1][:11])  # ranks whose scores differ are in the same order as brute force
         assert all(g == e for g, e, gap in zip(got, expected, gaps) if abs(gap) > 1e-5)
-        meta = search.Searcher(clip_index)
-        assert [r["path"] for r in result["results"]] == [meta.metadata["path"][i] for i in got]
+        meta = search.Searcher(clip_index).collection
+        assert [r["path"] for r in result["results"]] == [row["path"] for row in meta.rows(got)]
 
 
 @pytest.mark.parametrize("key", ["HNSW8", "IVF16,Flat"])
@@ -172,9 +172,67 @@ def test_embed_texts_writes_the_text_embeddings(trained_tiny_clip, text_model, c
 
 def test_the_index_chosen_by_size_follows_autofaiss():
     assert ann.choose_index_key(9_999, 512) == "Flat"
-    assert ann.choose_index_key(200_000, 512) == "HNSW32"
-    assert ann.choose_index_key(5_000_000, 512, max_memory=2**30) == "OPQ128_640,IVF16384_HNSW32,PQ128x8"
+    assert ann.choose_index_key(100_000, 512) == "HNSW32"  # default budget: a quarter of the vectors, at least 256M
+    assert ann.choose_index_key(200_000, 512) == "IVF2048,PQ128x8"
+    assert ann.choose_index_key(200_000, 512, max_memory=2**30) == "HNSW32"
+    assert ann.choose_index_key(5_000_000, 512, max_memory=2**30) == "IVF8192,PQ128x8"
     assert ann.choose_index_key(500_000, 512, max_memory=1_040_000_000) == "IVF2048,Flat"  # no room for HNSW links
+    assert ann.choose_index_key(2_000_000, 256) == "IVF4096,PQ64x8"  # 512M by default: PQ, re-ranked exactly
+    for n, dim, budget in [(200_000, 512, None), (2_000_000, 256, None), (5_000_000, 512, 2**30), (500_000, 512, 10**9)]:
+        key = ann.choose_index_key(n, dim, budget)
+        assert ann.index_memory(key, n, dim) <= (budget or ann.default_index_memory(n, dim))
+    assert ann.parse_memory("4G") == 4 * 2**30 and ann.parse_memory("512M") == 2**29 and ann.parse_memory("1.5g") == 3 * 2**29
+
+
+def test_an_index_of_the_same_vectors_written_by_another_tool_answers_the_same(clip_index, capsys, tmp_path):
+    """clip_index's vectors and paths, written the way clip-retrieval writes them (pandas parquet, image_path, parts
+    numbered without padding, float16), indexed with --embeddings: the same ids, scores and paths for every query."""
+    import pandas as pd
+
+    vectors = search.load_embeddings(clip_index)
+    paths = [row["path"] for row in search.Searcher(clip_index).collection.rows(range(len(vectors)))]
+    folder = tmp_path / "clip_retrieval"
+    (folder / "img_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    for i, start in enumerate(range(0, len(vectors), 50)):  # other part sizes than the index's 64
+        np.save(folder / "img_emb" / f"img_emb_{i}.npy", vectors[start : start + 50])
+        pd.DataFrame({"image_path": paths[start : start + 50]}).to_parquet(folder / "metadata" / f"metadata_{i}.parquet")
+    rc, _, _ = run_cli(["index", "--embeddings", str(folder), "--output-dir", str(tmp_path / "idx"), "--quiet"], capsys)
+    assert rc == 0
+    queries = np.random.default_rng(0).standard_normal((12, vectors.shape[1])).astype(np.float32)
+    np.save(tmp_path / "q.npy", queries)
+    answers = {}
+    for name, index in (("ours", clip_index), ("theirs", tmp_path / "idx")):
+        rc, _, _ = run_cli(["search", "--index", str(index), "--vectors", str(tmp_path / "q.npy"), "--k", "8",
+                            "--output", str(tmp_path / f"{name}.json")], capsys)  # fmt: skip
+        assert rc == 0
+        answers[name] = json.loads((tmp_path / f"{name}.json").read_text())["queries"]
+    for ours, theirs in zip(answers["ours"], answers["theirs"]):
+        assert [(r["id"], r["path"]) for r in ours["results"]] == [(r["id"], r["path"]) for r in theirs["results"]]
+        assert np.allclose([r["score"] for r in ours["results"]], [r["score"] for r in theirs["results"]], atol=1e-6)
+
+
+def test_a_clip_index_measures_recall_on_held_out_images_and_captions(trained_tiny_clip, tiny_shards, capsys, tmp_path):
+    rc, printed, _ = run_cli(["index", "--shards", str(tiny_shards), "--checkpoint", str(trained_tiny_clip.run_dir),
+                              "--output-dir", str(tmp_path / "idx"), "--workers", "0", "--quiet", "--index-key", "HNSW8"],
+                             capsys)  # fmt: skip
+    infos = json.loads(printed)
+    assert rc == 0 and set(infos["recall"]) == {"image", "text"} and "captions as text queries" in infos["recall_measured_on"]
+    assert infos["recall@10"] == infos["recall"]["image"]["recall@10"]
+
+
+def test_machines_each_embedding_a_part_then_one_merge_equal_one_run(trained_tiny_clip, tiny_image_folder, clip_index,
+                                                                     capsys, tmp_path):
+    out = tmp_path / "parts"
+    for part in ("1/2", "0/2"):
+        rc, printed, err = run_cli(index_args(tiny_image_folder, trained_tiny_clip.run_dir, out, "--part-size", "64",
+                                              "--part", part), capsys)  # fmt: skip
+        assert rc == 0 and printed == "" and "--resume" in err and not (out / search.INFOS_FILE).exists()
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["part_00000.json", "part_00001.json", "part_00002.json"]
+    rc, printed, _ = run_cli(index_args(tiny_image_folder, trained_tiny_clip.run_dir, out, "--part-size", "64", "--resume"),
+                             capsys)
+    assert rc == 0 and json.loads(printed)["parts_embedded"] == 0
+    _same_index(out, clip_index, atol=1e-5)
 
 
 # ---------------------------------------------------------------- processes: two equal one; a killed run resumes
@@ -188,8 +246,10 @@ def _same_index(a: Path, b: Path, atol: float = 0.0, fields=("index_key", "n_ite
     infos_a, infos_b = (json.loads((d / search.INFOS_FILE).read_text()) for d in (a, b))
     for field in fields:
         assert infos_a[field] == infos_b[field], field
-    assert np.allclose(search.load_embeddings(a, infos_a["parts"]), search.load_embeddings(b, infos_b["parts"]), atol=atol, rtol=0)
-    assert search.Searcher(a).metadata == search.Searcher(b).metadata
+    assert np.allclose(search.load_embeddings(a), search.load_embeddings(b), atol=atol, rtol=0)
+    everything = range(infos_a["n_indexed"])
+    columns = ("path", "key", "shard", "caption", "bytes", "width", "height")
+    assert search.Searcher(a).collection.rows(everything, columns) == search.Searcher(b).collection.rows(everything, columns)
 
 
 @pytest.mark.slow  # two launched processes: ~20 s
@@ -234,53 +294,85 @@ def test_a_killed_index_resumes_without_embedding_finished_parts_again(trained_t
 # ---------------------------------------------------------------- near-duplicates
 
 
-def _dedup_bench():
-    """bench/dedup_threshold.py: its generated pictures and its copy detector are the ones these tests measure."""
-    import importlib.util
+def _picture(rng: np.random.Generator, size: int = 64):
+    """A distinct picture: a random 6 x 6 grid of colours, smoothly interpolated."""
+    from PIL import Image
 
-    spec = importlib.util.spec_from_file_location("dedup_threshold", ROOT / "bench" / "dedup_threshold.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
 
 
-_picture = _dedup_bench().picture  # a distinct picture: a random 6 x 6 grid of colours, smoothly interpolated
+def _planted_collection(folder: Path, n: int, seed: int) -> dict[str, str]:
+    """``n`` pictures (JPEG q95), every third with one copy — resized, recompressed (q75) or cropped in turn;
+    returns ``{path: path of its original}``."""
+    from mmcontrast.dedup import COPY_KINDS, plant_copy
 
-
-@pytest.fixture(scope="module")
-def copy_detector(tmp_path_factory) -> Path:
-    """A copy detector in the way of SSCD (Pizzi et al. 2022): mmc-tiny's image tower trained with NT-Xent to match
-    two near-duplicate copies of each of 256 pictures (not those the test plants); saved as an image-only run dir
-    by the benchmark's own ``train_copy_detector``."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _dedup_bench().train_copy_detector(tmp_path_factory.mktemp("copy_detector") / "run", steps=80)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_dedup_finds_planted_near_duplicates(copy_detector, capsys, tmp_path):
-    from mmcontrast.dedup import COPY_KINDS, pair_precision_recall, plant_copy
-
-    rng = np.random.default_rng(0)
-    folder, truth = tmp_path / "photos", {}
+    rng = np.random.default_rng(seed)
     folder.mkdir()
-    for i in range(150):
+    truth = {}
+    for i in range(n):
         scene, original = _picture(rng), str(folder / f"{i:03d}.jpg")
         scene.save(original, quality=95)
         truth[original] = original
-        if i % 3 == 0:  # 50 originals get a copy each: resized, recompressed or cropped in turn
+        if i % 3 == 0:
             kind = COPY_KINDS[(i // 3) % 3]
             copy = plant_copy(scene, kind, rng)
             copy.save(folder / f"{i:03d}_{kind}.jpg", quality=95 if kind != "recompressed" else 75)
             truth[str(folder / f"{i:03d}_{kind}.jpg")] = original
+    return truth
+
+
+def _groups_of(csv_path: Path) -> list[list[str]]:
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row["path"])
+    return list(groups.values())
+
+
+def test_dedup_with_its_defaults_finds_planted_copies_whatever_the_checkpoint_learned(trained_tiny_clip, capsys, tmp_path):
+    """The tiny CLIP knows coloured shapes, not these pictures: the defaults (both methods, the embedding side only
+    where its calibration separates copies) still find resized, recompressed and cropped copies."""
+    from mmcontrast.dedup import pair_precision_recall
+
+    truth = _planted_collection(tmp_path / "photos", 150, seed=7)
+    rc, printed, err = run_cli(["dedup", "--images", str(tmp_path / "photos"), "--checkpoint", str(trained_tiny_clip.run_dir),
+                                "--workers", "0", "--quiet", "--output", str(tmp_path / "d.csv")], capsys)  # fmt: skip
+    assert rc == 0 and json.loads(printed)["method"] == "both"
+    measured = pair_precision_recall(_groups_of(tmp_path / "d.csv"), truth)
+    assert measured["recall"] >= 0.95 and measured["precision"] >= 0.9, (measured, printed, err)
+
+
+@pytest.fixture(scope="module")
+def copy_detector(tmp_path_factory) -> Path:
+    """A copy detector in the way of SSCD (Pizzi et al. 2022), trained by the trainer as a user would:
+    configs/copy_detector_cpu.yaml (mmc-tiny's image tower, NT-Xent over two copies of each of 256 pictures, not those
+    the test plants) on image-only shards; an image-only run dir."""
+    from data_tools import make_shards
+
+    root = tmp_path_factory.mktemp("copy_detector")
+    rng = np.random.default_rng(1)
+    (root / "pictures").mkdir()
+    for i in range(256):
+        _picture(rng).save(root / "pictures" / f"{i:03d}.png")
+    assert make_shards.main([str(root / "pictures"), str(root / "shards"), "--layout", "images", "--workers", "1"]) == 0
+    r = subprocess.run([sys.executable, "-m", "mmcontrast.train", "--config", str(ROOT / "configs" / "copy_detector_cpu.yaml"),
+                        "--train-shards", str(root / "shards"), "--output-dir", str(root / "run"), "--seed", "0"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "run"
+
+
+def test_dedup_finds_planted_near_duplicates(copy_detector, capsys, tmp_path):
+    from mmcontrast.dedup import pair_precision_recall
+
+    folder = tmp_path / "photos"
+    truth = _planted_collection(folder, 150, seed=0)  # 50 originals get a copy each: resized, recompressed or cropped
     rc, printed, _ = run_cli(["dedup", "--images", str(folder), "--checkpoint", str(copy_detector), "--workers", "0", "--quiet",
                               "--output", str(tmp_path / "dups.csv"), "--html", str(tmp_path / "dups.html")], capsys)  # fmt: skip
     result = json.loads(printed)
-    assert rc == 0 and result["threshold"] == result["calibration"]["threshold"]  # calibrated on the collection's own copies
+    calibration = result["calibration"]  # on the collection's own copies and distinct pairs: this detector separates them
+    assert rc == 0 and calibration["separable"] and result["threshold"] == calibration["threshold"], json.dumps(result)
     with open(tmp_path / "dups.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows and list(rows[0]) == ["group", "path", "score"]
@@ -324,7 +416,11 @@ def test_the_server_answers_search_json_and_serves_only_indexed_images(server, c
     base, _ = server
     status, kind, body = fetch(f"{base}/api/search?q=a+red+circle&k=5")
     assert status == 200 and kind.startswith("application/json")
-    assert json.loads(body) == search.Searcher(clip_index).search_text("a red circle", 5)
+    got, expected = json.loads(body), search.Searcher(clip_index).search_text("a red circle", 5)
+    root = json.loads((clip_index / search.INFOS_FILE).read_text())["source"]["images"]
+    assert [(r["id"], r["score"]) for r in got["results"]] == [(r["id"], r["score"]) for r in expected["results"]]
+    # paths relative to the indexed folder: a page on a network does not tell where the collection lives
+    assert [r["path"] for r in got["results"]] == [str(Path(r["path"]).relative_to(root)) for r in expected["results"]]
     status, kind, body = fetch(f"{base}/?q=a+red+circle&k=4")
     page = body.decode()
     assert status == 200 and page.count('<img src="/image/') == 4 and 'href="/?similar=' in page and 'name="q"' in page
@@ -392,3 +488,17 @@ def test_help_answers(command, capsys):
     with pytest.raises(SystemExit) as done:
         cli.main([command, "--help"])
     assert done.value.code == 0 and "--" in capsys.readouterr().out
+
+
+def test_dedup_says_when_the_checkpoint_cannot_tell_copies_from_look_alikes(trained_tiny_clip, tiny_image_folder, capsys,
+                                                                           tmp_path):
+    """The tiny CLIP learned colour and shape: 16 look-alike pictures of each score as high as copies do."""
+    args = ["dedup", "--images", str(tiny_image_folder), "--checkpoint", str(trained_tiny_clip.run_dir), "--workers", "0",
+            "--quiet", "--output", str(tmp_path / "d.csv")]  # fmt: skip
+    rc, printed, err = run_cli([*args, "--method", "embedding"], capsys)
+    result = json.loads(printed)
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert rc == 0 and not result["calibration"]["separable"] and len(warnings) == 1 and "--method phash" in warnings[0]
+    rc, printed, err = run_cli(args, capsys)  # both (the default): the embedding side is left out, and it says so
+    result = json.loads(printed)
+    assert rc == 0 and result["threshold"] is None and "using pHash alone" in err and "embedding_pairs" not in result

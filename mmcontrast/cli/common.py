@@ -39,6 +39,8 @@ def model_arguments(p: argparse.ArgumentParser, text_needed: bool = False) -> No
                    help="weights for an open_clip model name or a timm:NAME encoder (timm's layout); never downloaded")
     p.add_argument("--image-size", type=int, metavar="PX",
                    help="input size of a timm:NAME checkpoint (default: its pretrained config's, 224 for ImageNet models)")
+    p.add_argument("--pool", choices=("avg", "max", "avgmax", "catavgmax"),
+                   help="global pooling of a timm:NAME checkpoint (default avg); max keeps small local features")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="the encoders' precision; auto: bf16 on GPUs and on CPUs with AVX512-BF16/AMX, else fp32 "
@@ -73,7 +75,9 @@ def load_for_eval(args: argparse.Namespace, options: dict | None = None):
     if args.image_size is not None and (args.image_size < 8 or not args.checkpoint.startswith("timm:")):
         raise UsageError("--image-size sets the input size of a timm:NAME checkpoint (at least 8 px); "
                          "run dirs and open_clip models preprocess at their own size")
-    loaded = load(args.checkpoint, pretrained=args.pretrained, device=str(device), image_size=args.image_size)
+    if args.pool is not None and not args.checkpoint.startswith("timm:"):
+        raise UsageError("--pool sets the pooling of a timm:NAME checkpoint; a run dir keeps the pooling it was trained with")
+    loaded = load(args.checkpoint, pretrained=args.pretrained, device=str(device), image_size=args.image_size, pool=args.pool)
     args.precision = encoders_in_precision(loaded[0], args.precision)  # the one resolved: results record it
     if not Path(args.checkpoint).exists() and not args.pretrained and not args.checkpoint.startswith("timm:"):
         print(f"note: {args.checkpoint} is an open_clip model name without --pretrained, so its weights are random",

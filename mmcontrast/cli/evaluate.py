@@ -147,7 +147,7 @@ def _eval_few_shot(args: argparse.Namespace) -> int:
         from mmcontrast.loading import load as load_model
 
         baseline = load_model(args.checkpoint, pretrained=args.pretrained, device=str(next(loaded[0].parameters()).device),
-                              image_size=args.image_size, random_init=True)
+                              image_size=args.image_size, random_init=True, pool=args.pool)
         encoders_in_precision(baseline[0], args.precision)
         return baseline
 

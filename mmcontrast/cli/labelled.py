@@ -38,6 +38,8 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=Settings.batch_size, help=f"default {Settings.batch_size}")
     p.add_argument("--image-size", metavar="PX|native",
                    help="input size of a timm:NAME encoder (default: its pretrained size); native: the labelled images' own")
+    p.add_argument("--pool", choices=("avg", "max", "avgmax", "catavgmax"),
+                   help="global pooling of a timm:NAME encoder (default avg); max keeps small local features")
     p.add_argument("--classes", metavar="A,B,...", help="the class list in this order (default: the folder names sorted as "
                    "strings); stored in the run and read by predict and eval classifier")
     p.add_argument("--init", default=Settings.init, choices=HEAD_INITS,
@@ -62,7 +64,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from mmcontrast import finetune
 
     settings = finetune.Settings(args.train, args.checkpoint, args.output_dir, args.val, args.pretrained, args.epochs, args.lr,
-                                 batch_size=args.batch_size, image_size=size, init=args.init,
+                                 batch_size=args.batch_size, image_size=size, pool=args.pool, init=args.init,
                                  templates=args.templates, seed=args.seed, workers=args.workers,
                                  classes=names(args.classes, "--classes") if args.classes else None,
                                  folds=args.folds, resume=args.resume, overrides=args.overrides)
@@ -134,6 +136,8 @@ def _views_arguments(p: argparse.ArgumentParser) -> None:
                    help="the encoder whose frozen features are probed: a run, an open_clip name or timm:NAME with --pretrained")
     p.add_argument("--pretrained", metavar="LOCAL_FILE", help="weights for an open_clip name or timm:NAME (never downloaded)")
     p.add_argument("--image-size", metavar="PX|native", help="input size of a timm:NAME encoder; native: the images' own")
+    p.add_argument("--pool", choices=("avg", "max", "avgmax", "catavgmax"),
+                   help="global pooling of a timm:NAME encoder (default avg); max keeps small local features")
     p.add_argument("--copies", type=int, default=2, help="augmented copies of each image per view (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", metavar="FILE.json", help="also write the JSON result to this file")
@@ -148,7 +152,8 @@ def _views(args: argparse.Namespace) -> int:
     from mmcontrast import views
     from mmcontrast.labelled import labelled_encoder
 
-    encoder, spec, paths, labels = labelled_encoder(args.train, args.checkpoint, args.pretrained, image_size(args.image_size))
+    encoder, spec, paths, labels = labelled_encoder(args.train, args.checkpoint, args.pretrained, image_size(args.image_size),
+                                                   args.pool)
     result = views.measure_views(encoder, spec, paths, labels, copies=args.copies, seed=args.seed)
     result["chosen"] = views.choose_preset(result)
     print(f"{'view':<24} {'top-1':>6} {'loss':>6} {'strength':>8}")
