@@ -326,22 +326,24 @@ def embed_shard_pairs(model: nn.Module, preprocess: Callable, tokenizer: Callabl
     """Embed up to ``samples`` positive pairs from image–caption (or image-only) shards.
 
     Pairs are (image, caption) through the model's two towers, or with ``views`` (and always for an
-    image-only encoder, ``tokenizer=None``) two SimCLR views of each image (``augment.simclr_transform``
+    image-only encoder, ``tokenizer=None``) two SimCLR views of each image (``augment.view_transform`` of the preset,
     at the preprocess's size and normalisation), seeded by ``seed``. Samples are a seeded shuffle of
     the shards. Returns x, y: (n, d) float32 on CPU, not normalised, and whether they are two views
     (``health``'s ``views``). ``preset``: the views' recipe (``config.AUGMENT_PRESETS``) — with a strong encoder,
     how often positives are found says whether a recipe's two views still share enough to be matched.
     """
     from mmcontrast import data
-    from mmcontrast.augment import simclr_transform
     from mmcontrast.shards import check_fields
 
     views = views or tokenizer is None or not hasattr(model, "encode_text")
     check_fields(shards, need_text=not views)
     if views:
-        from mmcontrast.config import AUGMENT_PRESETS as PRESETS
+        from mmcontrast.augment import view_transform
+        from mmcontrast.config import AugmentConfig, resolve_augment
 
-        transform, tokenizer = simclr_transform(*preprocess_geometry(preprocess), **PRESETS[preset]), None
+        aug = AugmentConfig(preset=preset)
+        resolve_augment(aug)
+        transform, tokenizer = view_transform(aug, *preprocess_geometry(preprocess)), None
     else:
         transform = preprocess
     loader = data.make_loader(shards, image_transform=transform, tokenizer=tokenizer, views=2 if views else 1,

@@ -455,6 +455,26 @@ def test_serve_binds_to_this_machine_only_by_default():
     assert args.host == DEFAULT_HOST == "127.0.0.1"
 
 
+def test_serving_to_a_network_is_said_and_this_machine_is_not():
+    """A bind beyond this machine serves every indexed image to whoever can reach it: one warning line on stderr."""
+    from mmcontrast.web import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("myhost")
+
+
+def test_serve_on_every_interface_warns_before_it_serves(clip_index):
+    proc = subprocess.Popen([sys.executable, "-m", "mmcontrast.cli", "serve", "--index", str(clip_index), "--host", "0.0.0.0",
+                             "--port", "0"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in proc.stdout.readline()  # the warning was said before it
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    warnings = [line for line in err.splitlines() if line.startswith("warning: --host")]
+    assert len(warnings) == 1 and "0.0.0.0 serves the" in warnings[0] and "127.0.0.1" in warnings[0], err
+
+
 def chromium_dom(url: str, profile: Path) -> str:
     """The DOM headless Chromium ends with after loading ``url`` (and whatever the page does within 5 s)."""
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
