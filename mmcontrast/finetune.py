@@ -34,7 +34,6 @@ from mmcontrast.config import Config
 from mmcontrast.errors import UsageError
 from mmcontrast.labelled import (
     Labelled,
-    class_list,
     fold_indices,
     labelled_images,
     native_size,
@@ -309,7 +308,6 @@ def run(s: Settings, train_fn: Callable[[Config], Path] | None = None) -> Select
     """The whole command (module docstring): returns what it chose. ``train_fn`` runs a classify config (the trainer's
     ``train``; tests may pass another)."""
     from mmcontrast import classifier as clf
-    from mmcontrast.evaluate import class_folders
     from mmcontrast.probe import fit_probe
 
     if train_fn is None:
@@ -319,16 +317,14 @@ def run(s: Settings, train_fn: Callable[[Config], Path] | None = None) -> Select
     if s.folds < 2 and not s.val_dir:
         raise UsageError(f"--folds {s.folds}: cross-validation needs at least 2 folds (or give --val DIR)")
     run_dir = check_run_dir(s)
-    classes = class_list(sorted(set(class_folders(s.train_dir)[1])), s.classes, s.train_dir)
-    labelled = labelled_images(s.train_dir, classes)
+    classes, labelled = labelled_images(s.train_dir, s.classes)
     if s.image_size == "native":
         s.image_size = native_size(labelled.paths)
     enc = Encoder(*starting_encoder(s.checkpoint, s.pretrained, s.image_size, s.pool))
     labelled.features = _encode(enc, classes, labelled.paths)
     views = _auto_views(s, enc, classes)
     if s.val_dir:
-        class_list(sorted(set(class_folders(s.val_dir)[1])), classes, s.val_dir, every_class=False)
-        val = labelled_images(s.val_dir, classes)
+        _, val = labelled_images(s.val_dir, classes, every_class=False)
         val.features = _encode(enc, classes, val.paths)
         probe = fit_probe(labelled.features, labelled.labels, s.seed)
         probe_summary = _summary([_scores(probe.predict(val.features), val.labels, len(classes))])

@@ -40,11 +40,14 @@ def class_list(found: list[str], given: list[str] | None, folder: str | Path, ev
     return classes
 
 
-def labelled_images(folder: str | Path, classes: list[str]) -> Labelled:
+def labelled_images(folder: str | Path, given: list[str] | None = None, every_class: bool = True) -> tuple[list[str], Labelled]:
+    """``(class list, images)`` of a folder of class folders, listed once: the class list is ``class_list``'s (``given``
+    or the folder names sorted as strings), every image's label its place in it."""
     from mmcontrast.evaluate import class_folders
 
     paths, names = class_folders(folder)
-    return Labelled(list(paths), np.array([classes.index(n) for n in names], dtype=np.int64))
+    classes = class_list(sorted(set(names)), given, folder, every_class)
+    return classes, Labelled(list(paths), np.array([classes.index(n) for n in names], dtype=np.int64))
 
 
 def fold_indices(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
@@ -65,10 +68,8 @@ def labelled_encoder(folder: str | Path, checkpoint: str, pretrained: str | None
     """(encoder in eval mode, its spec, the labelled images' paths, their class indices) of class folders and any
     image checkpoint, at ``image_size`` (``native``: the images' own)."""
     from mmcontrast.classifier import ImageClassifier
-    from mmcontrast.evaluate import class_folders
 
-    classes = class_list(sorted(set(class_folders(folder)[1])), None, folder)
-    labelled = labelled_images(folder, classes)
+    classes, labelled = labelled_images(folder)
     size = native_size(labelled.paths) if image_size == "native" else image_size
     spec, state = starting_encoder(checkpoint, pretrained, size, pool)
     encoder = ImageClassifier(spec, classes).encoder

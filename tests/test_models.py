@@ -170,6 +170,13 @@ def test_a_timm_encoder_pools_as_asked_and_a_run_refuses_the_flag(tmp_path, caps
     from mmcontrast.cli import main
 
     torch.manual_seed(0)
+    import argparse
+
+    from mmcontrast.cli.common import pool_argument
+
+    parser = argparse.ArgumentParser()
+    pool_argument(parser)
+    assert tuple(parser._actions[-1].choices) == models.POOLS  # the CLI names them without importing torch
     encoder = models.ImageEncoder(models.timm_encoder_spec("timm:resnet10t", 32, pool="max")).eval()
     assert encoder.spec["timm_kwargs"]["global_pool"] == "max"
     x = torch.randn(2, 3, 32, 32)

@@ -39,8 +39,7 @@ def model_arguments(p: argparse.ArgumentParser, text_needed: bool = False) -> No
                    help="weights for an open_clip model name or a timm:NAME encoder (timm's layout); never downloaded")
     p.add_argument("--image-size", type=int, metavar="PX",
                    help="input size of a timm:NAME checkpoint (default: its pretrained config's, 224 for ImageNet models)")
-    p.add_argument("--pool", choices=("avg", "max", "avgmax", "catavgmax"),
-                   help="global pooling of a timm:NAME checkpoint (default avg); max keeps small local features")
+    pool_argument(p)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="the encoders' precision; auto: bf16 on GPUs and on CPUs with AVX512-BF16/AMX, else fp32 "
@@ -48,6 +47,12 @@ def model_arguments(p: argparse.ArgumentParser, text_needed: bool = False) -> No
     p.add_argument("--batch-size", type=int, help="images per forward pass (default 128)")
     p.add_argument("--workers", type=int, default=None, help="image-decoding processes (default min(4, CPUs))")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def pool_argument(p: argparse.ArgumentParser) -> None:
+    """``--pool``: the global pooling of a timm:NAME encoder (``models.POOLS``, named here: ``--help`` loads no torch)."""
+    p.add_argument("--pool", choices=("avg", "max", "avgmax", "catavgmax"),
+                   help="global pooling of a timm:NAME encoder (default avg); max keeps small local features")
 
 
 def template_argument(p: argparse.ArgumentParser) -> None:

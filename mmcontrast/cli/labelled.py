@@ -11,6 +11,7 @@ from mmcontrast.cli.common import (
     loader_options,
     model_arguments,
     names,
+    pool_argument,
     print_prediction_table,
     require_dir,
     subcommand,
@@ -38,8 +39,7 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=Settings.batch_size, help=f"default {Settings.batch_size}")
     p.add_argument("--image-size", metavar="PX|native",
                    help="input size of a timm:NAME encoder (default: its pretrained size); native: the labelled images' own")
-    p.add_argument("--pool", choices=("avg", "max", "avgmax", "catavgmax"),
-                   help="global pooling of a timm:NAME encoder (default avg); max keeps small local features")
+    pool_argument(p)
     p.add_argument("--classes", metavar="A,B,...", help="the class list in this order (default: the folder names sorted as "
                    "strings); stored in the run and read by predict and eval classifier")
     p.add_argument("--init", default=Settings.init, choices=HEAD_INITS,
@@ -136,8 +136,7 @@ def _views_arguments(p: argparse.ArgumentParser) -> None:
                    help="the encoder whose frozen features are probed: a run, an open_clip name or timm:NAME with --pretrained")
     p.add_argument("--pretrained", metavar="LOCAL_FILE", help="weights for an open_clip name or timm:NAME (never downloaded)")
     p.add_argument("--image-size", metavar="PX|native", help="input size of a timm:NAME encoder; native: the images' own")
-    p.add_argument("--pool", choices=("avg", "max", "avgmax", "catavgmax"),
-                   help="global pooling of a timm:NAME encoder (default avg); max keeps small local features")
+    pool_argument(p)
     p.add_argument("--copies", type=int, default=2, help="augmented copies of each image per view (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", metavar="FILE.json", help="also write the JSON result to this file")
