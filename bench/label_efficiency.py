@@ -11,6 +11,10 @@ Rows (``--rows``, comma-separated; default every row but ``ceiling-finetune``), 
   the architecture at random init, the frozen ImageNet features under the logistic probe and nearest class mean;
 * ``native-max``: the frozen features at the images' own size with global max pooling instead of the average
   (``eval few-shot --image-size N --pool max``): a small defect's response is not averaged away;
+* ``patches``: ``mmcontrast finetune --epochs 0 --image-size N --pool max`` on each draw: no fine-tuning, the frozen
+  probe against the patch classifier (region banks per class stacked with the probe), kept by its cross-validation;
+* ``patches-unlabelled``: the same with ``--unlabelled DATA/unlabelled``: the banks take the unlabelled images the
+  probe gives each class most confidently;
 * ``finetune``: ``mmcontrast finetune`` with its defaults on each draw (it cross-validates the frozen probe against
   fine-tuning and keeps the better), then ``mmcontrast eval classifier``;
 * ``simclr``: ``configs/simclr_imagenet_cpu.yaml`` continued on ``DATA/unlabelled`` (``make_shards --layout images``
@@ -35,8 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("baselines", "native-max", "finetune", "simclr", "ceiling-probe", "ceiling-finetune")
-DEFAULT_ROWS = ("baselines", "native-max", "finetune", "simclr", "ceiling-probe")
+ROWS = ("baselines", "native-max", "patches", "patches-unlabelled", "finetune", "simclr", "ceiling-probe", "ceiling-finetune")
+DEFAULT_ROWS = ("baselines", "native-max", "patches", "patches-unlabelled", "finetune", "simclr", "ceiling-probe")
 CHECKPOINT = "timm:efficientnet_lite0"
 NAMES = {  # result key -> the table's row
     "pixels": "raw pixels, logistic probe",
@@ -44,6 +48,8 @@ NAMES = {  # result key -> the table's row
     "checkpoint_ncm": "frozen ImageNet Lite0, nearest class mean",
     "checkpoint": "frozen ImageNet Lite0, logistic probe",
     "native_max_probe": "the same at the images' own size, max pooling (`--image-size N --pool max`)",
+    "patches": "`finetune --epochs 0`, native size, max pooling: probe or patch classifier (CV)",
+    "patches_unlabelled": "the same with `--unlabelled DATA/unlabelled` (region banks filled)",
     "finetune": "`finetune`, defaults (CV: probe or fine-tuned)",
     "simclr_probe": "continued SimCLR on unlabelled, then the probe",
     "simclr_finetune": "continued SimCLR on unlabelled, then `finetune`",
@@ -116,10 +122,10 @@ def few_shot(table: Table, checkpoint: list[str], draw: Path, test: Path, work: 
         table.add(row, point["mean"], point["recall_mean"], seconds, cmd)
 
 
-def finetune(table: Table, key: str, checkpoint: list[str], train: Path, test: Path, work: Path) -> None:
-    """``finetune`` with its defaults on ``train``, then ``eval classifier`` on ``test``."""
+def finetune(table: Table, key: str, checkpoint: list[str], train: Path, test: Path, work: Path, extra: tuple = ()) -> None:
+    """``finetune`` with its defaults (and ``extra``) on ``train``, then ``eval classifier`` on ``test``."""
     run = work / f"{key}_{train.name}"
-    cmd = _mmcontrast("finetune", "--train", str(train), *checkpoint, "--output-dir", str(run),
+    cmd = _mmcontrast("finetune", "--train", str(train), *checkpoint, *extra, "--output-dir", str(run),
                       *(["--resume"] if (run / "data").exists() and not (run / "best.json").is_file() else []))
     timing = run.with_suffix(".seconds")
     if not (run / "best.json").is_file():
@@ -195,13 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     table = Table()
     for draw in draws if "baselines" in rows else []:  # the cheap rows first: minutes, where fine-tuning takes an hour
         few_shot(table, imagenet, draw, test, work, baselines="pixels,random-init")
-    if "native-max" in rows:
-        from PIL import Image
+    from PIL import Image
 
-        with Image.open(next(p for p in sorted(test.rglob("*")) if p.is_file())) as image:
-            native = ["--image-size", str(min(image.size)), "--pool", "max"]
-        for draw in draws:
-            few_shot(table, imagenet + native, draw, test, work, prefix="native_max_")
+    with Image.open(next(p for p in sorted(test.rglob("*")) if p.is_file())) as image:
+        native = ["--image-size", str(min(image.size)), "--pool", "max"]
+    for draw in draws if "native-max" in rows else []:
+        few_shot(table, imagenet + native, draw, test, work, prefix="native_max_")
+    for draw in draws if "patches" in rows else []:
+        finetune(table, "patches", imagenet, draw, test, work, ("--epochs", "0", *native))
+    for draw in draws if "patches-unlabelled" in rows else []:
+        finetune(table, "patches_unlabelled", imagenet, draw, test, work,
+                 ("--epochs", "0", *native, "--unlabelled", str(args.data / "unlabelled")))
     if "ceiling-probe" in rows:
         out = work / "ceiling_probe.json"
         cmd = _mmcontrast("eval", "linear-probe", *imagenet, "--train", str(args.data / "pool"), "--test", str(test),

@@ -1,6 +1,7 @@
 """The labelled slice: an image encoder with a linear head over class names, its starting points and its files.
 
-Owns ``ImageClassifier`` (encoder + head; ``forward`` gives logits, ``encode_image`` the encoder's features),
+Owns ``ImageClassifier`` (encoder + head; ``forward`` gives logits, ``encode_image`` the encoder's features) and
+``PatchClassifier`` (a frozen one with region banks and a stacking probe, ``patches.py``),
 turning any checkpoint into a starting encoder (a SimCLR run, a CLIP run's image tower, ``timm:NAME`` with a
 local weights file), the head's starting values (a linear probe on frozen features — LP-FT — or a CLIP
 checkpoint's class-name text embeddings), and the run files: ``model.safetensors`` (encoder and head),
@@ -60,6 +61,38 @@ class ImageClassifier(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.head(self.encoder.encode_image(image)),)  # (B, classes) logits, as a tuple like every task's outputs
 
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """``(B, classes)`` float32 logits (the encoder may run in bf16: ``evaluate.encoders_in_precision``)."""
+        return nn.functional.linear(self.encode_image(image).float(), self.head.weight.float(), self.head.bias.float())
+
+
+class PatchClassifier(ImageClassifier):
+    """A frozen encoder, its probe's head, a bank of regions per class and a stacking probe (``patches.py``): the
+    logits are the stacking probe's, on the head's logits and the log region distances to each bank. Not trained by
+    the trainer: ``mmcontrast finetune`` fits it, and exports it when cross-validation prefers it."""
+
+    def __init__(self, spec: dict, classes: Sequence[str], bank_sizes: Sequence[int], region_dim: int):
+        from mmcontrast.patches import PatchMemory, tap_layers
+
+        super().__init__(spec, classes)
+        self.layers = tap_layers(self.encoder.backbone)
+        self.memory = PatchMemory(bank_sizes, region_dim)
+        self.stack = nn.Linear(2 * len(self.classes), len(self.classes))
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        from mmcontrast.patches import MapTap, region_features
+
+        with MapTap(self.encoder.backbone, self.layers) as tap:
+            pooled = self.encoder.encode_image(image).float()
+        with torch.autocast(image.device.type, enabled=False):  # distances in float32, whatever the encoder ran in
+            base = nn.functional.linear(pooled, self.head.weight.float(), self.head.bias.float())
+            distances = self.memory.distances(region_features(tap.maps))
+            inputs = torch.cat([base, distances.clamp_min(1e-6).log()], 1)
+            return nn.functional.linear(inputs, self.stack.weight.float(), self.stack.bias.float())
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.logits(image),)
+
 
 # ---------------------------------------------------------------- starting points
 
@@ -89,9 +122,31 @@ def write_start(path: Path, spec: dict, encoder_state: dict, classes: Sequence[s
     return path
 
 
-def classifier_config(spec: dict, classes: Sequence[str]) -> dict:
-    """What ``model_config.json`` holds for a classifier run."""
-    return {CLASSIFIER_KEY: {"encoder": spec, "classes": list(classes)}}
+def write_patch_classifier(run_dir: Path, spec: dict, encoder_state: dict, classes: Sequence[str],
+                           head: tuple[np.ndarray, np.ndarray], banks: Sequence[torch.Tensor],
+                           stack: tuple[np.ndarray, np.ndarray]) -> None:
+    """A ``PatchClassifier``'s files in ``run_dir``: ``model_config.json`` (with the banks' sizes) and
+    ``model.safetensors`` (encoder, probe head, banks, stacking probe)."""
+    from safetensors.torch import save_file
+
+    model = PatchClassifier(spec, classes, [len(b) for b in banks], banks[0].shape[1])
+    model.encoder.load_state_dict(encoder_state)
+    model.memory.fill(banks)
+    with torch.no_grad():
+        for layer, (weight, bias) in ((model.head, head), (model.stack, stack)):
+            layer.weight.copy_(torch.from_numpy(np.asarray(weight, dtype=np.float32)))
+            layer.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    patches = {"bank_sizes": [len(b) for b in banks], "region_dim": int(banks[0].shape[1])}
+    (run_dir / models.MODEL_CONFIG_FILE).write_text(json.dumps(classifier_config(spec, classes, patches), indent=2))
+    models.atomic_save(save_file, models.state_dict_for_file(model), run_dir / models.WEIGHTS_FILE)
+
+
+def classifier_config(spec: dict, classes: Sequence[str], patches: dict | None = None) -> dict:
+    """What ``model_config.json`` holds for a classifier run (``patches``: a ``PatchClassifier``'s bank sizes and
+    region width)."""
+    return {CLASSIFIER_KEY: {"encoder": spec, "classes": list(classes), **({"patches": patches} if patches else {})}}
 
 
 def save_classifier_files(model: ImageClassifier, out_dir: str | Path, weights: bool = True,
@@ -109,7 +164,9 @@ def save_classifier_files(model: ImageClassifier, out_dir: str | Path, weights: 
 def load_classifier(cfg: dict, weights: Path | None, device: str) -> tuple[ImageClassifier, Callable, None]:
     """``(classifier, preprocess, None)`` from a ``model_config.json`` dict and its weights (None: random)."""
     entry = cfg[CLASSIFIER_KEY]
-    model = ImageClassifier(entry["encoder"], entry["classes"])
+    patches = entry.get("patches")
+    model = (PatchClassifier(entry["encoder"], entry["classes"], patches["bank_sizes"], patches["region_dim"]) if patches
+             else ImageClassifier(entry["encoder"], entry["classes"]))
     if weights is not None:
         state = models.strip_wrapper_prefixes(models.load_weights_file(weights))
         try:
@@ -139,9 +196,7 @@ class _LogitsAsFeatures(nn.Module):
         self.model = model
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        # the encoder may run in bf16 (evaluate.encoders_in_precision); the logits are float32, as every score is
-        head = self.model.head
-        return nn.functional.linear(self.model.encode_image(image).float(), head.weight.float(), head.bias.float())
+        return self.model.logits(image)
 
 
 # ---------------------------------------------------------------- during training: scores on held-out images

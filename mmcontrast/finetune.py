@@ -46,7 +46,7 @@ START_DIR, DATA_DIR, CV_DIR = "start", "data", "cv"  # RUN_DIR/start, RUN_DIR/da
 SELECTION_FILE = "best.json"  # RUN_DIR/: the cross-validated estimates and the choice
 HEAD_INITS = ("probe", "zero-shot", "random")  # --init: a linear probe (LP-FT), the class names (CLIP), random
 DEFAULT_FOLDS = 5
-CHOICES = ("probe", "finetuned")
+CHOICES = ("probe", "patches", "finetuned")  # a tie keeps the earlier: cheaper, and closer to the frozen start
 
 
 @dataclass
@@ -70,6 +70,7 @@ class Settings:
     workers: int = 1
     classes: list[str] | None = None  # the class list in the user's order (--classes); None: the folder names, sorted
     folds: int = DEFAULT_FOLDS
+    unlabelled_dir: str | None = None  # images without labels: they fill the patch classifier's banks
     resume: bool = False
     overrides: list[str] = field(default_factory=list)  # --set key=value for every classify run
 
@@ -217,17 +218,20 @@ class Selection:
     """What the command found: both estimates, the choice, the final run dir."""
 
     probe: dict
-    finetuned: dict
+    finetuned: dict | None  # None: --epochs 0, no fine-tuning
     choice: str
     reason: str
     run_dir: Path
     folds: int  # 0: chosen on --val
     per_epoch: list = field(default_factory=list)
     views: dict | None = None  # data.augment.preset=auto: the preset chosen and the measurement behind it
+    patches: dict | None = None  # the patch classifier's estimate (None: an encoder without feature maps)
+    patches_note: str | None = None  # why there is none, or what filled its banks
 
     def record(self) -> dict:
         return {"choice": self.choice, "reason": self.reason, "selected_on": f"{self.folds}-fold cross-validation"
-                if self.folds else "--val", "probe": self.probe, "finetuned": self.finetuned, "finetuned_per_epoch": self.per_epoch,
+                if self.folds else "--val", "probe": self.probe, "patches": self.patches, "patches_note": self.patches_note,
+                "finetuned": self.finetuned, "finetuned_per_epoch": self.per_epoch,
                 **({"views": self.views} if self.views else {})}
 
 
@@ -248,34 +252,47 @@ def _encode(enc: Encoder, classes: list[str], paths: list[Path]) -> np.ndarray:
 
 
 def _cross_validate(s: Settings, enc: Encoder, classes: list[str], labelled: Labelled, run: Path,
-                    train_fn: Callable[[Config], Path]) -> tuple[dict, dict, list]:
-    """Probe and fine-tuning scored on each held-out fold: (probe summary, fine-tuned summary, mean per-epoch curve)."""
+                    train_fn: Callable[[Config], Path], patch_data) -> tuple[dict, list]:
+    """Each candidate scored on each held-out fold: ({candidate: summary, or None when not tried}, the fine-tuning
+    runs' mean per-epoch curve)."""
+    from mmcontrast import patches
     from mmcontrast.probe import fit_probe
 
-    probe_folds, tuned_folds, curves = [], [], []
+    scores = {"probe": [], "patches": [] if patch_data is not None else None, "finetuned": [] if s.epochs else None}
+    curves = []
     for k, held in enumerate(fold_indices(labelled.labels, s.folds, s.seed)):
         kept = np.setdiff1d(np.arange(len(labelled.paths)), held)
+        truth = labelled.labels[held]
+        probe = fit_probe(labelled.features[kept], labelled.labels[kept], s.seed)
+        scores["probe"].append(_scores(probe.predict(labelled.features[held]), truth, len(classes)))
+        if patch_data is not None:
+            fitted = patches.fit(patch_data, kept, s.seed)
+            scores["patches"].append(_scores(patches.predict_rows(fitted, patch_data, held), truth, len(classes)))
+        if not s.epochs:
+            continue
         part = Labelled([labelled.paths[i] for i in kept], labelled.labels[kept], labelled.features[kept])
-        probe = fit_probe(part.features, part.labels, s.seed)
-        probe_folds.append(_scores(probe.predict(labelled.features[held]), labelled.labels[held], len(classes)))
         data = run / DATA_DIR / f"fold_{k}"
-        held_dir = _link([labelled.paths[i] for i in held], labelled.labels[held], classes, data / "held_out")
+        held_dir = _link([labelled.paths[i] for i in held], truth, classes, data / "held_out")
         fold_run = _train_run(s, enc, classes, part, run / CV_DIR / f"fold_{k}", data, held_dir, train_fn)
-        curve = _held_out_curve(fold_run)
-        curves.append(curve)
-        tuned_folds.append({k: curve[-1][k] for k in ("top1", "mean_per_class_recall")})
+        curves.append(_held_out_curve(fold_run))
+        scores["finetuned"].append({key: curves[-1][-1][key] for key in ("top1", "mean_per_class_recall")})
     per_epoch = [{"epoch": point["epoch"], **{key: float(np.mean([c[i][key] for c in curves])) for key in ("top1", "mean_per_class_recall")}}
-                 for i, point in enumerate(curves[0])]
-    return _summary(probe_folds), _summary(tuned_folds), per_epoch
+                 for i, point in enumerate(curves[0])] if curves else []
+    return {c: _summary(v) if v is not None else None for c, v in scores.items()}, per_epoch
 
 
-def _choose(probe: dict, finetuned: dict) -> tuple[str, str]:
-    """Fine-tuning only when it scores higher than the probe it starts from (a tie keeps the probe: cheaper, and what
-    fine-tuning began at)."""
-    p, f = probe["top1"], finetuned["top1"]
-    if f > p:
-        return "finetuned", f"fine-tuning scored {f:.1%} ± {finetuned['top1_std']:.1%} against the frozen probe's {p:.1%} ± {probe['top1_std']:.1%}"
-    return "probe", f"the frozen probe scored {p:.1%} ± {probe['top1_std']:.1%}, fine-tuning {f:.1%} ± {finetuned['top1_std']:.1%}: fine-tuning did not help"
+NAMES = {"probe": "the frozen probe", "patches": "the patch classifier", "finetuned": "fine-tuning"}
+
+
+def _choose(estimates: dict[str, dict | None]) -> tuple[str, str]:
+    """The candidate with the highest estimated top-1; a tie keeps the earlier of ``CHOICES`` (the probe first:
+    cheaper, and what fine-tuning began at)."""
+    scored = [c for c in CHOICES if estimates.get(c)]
+    best = max(scored, key=lambda c: (estimates[c]["top1"], -CHOICES.index(c)))
+    said = ", ".join(f"{NAMES[c]} {estimates[c]['top1']:.1%} ± {estimates[c]['top1_std']:.1%}" for c in scored)
+    if best == "probe" and estimates.get("finetuned"):
+        return best, f"{said}: fine-tuning did not help"
+    return best, f"{said}: {NAMES[best]} scored highest" if len(scored) > 1 else f"{said}: the only candidate"
 
 
 AUTO_VIEWS = "data.augment.preset=auto"
@@ -307,9 +324,6 @@ def check_run_dir(s: Settings) -> Path:
 def run(s: Settings, train_fn: Callable[[Config], Path] | None = None) -> Selection:
     """The whole command (module docstring): returns what it chose. ``train_fn`` runs a classify config (the trainer's
     ``train``; tests may pass another)."""
-    from mmcontrast import classifier as clf
-    from mmcontrast.probe import fit_probe
-
     if train_fn is None:
         from mmcontrast.train import train as train_fn
     if s.init not in HEAD_INITS:
@@ -318,27 +332,26 @@ def run(s: Settings, train_fn: Callable[[Config], Path] | None = None) -> Select
         raise UsageError(f"--folds {s.folds}: cross-validation needs at least 2 folds (or give --val DIR)")
     run_dir = check_run_dir(s)
     classes, labelled = labelled_images(s.train_dir, s.classes)
+    if not s.val_dir:
+        fold_indices(labelled.labels, s.folds, s.seed)  # too many folds for a class: said before any encoding
     if s.image_size == "native":
         s.image_size = native_size(labelled.paths)
     enc = Encoder(*starting_encoder(s.checkpoint, s.pretrained, s.image_size, s.pool))
-    labelled.features = _encode(enc, classes, labelled.paths)
+    patch_data, patch_note = patch_set(s, enc, classes, labelled)
+    if patch_data is None:
+        labelled.features = _encode(enc, classes, labelled.paths)
     views = _auto_views(s, enc, classes)
     if s.val_dir:
-        _, val = labelled_images(s.val_dir, classes, every_class=False)
-        val.features = _encode(enc, classes, val.paths)
-        probe = fit_probe(labelled.features, labelled.labels, s.seed)
-        probe_summary = _summary([_scores(probe.predict(val.features), val.labels, len(classes))])
-        final = _train_run(s, enc, classes, labelled, run_dir, run_dir / DATA_DIR, Path(s.val_dir), train_fn)
-        curve = _held_out_curve(final)
-        tuned_summary, per_epoch = _summary([{k: curve[-1][k] for k in ("top1", "mean_per_class_recall")}]), curve
+        estimates, per_epoch = _on_val(s, enc, classes, labelled, run_dir, train_fn, patch_data)
     else:
-        probe_summary, tuned_summary, per_epoch = _cross_validate(s, enc, classes, labelled, run_dir, train_fn)
-    choice, reason = _choose(probe_summary, tuned_summary)
+        estimates, per_epoch = _cross_validate(s, enc, classes, labelled, run_dir, train_fn, patch_data)
+    choice, reason = _choose(estimates)
     if choice == "finetuned" and not s.val_dir:
         _train_run(s, enc, classes, labelled, run_dir, run_dir / DATA_DIR / "all", None, train_fn)
-    elif choice == "probe":
-        _export_probe(run_dir, enc, classes, clf.probe_head(labelled.features, labelled.labels, len(classes), s.seed))
-    selection = Selection(probe_summary, tuned_summary, choice, reason, run_dir, 0 if s.val_dir else s.folds, per_epoch, views)
+    elif choice != "finetuned":
+        _export_frozen(run_dir, enc, classes, labelled, patch_data if choice == "patches" else None, s.seed)
+    selection = Selection(estimates["probe"], estimates["finetuned"], choice, reason, run_dir, 0 if s.val_dir else s.folds,
+                          per_epoch, views, estimates["patches"], patch_note)
     from mmcontrast.models import atomic_save
 
     atomic_save(lambda record, path: Path(path).write_text(json.dumps(record, indent=2) + "\n"), selection.record(),
@@ -346,15 +359,131 @@ def run(s: Settings, train_fn: Callable[[Config], Path] | None = None) -> Select
     return selection
 
 
-def _export_probe(run_dir: Path, enc: Encoder, classes: list[str], head) -> None:
-    """The probe as the run's classifier: the starting encoder and the probe's head, in the classifier's files. The
-    trainer's own files of a fine-tuning run in the same dir (``--val``: it trained here) are kept beside it, its
-    weights as ``model_finetuned.safetensors`` (with ``train.ema_decay``, the averaged ones; the raw ones as
-    ``model_finetuned_raw.safetensors``)."""
+def _on_val(s: Settings, enc: Encoder, classes: list[str], labelled: Labelled, run_dir: Path,
+            train_fn: Callable[[Config], Path], patch_data) -> tuple[dict, list]:
+    """Each candidate fitted on every labelled image and scored on ``--val``; fine-tuning trains in ``run_dir``."""
+    from mmcontrast import patches
+    from mmcontrast.probe import fit_probe
+
+    _, val = labelled_images(s.val_dir, classes, every_class=False)
+    estimates: dict = {"patches": None, "finetuned": None}
+    if patch_data is not None:
+        pooled, regions, _, errors = patches.encode(_frozen_encoder(enc, classes), _transform(enc), val.paths)
+        _refuse_unreadable(errors, val.paths, "--val")
+        val.features = pooled
+        fitted = patches.fit(patch_data, np.arange(len(labelled.paths)), s.seed)
+        estimates["patches"] = _summary([_scores(patches.predict_images(fitted, patch_data, pooled, regions), val.labels, len(classes))])
+    else:
+        val.features = _encode(enc, classes, val.paths)
+    probe = fit_probe(labelled.features, labelled.labels, s.seed)
+    estimates["probe"] = _summary([_scores(probe.predict(val.features), val.labels, len(classes))])
+    per_epoch = []
+    if s.epochs:
+        per_epoch = _held_out_curve(_train_run(s, enc, classes, labelled, run_dir, run_dir / DATA_DIR, Path(s.val_dir), train_fn))
+        estimates["finetuned"] = _summary([{k: per_epoch[-1][k] for k in ("top1", "mean_per_class_recall")}])
+    return estimates, per_epoch
+
+
+# ---------------------------------------------------------------- the frozen candidates and their files
+
+
+def _frozen_encoder(enc: Encoder, classes: list[str]):
+    from mmcontrast.classifier import ImageClassifier
+
+    encoder = ImageClassifier(enc.spec, classes).encoder
+    encoder.load_state_dict(enc.state)
+    return encoder.eval()
+
+
+def _transform(enc: Encoder):
+    from mmcontrast.models import image_eval_transform
+
+    return image_eval_transform(enc.spec)
+
+
+def _refuse_unreadable(errors: dict, paths: Sequence[Path], what: str) -> None:
+    if errors:
+        i, error = next(iter(sorted(errors.items())))
+        raise UsageError(f"{len(errors)} image(s) of {what} cannot be read (first: {paths[i]}: {error}); remove or replace them")
+
+
+def patch_set(s: Settings, enc: Encoder, classes: list[str], labelled: Labelled):
+    """``(patches.PatchSet or None, a note for best.json)``: the labelled images' pooled features (set on
+    ``labelled``) and regions, and the unlabelled images' (``--unlabelled``), when the encoder has feature maps."""
+    from mmcontrast import patches
+
+    encoder = _frozen_encoder(enc, classes)
+    why = (None if patches.has_patches(encoder.backbone) else "the encoder has no stride-8 and stride-16 feature maps (timm:NAME has)")
+    if why is None and len(labelled.paths) > patches.LABELLED_MOST:
+        why = f"more than {patches.LABELLED_MOST} labelled images (region banks are for few labels)"
+    if why:
+        if s.unlabelled_dir:
+            raise UsageError(f"--unlabelled fills the patch classifier's region banks, and there is none here: {why}")
+        return None, f"no patch classifier: {why}"
+    pooled, regions, _, errors = patches.encode(encoder, _transform(enc), labelled.paths)
+    _refuse_unreadable(errors, labelled.paths, "--train")
+    labelled.features = pooled
+    data = patches.PatchSet(pooled, labelled.labels, patches.Regions(regions), len(classes))
+    if not s.unlabelled_dir:
+        return data, "banks: the labelled images' regions"
+    return data, _add_unlabelled(s, data, encoder, enc, labelled)
+
+
+def _add_unlabelled(s: Settings, data, encoder, enc: Encoder, labelled: Labelled) -> str:
+    """Encode ``--unlabelled`` (its images identical to labelled ones left out, at most ``UNLABELLED_MOST``, a
+    seeded sample) into ``data``; unreadable ones are skipped and counted. Returns what was used, in words."""
+    import sys
+
+    from data_tools.inputs import identical_files
+    from mmcontrast import patches
+    from mmcontrast.evaluate import discover_images
+
+    found = discover_images(s.unlabelled_dir)
+    labelled_copies = {b for _, b in identical_files(labelled.paths, found)}
+    paths = [p for p in found if p not in labelled_copies]
+    if not paths:
+        raise UsageError(f"--unlabelled {s.unlabelled_dir}: every image there is one of --train's; give images without labels")
+    if len(paths) > patches.UNLABELLED_MOST:
+        rows = np.sort(np.random.default_rng(s.seed).choice(len(paths), patches.UNLABELLED_MOST, replace=False))
+        paths = [paths[i] for i in rows]
+    pooled, regions, _, errors = patches.encode(encoder, _transform(enc), paths, progress="unlabelled" if sys.stderr.isatty() else None)
+    if errors:
+        i, error = next(iter(sorted(errors.items())))
+        print(f"warning: {len(errors)} unlabelled image(s) could not be read and were skipped (first: {paths[i]}: {error})",
+              file=sys.stderr)
+    if not len(pooled):
+        raise UsageError(f"--unlabelled {s.unlabelled_dir}: none of its {len(paths)} images could be read")
+    data.unlabelled_features, data.unlabelled_regions = pooled, regions
+    beyond = len(found) - len(labelled_copies) - len(paths)
+    return (f"banks: the labelled images' regions and those of the unlabelled images the probe gives each class most "
+            f"confidently, from {len(pooled)} of the {len(found)} images of --unlabelled ({len(labelled_copies)} identical "
+            f"to labelled ones, {len(errors)} unreadable, {beyond} beyond a sample of {patches.UNLABELLED_MOST})")
+
+
+def _keep_finetuned_files(run_dir: Path) -> None:
+    """The trainer's own files of a fine-tuning run in the same dir (``--val``: it trained here) are kept beside the
+    exported classifier, its weights as ``model_finetuned.safetensors`` (with ``train.ema_decay``, the averaged ones;
+    the raw ones as ``model_finetuned_raw.safetensors``)."""
     from mmcontrast.ema import RAW_WEIGHTS_FILE
     from mmcontrast.models import WEIGHTS_FILE
 
     for name, kept in ((WEIGHTS_FILE, "model_finetuned.safetensors"), (RAW_WEIGHTS_FILE, "model_finetuned_raw.safetensors")):
         if (run_dir / name).is_file():
             shutil.move(str(run_dir / name), str(run_dir / kept))
-    _write_start(run_dir, enc.spec, enc.state, classes, head)
+
+
+def _export_frozen(run_dir: Path, enc: Encoder, classes: list[str], labelled: Labelled, patch_data, seed: int) -> None:
+    """The frozen probe (``patch_data`` None) or the patch classifier fitted on every labelled image, as the run's
+    classifier files."""
+    from mmcontrast import classifier as clf
+
+    _keep_finetuned_files(run_dir)
+    head = clf.probe_head(labelled.features, labelled.labels, len(classes), seed)
+    if patch_data is None:
+        _write_start(run_dir, enc.spec, enc.state, classes, head)
+        return
+    from mmcontrast import patches
+
+    fitted = patches.fit(patch_data, np.arange(len(labelled.paths)), seed)
+    clf.write_patch_classifier(run_dir, enc.spec, enc.state, classes, fitted.head, fitted.banks(patch_data),
+                               fitted.stack.head(len(classes)))

@@ -10,8 +10,11 @@ decodes large JPEGs needs its core, and compute threads spinning on it slow both
   (Accelerate's default, torchrun's 1 per process) is not a user's choice and is replaced.
 * **The trainer** (``TrainingThreads``) starts with every core of its process's share computing
   (``cores // processes``), then, when the run has data workers and steps enough, steps a few times with the
-  split that leaves the workers their cores, and keeps whichever stepped faster (median seconds per step, data
-  wait included; the processes agree on the mean). The choice is printed, recorded in every ``metrics.jsonl``
+  split that leaves the workers their cores, and keeps whichever stepped faster (mean seconds per step, data
+  wait included; the processes agree on the mean). The mean, not the median: a worker decodes in bursts (it
+  refills the loader's queue), and the steps that share a core with a burst are the slow ones — a median picks
+  the steps between bursts and kept two compute threads where one was 1.4x faster (the tiny CLIP). The splits
+  alternate in two rounds, so a worker still filling a shuffle buffer early on weighs on each alike. The choice is printed, recorded in every ``metrics.jsonl``
   record (``cpu_threads``) and in the checkpoint, so a resumed run goes on with it. The thread count changes
   float sums (a convolution's weight gradient), so reruns meant to be bit-identical set ``OMP_NUM_THREADS``.
 * **The encoding commands** (``DecodeBalance``): the same two splits, chosen batch by batch from the decode and
@@ -28,7 +31,8 @@ from collections.abc import Callable
 
 THREADS_ENV = "MMCONTRAST_CPU_THREADS"  # set by launch.exec_torchrun for its ranks: "auto", or the user's count
 WARMUP_STEPS = 2  # the first steps start the workers and fill the allocator's caches: not measured
-TRIAL_STEPS = 5  # measured steps per split at least (their median)
+TRIAL_STEPS = 6  # measured steps per split at least (their mean), half in each of two rounds
+ROUNDS = 2  # the splits alternate: A B A B
 PREFETCH = 2  # batches each DataLoader worker keeps ready (torch's default): a trial outlasts what was queued
 RUN_PER_TRIAL = 3  # a trial takes at most a third of the run's steps (shorter runs keep every core computing)
 
@@ -100,7 +104,7 @@ class TrainingThreads:
 
     ``before_step(step)`` sets the threads that step runs with, ``after_step(step, seconds)`` records its time (data
     wait and step, not logging); the trial's steps are a function of the step number (the same on every process),
-    and the decision at its last step is the one place processes talk (``agree``: the mean of their medians).
+    and the decision at its last step is the one place processes talk (``agree``: the mean of their means).
     """
 
     def __init__(self, candidates: list[int], first_step: int, measured_steps: int, chosen: int | None = None,
@@ -125,18 +129,21 @@ class TrainingThreads:
         candidates = splits(processes, workers)
         if saved is not None:
             return cls(candidates, start_step, 0, saved, "chosen when the run started")
-        measured = max(TRIAL_STEPS, 2 * PREFETCH * workers + 1)
+        measured = ROUNDS * -(-max(TRIAL_STEPS, 2 * PREFETCH * workers + 1) // ROUNDS)
         trial = cls(candidates, start_step, measured, agree=agree)
         if len(candidates) == 1 or RUN_PER_TRIAL * len(trial.schedule) > total_steps - start_step:
             return cls(candidates, start_step, 0, candidates[0], "every core" if len(candidates) == 1 else "short run")
         return trial
 
     def _schedule(self) -> list[tuple[int, bool]]:
-        """(threads, measured?) of each trial step: warm-up on the first split, then each split's steps, the first
-        one after a switch not measured (the pool of threads is remade)."""
+        """(threads, measured?) of each trial step: warm-up on the first split, then each split's steps in
+        ``ROUNDS`` alternating blocks, the first step after a switch not measured (the pool of threads is remade)."""
         steps = [(self.candidates[0], False)] * WARMUP_STEPS
-        for i, count in enumerate(self.candidates):
-            steps += [(count, False)] * (i > 0) + [(count, True)] * self.measured_steps
+        block = self.measured_steps // ROUNDS
+        for _ in range(ROUNDS):
+            for count in self.candidates:
+                switched = bool(steps) and steps[-1][0] != count
+                steps += [(count, False)] * switched + [(count, True)] * block
         return steps
 
     @property
@@ -164,8 +171,8 @@ class TrainingThreads:
             return f"cpu threads: {self.chosen} compute threads per process ({self.source}; {where})"
         others = ", ".join(str(c) for c in self.candidates[1:])
         last = self.first_step + len(self.schedule)
-        return (f"cpu threads: {self.candidates[0]} compute threads per process ({where}); {others} tried at steps "
-                f"{self.first_step + WARMUP_STEPS + self.measured_steps + 1}-{last} and the faster kept "
+        return (f"cpu threads: {self.candidates[0]} compute threads per process ({where}); {others} tried in turn with "
+                f"it at steps {self.first_step + WARMUP_STEPS + 1}-{last} and the faster kept "
                 "(OMP_NUM_THREADS=N fixes it)")
 
     def before_step(self, step: int) -> None:
@@ -183,14 +190,14 @@ class TrainingThreads:
             self.times[count].append(seconds)
         if offset < len(self.schedule) - 1:
             return None
-        medians = [statistics.median(self.times[c]) for c in self.candidates]
-        medians = self.agree(medians) if self.agree else medians
-        best = min(range(len(medians)), key=lambda i: (medians[i], i))  # a tie keeps the earlier: more threads
+        means = [statistics.fmean(self.times[c]) for c in self.candidates]
+        means = self.agree(means) if self.agree else means
+        best = min(range(len(means)), key=lambda i: (means[i], i))  # a tie keeps the earlier: more threads
         self.chosen, self.source = self.candidates[best], "measured"
-        self.result = {str(c): round(m, 4) for c, m in zip(self.candidates, medians)}
+        self.result = {str(c): round(m, 4) for c, m in zip(self.candidates, means)}
         self._set(self.chosen)
-        timings = ", ".join(f"{c}: {m:.3g} s" for c, m in zip(self.candidates, medians))
-        return f"cpu threads: kept {self.chosen} compute threads per process (median seconds per step with {timings})"
+        timings = ", ".join(f"{c}: {m:.3g} s" for c, m in zip(self.candidates, means))
+        return f"cpu threads: kept {self.chosen} compute threads per process (mean seconds per step with {timings})"
 
     def record(self) -> dict:
         """What a metrics record says of the threads: the count the steps ran with, and the trial's timings."""

@@ -18,7 +18,7 @@ ROOMS = (
     ("errors", "threads", "probe", "plots", "sharding", "distributed"),  # foundations: no mmcontrast imports but these
     ("losses", "config", "shards", "data", "feed", "augment", "models", "zeroshot", "ann", "collection", "checkpoint",
      "ema", "holding", "optim", "launch"),  # data, models and the pieces of a run
-    ("evaluate", "heldout", "diagnostics", "classifier", "loading", "fewshot", "search", "dedup", "web", "monitor",
+    ("evaluate", "heldout", "diagnostics", "patches", "classifier", "loading", "fewshot", "search", "dedup", "web", "monitor",
      "wiseft"),  # measuring, loading any checkpoint, searching
     ("labelled", "views", "tasks", "gradcache"),  # what a mode trains
     ("train",),  # the loop

@@ -33,7 +33,10 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", metavar="DIR", help="held-out class folders that choose between the probe and fine-tuning "
                    "(default: cross-validation over --train)")
     p.add_argument("--folds", type=int, default=Settings.folds, help=f"cross-validation folds over --train (default {Settings.folds})")
-    p.add_argument("--epochs", type=int, default=Settings.epochs, help=f"passes over --train (default {Settings.epochs})")
+    p.add_argument("--epochs", type=int, default=Settings.epochs,
+                   help=f"passes over --train (default {Settings.epochs}); 0: no fine-tuning, the frozen candidates only")
+    p.add_argument("--unlabelled", metavar="DIR", help="images without labels (may include the labelled ones): they fill the "
+                   "patch classifier's region banks, each class with the images the probe gives it most confidently")
     p.add_argument("--lr", type=float, default=Settings.lr,
                    help=f"the head's peak learning rate; the encoder's is {Settings.backbone_lr_scale}x (default {Settings.lr})")
     p.add_argument("--batch-size", type=int, default=Settings.batch_size, help=f"default {Settings.batch_size}")
@@ -58,8 +61,10 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.val:
         require_dir(args.val, "--val")
         warn_overlap(args.train, args.val, ("--train", "--val"))
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        raise UsageError("--epochs and --batch-size must be at least 1 and --lr positive")
+    if args.unlabelled:
+        require_dir(args.unlabelled, "--unlabelled")
+    if args.epochs < 0 or args.batch_size < 1 or args.lr <= 0:
+        raise UsageError("--epochs must be 0 (no fine-tuning) or more, --batch-size at least 1 and --lr positive")
     size = image_size(args.image_size)
     from mmcontrast import finetune
 
@@ -67,14 +72,15 @@ def _finetune(args: argparse.Namespace) -> int:
                                  batch_size=args.batch_size, image_size=size, pool=args.pool, init=args.init,
                                  templates=args.templates, seed=args.seed, workers=args.workers,
                                  classes=names(args.classes, "--classes") if args.classes else None,
-                                 folds=args.folds, resume=args.resume, overrides=args.overrides)
+                                 folds=args.folds, unlabelled_dir=args.unlabelled, resume=args.resume, overrides=args.overrides)
     selection = finetune.run(settings)
-    probe, tuned = selection.probe, selection.finetuned
     on = f"{selection.folds}-fold cross-validation" if selection.folds else f"--val {args.val}"
-    print(f"frozen probe: top-1 {probe['top1']:.1%} ± {probe['top1_std']:.1%}, mean per-class recall "
-          f"{probe['mean_per_class_recall']:.1%}; fine-tuned: top-1 {tuned['top1']:.1%} ± {tuned['top1_std']:.1%}, "
-          f"mean per-class recall {tuned['mean_per_class_recall']:.1%} ({on})")
-    print(f"kept the {'fine-tuned model' if selection.choice == 'finetuned' else 'frozen probe'}: {selection.reason}")
+    scored = {"frozen probe": selection.probe, "patch classifier": selection.patches, "fine-tuned": selection.finetuned}
+    print("; ".join(f"{name}: top-1 {e['top1']:.1%} ± {e['top1_std']:.1%}, mean per-class recall {e['mean_per_class_recall']:.1%}"
+                    for name, e in scored.items() if e) + f" ({on})")
+    if selection.patches_note:
+        print(selection.patches_note)
+    print(f"kept the {finetune.NAMES[selection.choice].removeprefix('the ').replace('fine-tuning', 'fine-tuned model')}: {selection.reason}")
     run_dir = selection.run_dir
     print(f"classifier: {run_dir} (predict with: mmcontrast predict --images DIR --checkpoint {run_dir})")
     if selection.choice == "finetuned":
