@@ -27,8 +27,8 @@ between classifiers (``finetune.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,6 +118,12 @@ class PatchMemory(nn.Module):
         for k, size in enumerate(sizes):
             self.register_buffer(f"bank_{k}", torch.zeros(size, dim))
 
+    def _apply(self, fn, recurse: bool = True):
+        """Moves with the model but stays float32: ``--precision auto`` casts encoders to bf16, whose 8-bit mantissa
+        would blur the distances the classifier reads."""
+        self.indexes = None
+        return super()._apply(lambda t: fn(t).float() if t.is_floating_point() else fn(t), recurse)
+
     @property
     def banks(self) -> list[torch.Tensor]:
         return [getattr(self, f"bank_{k}") for k in range(len(list(self.buffers())))]
@@ -188,14 +194,6 @@ class Regions:
         return self.pairwise
 
 
-def bank_from(parts: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
-    """Regions of some images (``(n_i, regions, C)`` each) as one bank of at most ``BANK_PATCHES`` rows."""
-    rows = torch.cat([p.reshape(-1, p.shape[-1]) for p in parts if len(p)]) if any(len(p) for p in parts) else torch.zeros(0, 1)
-    if len(rows) > BANK_PATCHES:
-        rows = rows[torch.from_numpy(np.random.default_rng(seed).choice(len(rows), BANK_PATCHES, replace=False))]
-    return rows.float()
-
-
 def pseudo_members(probabilities: np.ndarray, n_classes: int) -> list[np.ndarray]:
     """Per class, the unlabelled images (row indices) its bank takes: of those the probe gives the class, the more
     confident ``PSEUDO_SHARE`` (at least one when any)."""
@@ -261,8 +259,9 @@ def _distances(data: PatchSet, rows: np.ndarray, members: np.ndarray, pseudo: li
 
 def _out_of_fold_logits(data: PatchSet, train: np.ndarray, seed: int) -> np.ndarray:
     """The frozen probe's logits of each training image from a probe that did not see it (inner stratified folds)."""
-    from mmcontrast.probe import cross_validation_folds, fit_probe
     from sklearn.model_selection import StratifiedKFold
+
+    from mmcontrast.probe import cross_validation_folds, fit_probe
 
     y = data.labels[train]
     out = np.zeros((len(train), data.n_classes))

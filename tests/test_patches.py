@@ -92,6 +92,8 @@ def test_the_exported_classifier_predicts_what_the_fit_does(checkers):
     # the reference's query regions went through float16 (how the fit keeps them); the model's are float32
     np.testing.assert_allclose(logits, expected, rtol=1e-2, atol=2e-2)
     assert (logits.argmax(1) == expected.argmax(1)).all()
+    model.to(torch.bfloat16)  # what --precision auto does to an encoder on a bf16 CPU: the banks stay exact
+    assert {bank.dtype for bank in model.memory.banks} == {torch.float32}
 
 
 def test_pseudo_members_leave_out_the_least_confident_quarter_of_each_class():
