@@ -1,6 +1,6 @@
 """CPU threads: the trainer's default split against every fixed split of the cores, for the shipped CPU configs.
 
-    python bench/cpu_threads.py --imagenet weights/efficientnet_lite0.safetensors [--steps 40] [--cases a,b,...]
+    python bench/cpu_threads.py --imagenet weights/efficientnet_lite0.safetensors [--steps 60] [--cases a,b,...]
 
 Cases (each a product command on real images where the recipe is for real images):
 
@@ -124,7 +124,7 @@ def _median_run(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run (the finetune case runs 24)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run, at least three trials (51: threads.RUN_PER_TRIAL; the finetune case runs 24)")
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every split (the median is reported)")
     p.add_argument("--imagenet", metavar="FILE", help="timm-layout EfficientNet-Lite0 weights (simclr_imagenet, finetune)")
