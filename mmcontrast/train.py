@@ -268,12 +268,13 @@ def _set_up_model(cfg: Config, accelerator) -> tuple:
     return task, optimizer_for(task, cfg.optim), holding
 
 
-def _print_lr_groups(task, optimizer, base_lr: float, file=sys.stderr) -> None:
-    """The peak learning rate of every kind and depth of parameter, read from the optimizer."""
+def _print_lr_groups(task, optimizer, base_lr: float, file=None) -> None:
+    """The peak learning rate of every kind and depth of parameter, read from the optimizer (on ``file``, else the
+    stderr of the moment: a default bound at import would keep whatever stream was stderr then)."""
     from mmcontrast.optim import format_lr_table, lr_table, set_lr
 
     set_lr(optimizer, base_lr, 1.0)
-    print(format_lr_table(lr_table(task.model, optimizer, task.param_kind, task.param_depth)), file=file, flush=True)
+    print(format_lr_table(lr_table(task.model, optimizer, task.param_kind, task.param_depth)), file=file or sys.stderr, flush=True)
 
 
 def print_lr_groups(cfg: Config) -> None:
