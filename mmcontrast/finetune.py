@@ -237,17 +237,10 @@ class Selection:
 
 def _encode(enc: Encoder, classes: list[str], paths: list[Path]) -> np.ndarray:
     """Frozen features (raw, float32, in ``paths`` order) of the starting encoder; unreadable images are a UsageError."""
-    from mmcontrast.classifier import ImageClassifier
     from mmcontrast.evaluate import encode_images
-    from mmcontrast.models import image_eval_transform
 
-    encoder = ImageClassifier(enc.spec, classes).encoder
-    encoder.load_state_dict(enc.state)
-    encoded = encode_images(encoder.eval(), image_eval_transform(enc.spec), paths, workers=0, normalize=False)
-    if encoded.errors:
-        i, error = next(iter(sorted(encoded.errors.items())))
-        raise UsageError(f"{len(encoded.errors)} labelled image(s) cannot be read (first: {paths[i]}: {error}); "
-                         "remove or replace them")
+    encoded = encode_images(_frozen_encoder(enc, classes), _transform(enc), paths, workers=0, normalize=False)
+    _refuse_unreadable(encoded.errors, paths, "the labelled folders")
     return encoded.features.numpy()
 
 
@@ -478,9 +471,8 @@ def _export_frozen(run_dir: Path, enc: Encoder, classes: list[str], labelled: La
     from mmcontrast import classifier as clf
 
     _keep_finetuned_files(run_dir)
-    head = clf.probe_head(labelled.features, labelled.labels, len(classes), seed)
     if patch_data is None:
-        _write_start(run_dir, enc.spec, enc.state, classes, head)
+        _write_start(run_dir, enc.spec, enc.state, classes, clf.probe_head(labelled.features, labelled.labels, len(classes), seed))
         return
     from mmcontrast import patches
 

@@ -228,7 +228,6 @@ class PatchFit:
     stack: object  # probe.Probe on stack_inputs
     pseudo: list[torch.Tensor]
     train: np.ndarray  # the labelled rows it was fitted on
-    pseudo_counts: list[int]
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         return features @ self.head[0].T + self.head[1]
@@ -272,12 +271,12 @@ def _out_of_fold_logits(data: PatchSet, train: np.ndarray, seed: int) -> np.ndar
     return out
 
 
-def _pseudo_banks(data: PatchSet, head: tuple[np.ndarray, np.ndarray], train: np.ndarray, seed: int) -> tuple[list[torch.Tensor], list[int]]:
+def _pseudo_banks(data: PatchSet, head: tuple[np.ndarray, np.ndarray], train: np.ndarray, seed: int) -> list[torch.Tensor]:
     """Per class, the regions of the unlabelled images the probe gives it most confidently (``pseudo_members``), a
     random subset so that the class's bank stays within ``BANK_PATCHES`` with its labelled regions."""
     empty = [torch.zeros(0, data.regions.regions.shape[-1])] * data.n_classes
     if data.unlabelled_features is None or not len(data.unlabelled_features):
-        return empty, [0] * data.n_classes
+        return empty
     logits = data.unlabelled_features @ head[0].T + head[1]
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     members = pseudo_members(probabilities / probabilities.sum(1, keepdims=True), data.n_classes)
@@ -289,7 +288,7 @@ def _pseudo_banks(data: PatchSet, head: tuple[np.ndarray, np.ndarray], train: np
         if len(regions) > room:
             regions = regions[torch.from_numpy(np.sort(np.random.default_rng(seed + k).choice(len(regions), room, replace=False)))]
         banks.append(regions.float())
-    return banks, [len(rows) for rows in members]
+    return banks
 
 
 def fit(data: PatchSet, train: np.ndarray, seed: int = 0) -> PatchFit:
@@ -298,9 +297,9 @@ def fit(data: PatchSet, train: np.ndarray, seed: int = 0) -> PatchFit:
     from mmcontrast.probe import fit_probe
 
     head = fit_probe(data.features[train], data.labels[train], seed).head(data.n_classes)
-    pseudo, counts = _pseudo_banks(data, head, train, seed)
+    pseudo = _pseudo_banks(data, head, train, seed)
     inputs = stack_inputs(_out_of_fold_logits(data, train, seed), _distances(data, train, train, pseudo))
-    return PatchFit(head, fit_probe(inputs, data.labels[train], seed), pseudo, train, counts)
+    return PatchFit(head, fit_probe(inputs, data.labels[train], seed), pseudo, train)
 
 
 def predict_rows(model: PatchFit, data: PatchSet, rows: np.ndarray) -> np.ndarray:
