@@ -15,6 +15,12 @@ Models are random-init (throughput does not depend on the weights); nothing is d
 
     python bench/zeroshot_throughput.py                       # mmc-tiny on 2,000 images, ViT-B-32 on 256
     python bench/zeroshot_throughput.py --models mmc-tiny:2000 --repeats 3
+    python bench/zeroshot_throughput.py --whole-process 4800 --repeats 5
+
+``--whole-process N``: the whole commands instead, start-up included, each a fresh process — ``mmcontrast zero-shot
+--precision fp32 --output preds.csv`` against ``bench/plain_open_clip_zero_shot.py`` (the script one writes with
+open_clip alone) on N generated JPEGs, with a random-init mmc-tiny run dir; alternating after one untimed run of each,
+the median of ``--repeats`` and every run's seconds printed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -94,6 +101,47 @@ def images_per_s(fn, *args) -> float:
     return n / (time.perf_counter() - start)
 
 
+def whole_process(folder: Path, count: int, repeats: int) -> None:
+    """Seconds of the whole ``mmcontrast zero-shot`` command against the plain open_clip script, fresh processes."""
+    from mmcontrast.models import create_clip, save_clip_run_files
+
+    images = folder / f"images_{count}"
+    if len(list(images.rglob("*.jpg"))) < count:
+        print(f"writing {count} JPEGs to {images} …", file=sys.stderr)
+        write_images(images, count)
+    run = folder / "mmc-tiny-run"
+    if not (run / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        bundle = create_clip("mmc-tiny")
+        save_clip_run_files(bundle.model, bundle.model_cfg, run, bundle.tokenizer)
+    labels = ",".join(LABELS)
+    commands = {
+        "plain open_clip": [sys.executable, str(Path(__file__).with_name("plain_open_clip_zero_shot.py")), str(run),
+                            str(images), labels, str(folder / "plain.csv")],
+        "mmcontrast zero-shot": [sys.executable, "-m", "mmcontrast.cli", "zero-shot", "--images", str(images), "--labels", labels,
+                                 "--checkpoint", str(run), "--precision", "fp32", "--quiet", "--output", str(folder / "ours.csv")],
+    }
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MMCONTRAST_CPU_THREADS")}
+    env["HF_HUB_OFFLINE"] = "1"
+    seconds: dict[str, list[float]] = {name: [] for name in commands}
+    for round_ in range(repeats + 1):  # round 0: untimed (page cache, .pyc files)
+        for name, cmd in commands.items():
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if round_:
+                seconds[name].append(time.perf_counter() - start)
+        if round_:
+            print(", ".join(f"{name} {times[-1]:.2f} s" for name, times in seconds.items()), file=sys.stderr)
+    plain, ours = (statistics.median(seconds[name]) for name in commands)
+    print(f"\n{len(os.sched_getaffinity(0))} CPUs (load average {os.getloadavg()[0]:.1f}), {count} JPEGs of 64–128 px, "
+          f"mmc-tiny (random init), fp32, whole process; median of {repeats} alternating runs\n")
+    print("| command | seconds (median) | every run | against the plain loop |")
+    print("|---|---:|---|---:|")
+    for name, times in seconds.items():
+        print(f"| {name} | {statistics.median(times):.2f} | {', '.join(f'{t:.2f}' for t in times)} | "
+              f"{statistics.median(times) / plain:.2f}× |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mmc-tiny:2000,ViT-B-32:256",
@@ -102,7 +150,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=ev.DEFAULT_WORKERS, help="mmcontrast's decode processes")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each side, alternating")
     parser.add_argument("--images", type=Path, help="reuse this folder of generated images")
+    parser.add_argument("--whole-process", type=int, metavar="N",
+                        help="time the whole zero-shot command against the plain open_clip script on N images instead")
     args = parser.parse_args()
+    if args.whole_process:
+        whole_process(args.images or Path(tempfile.mkdtemp(prefix="zeroshot-bench-")), args.whole_process, args.repeats)
+        return
     models = [(name, int(count)) for name, count in (spec.rsplit(":", 1) for spec in args.models.split(","))]
 
     folder = args.images or Path(tempfile.mkdtemp(prefix="zeroshot-bench-"))

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
@@ -18,6 +20,7 @@ def importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+@pytest.mark.slow  # 30 s of CPU: run with -m slow before a GPU session (the GPU run has minutes to spare, not retries)
 def test_train_gpu_smoke_prints_the_table_and_finds_a_batch_that_fits(tmp_path):
     """The eager trainer and open_clip_train rows (the compiled, DDP and FSDP rows are the same runner with other
     flags, each trained on its own by tests/test_train.py and tests/test_sharding.py), with the largest-batch search:

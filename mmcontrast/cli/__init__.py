@@ -18,7 +18,9 @@ from mmcontrast.cli.common import SUBCOMMANDS, write_predictions  # noqa: F401 (
 from mmcontrast.errors import run_user_command
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command``, only that subcommand's arguments are filled in (the others keep their
+    name and help): some commands' arguments import their modules for defaults, and a run needs only its own."""
     parser = argparse.ArgumentParser(
         prog="mmcontrast",
         description="CLIP-style contrastive learning: zero-shot, evaluation, embeddings and diagnostics. "
@@ -31,13 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name in sorted(SUBCOMMANDS, key=lambda n: order.index(n) if n in order else len(order)):
         help_text, add_arguments, handler = SUBCOMMANDS[name]
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        add_arguments(sub)
+        if command is None or command == name:
+            add_arguments(sub)
         sub.set_defaults(handler=handler)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()

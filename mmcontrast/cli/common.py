@@ -170,23 +170,24 @@ def write_predictions(rows: Sequence[dict], path: str) -> str:
 
 
 def print_prediction_table(rows: list[dict], root: str) -> None:
+    """One line per image (its path under ``root``, top label, probability, the rest of its top-k), written at once."""
+    import os
     from pathlib import Path
 
-    def shown(path: str) -> str:
-        return str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path
-
-    width = min(max((len(shown(r["path"])) for r in rows), default=5), 60)
+    prefix = os.path.join(str(Path(root)), "")  # the paths are Path(root) / ... (evaluate.discover_images)
+    names = [r["path"][len(prefix):] if r["path"].startswith(prefix) else r["path"] for r in rows]
+    width = min(max(map(len, names), default=5), 60)
     label_width = max([len(str(r["label"])) for r in rows if r["label"] is not None] + [5])
-    print(f"{'image':<{width}}  {'label':<{label_width}}  probability")
-    for row in rows:
-        name = shown(row["path"])
+    lines = [f"{'image':<{width}}  {'label':<{label_width}}  probability"]
+    for name, row in zip(names, rows):
         if row.get("error"):
-            print(f"{name:<{width}}  unreadable: {row['error']}")
+            lines.append(f"{name:<{width}}  unreadable: {row['error']}")
             continue
         line = f"{name:<{width}}  {row['label']:<{label_width}}  {row['score']:.4f}"
         if len(row.get("top_k", [])) > 1:
             line += "   " + ", ".join(f"{e['label']} {e['score']:.4f}" for e in row["top_k"][1:])
-        print(line)
+        lines.append(line)
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def errors_list(encoded) -> list[dict]:
