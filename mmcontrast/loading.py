@@ -77,12 +77,15 @@ def load(path_or_name: str | Path, pretrained: str | None = None, device: str = 
     if target.is_dir() and (target / models.OPEN_CLIP_CONFIG_FILE).is_file() and weights.parent == target and not random_init:
         try:
             model, _, preprocess = oc.create_model_and_transforms(f"local-dir:{target}", weights_only=True)
-        except (RuntimeError, ValueError) as err:
+        except (RuntimeError, ValueError, TypeError, KeyError) as err:  # TypeError: a config key the model does not take
             raise UsageError(f"{target} does not load as an open_clip model: {str(err).splitlines()[0][:300]}") from None
         return model.to(device).eval(), preprocess, oc.get_tokenizer(f"local-dir:{target}")
     key = f"mmcontrast-{abs(hash(str(config_file.resolve())))}"
     models.register_config(key, models.resolve_paths_in_cfg(cfg.get("model_cfg", cfg)))
-    model, _, preprocess = oc.create_model_and_transforms(key)
+    try:
+        model, _, preprocess = oc.create_model_and_transforms(key)
+    except (RuntimeError, ValueError, TypeError, KeyError) as err:
+        raise UsageError(f"{config_file} does not describe a model open_clip builds: {str(err).splitlines()[0][:300]}") from None
     if not random_init:
         state = models.load_weights_file(weights)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -150,6 +151,7 @@ BAD_ARGUMENTS = {
     "probe without class folders": ["eval", "linear-probe", "--train", "{tmp}", "--test", "{test}", "--checkpoint", "{run}"],
     "malformed shard pattern": ["eval", "retrieval", "--shards", "{tmp}/{{00000..00003.tar", "--checkpoint", "{run}"],
     "embeddings not .npy": ["embed", "--images", "{test}", "--checkpoint", "{run}", "--output", "{tmp}/emb.csv"],
+    "a config open_clip cannot build": ["zero-shot", "--images", "{test}", "--labels", "a,b", "--checkpoint", "{tmp}/odd_run"],
 }
 if not torch.cuda.is_available():
     BAD_ARGUMENTS["cuda without a GPU"] = ["eval", "knn", "--train", "{test}", "--test", "{test}", "--checkpoint", "{run}",
@@ -160,6 +162,12 @@ if not torch.cuda.is_available():
 def test_user_mistakes_exit_2_with_one_line(case, trained_tiny_clip, image_only_checkpoint, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("these are not weights\n")
     (tmp_path / "loose.png").write_bytes((trained_tiny_clip.test_dir / "red_square" / "000.png").read_bytes())
+    odd = tmp_path / "odd_run"  # the run's files, its configs naming an option the model does not take (was a TypeError)
+    shutil.copytree(trained_tiny_clip.run_dir, odd)
+    for name, inner in (("model_config.json", None), ("open_clip_config.json", "model_cfg")):
+        config = json.loads((odd / name).read_text())
+        (config[inner] if inner else config)["no_such_option"] = 1
+        (odd / name).write_text(json.dumps(config))
     places = {"tmp": tmp_path, "run": trained_tiny_clip.run_dir, "test": trained_tiny_clip.test_dir,
               "simclr": image_only_checkpoint}
     rc, out, err = run_main(capsys, *[arg.format(**places) for arg in BAD_ARGUMENTS[case]])
