@@ -18,7 +18,10 @@ Rows (``--rows``, comma-separated; default every row but ``ceiling-finetune``), 
 * ``finetune``: ``mmcontrast finetune`` with its defaults on each draw (it cross-validates the frozen probe against
   fine-tuning and keeps the better), then ``mmcontrast eval classifier``;
 * ``simclr``: ``configs/simclr_imagenet_cpu.yaml`` continued on ``DATA/unlabelled`` (``make_shards --layout images``
-  first), then the probe (``eval few-shot``) and ``finetune --checkpoint RUN`` on each draw;
+  first), then, like ``native-max`` and ``patches`` with its encoder in ImageNet's place, the probe (``eval few-shot
+  --checkpoint RUN --image-size N --pool max``) and ``finetune --checkpoint RUN --epochs 0 --image-size N --pool max``
+  on each draw;
+* ``simclr-finetune``: ``finetune --checkpoint RUN`` with its defaults on each draw (an hour a draw on a CPU);
 * ``ceiling-probe``: the frozen probe with every label of ``DATA/pool`` (``eval linear-probe``);
 * ``ceiling-finetune``: ``finetune`` on every label of ``DATA/pool`` (hours on a CPU).
 
@@ -39,7 +42,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("baselines", "native-max", "patches", "patches-unlabelled", "finetune", "simclr", "ceiling-probe", "ceiling-finetune")
+ROWS = ("baselines", "native-max", "patches", "patches-unlabelled", "finetune", "simclr", "simclr-finetune", "ceiling-probe",
+        "ceiling-finetune")
 DEFAULT_ROWS = ("baselines", "native-max", "patches", "patches-unlabelled", "finetune", "simclr", "ceiling-probe")
 CHECKPOINT = "timm:efficientnet_lite0"
 NAMES = {  # result key -> the table's row
@@ -51,8 +55,9 @@ NAMES = {  # result key -> the table's row
     "patches": "`finetune --epochs 0`, native size, max pooling: probe or patch classifier (CV)",
     "patches_unlabelled": "the same with `--unlabelled DATA/unlabelled` (region banks filled)",
     "finetune": "`finetune`, defaults (CV: probe or fine-tuned)",
-    "simclr_probe": "continued SimCLR on unlabelled, then the probe",
-    "simclr_finetune": "continued SimCLR on unlabelled, then `finetune`",
+    "simclr_probe": "continued SimCLR on unlabelled, then the probe (native size, max pooling)",
+    "simclr_patches": "continued SimCLR on unlabelled, then `finetune --epochs 0` (native size, max pooling)",
+    "simclr_finetune": "continued SimCLR on unlabelled, then `finetune`, defaults",
     "ceiling_probe": "frozen ImageNet Lite0 probe, every label of pool/",
     "ceiling_finetune": "`finetune` on every label of pool/",
 }
@@ -221,10 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             table.add("ceiling_probe", result["top1"], result["mean_per_class_recall"], seconds, cmd)
     for draw in draws if "finetune" in rows else []:
         finetune(table, "finetune", imagenet, draw, test, work)
-    if "simclr" in rows:
+    if "simclr" in rows or "simclr-finetune" in rows:
         run, seconds = continued_simclr(args.data, args.weights, work)
-        for draw in draws:
-            few_shot(table, ["--checkpoint", str(run)], draw, test, work, prefix="simclr_")
+        for draw in draws if "simclr" in rows else []:
+            few_shot(table, ["--checkpoint", str(run), *native], draw, test, work, prefix="simclr_")
+            finetune(table, "simclr_patches", ["--checkpoint", str(run)], draw, test, work, ("--epochs", "0", *native))
+        for draw in draws if "simclr-finetune" in rows else []:
             finetune(table, "simclr_finetune", ["--checkpoint", str(run)], draw, test, work)
         print(f"continued SimCLR on the unlabelled images: {seconds / 60:.1f} min", file=sys.stderr)
     if "ceiling-finetune" in rows:

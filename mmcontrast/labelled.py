@@ -83,14 +83,13 @@ def starting_encoder(checkpoint: str, pretrained: str | None = None, image_size:
 
     ``checkpoint``: a SimCLR run (or weights file), a CLIP run (its image tower), an open_clip model name with a
     local ``pretrained`` file, a fine-tuned classifier (its encoder), or ``timm:NAME`` with ``pretrained`` in
-    timm's layout (at ``image_size``, default its pretrained input size).
+    timm's layout. ``image_size`` and ``pool`` apply to ``timm:NAME`` (default: its pretrained input size, average
+    pooling) and to a SimCLR run's timm encoder (default: its own); ``loading.load`` refuses them for the others.
     """
     from mmcontrast import models
     from mmcontrast.classifier import ImageClassifier
     from mmcontrast.loading import load
 
-    if pool is not None and not str(checkpoint).startswith("timm:"):
-        raise UsageError("--pool sets the pooling of a timm:NAME encoder; a run keeps the pooling it was trained with")
     model, _, _ = load(checkpoint, pretrained=pretrained, image_size=image_size, pool=pool)
     if isinstance(model, ImageClassifier):
         return model.spec, model.encoder.state_dict()
@@ -99,8 +98,6 @@ def starting_encoder(checkpoint: str, pretrained: str | None = None, image_size:
     visual = getattr(model, "visual", None)
     if visual is None:
         raise UsageError(f"{checkpoint} has no image tower to fine-tune")
-    if image_size is not None:
-        raise UsageError("--image-size applies to timm:NAME encoders; a CLIP image tower takes its own size")
     target = Path(checkpoint)
     config = (target if target.is_dir() else target.parent) / models.MODEL_CONFIG_FILE if target.exists() else checkpoint
     spec = models.image_encoder_spec(str(config), {}, cifar_stem=False)  # the CLIP config's vision tower alone

@@ -65,13 +65,20 @@ def load(path_or_name: str | Path, pretrained: str | None = None, device: str = 
             models.check_pretrained(pretrained)
         return models.load_image_encoder(models.timm_encoder_spec(str(path_or_name), image_size, pool), None if random_init else Path(pretrained), device)
     files = checkpoint_files(path_or_name)
+    if files is None and (image_size is not None or pool is not None):
+        raise UsageError(f"--image-size and --pool apply to timm:NAME and image-only encoder runs (SimCLR); the open_clip "
+                         f"model {path_or_name} preprocesses at its own size")
     if files is None:
         bundle = models.create_clip(str(path_or_name), None if random_init else pretrained)
         return bundle.model.to(device).eval(), bundle.preprocess_val, bundle.tokenizer
     weights, config_file, cfg = files
     target = Path(path_or_name)
     if models.IMAGE_ENCODER_KEY in cfg:
-        return models.load_image_encoder(cfg[models.IMAGE_ENCODER_KEY], None if random_init else weights, device)
+        spec = models.resized_encoder_spec(cfg[models.IMAGE_ENCODER_KEY], image_size, pool, str(path_or_name))
+        return models.load_image_encoder(spec, None if random_init else weights, device)
+    if image_size is not None or pool is not None:
+        raise UsageError(f"--image-size and --pool apply to timm:NAME and image-only encoder runs (SimCLR); {path_or_name} "
+                         "preprocesses at its own size and keeps its pooling")
     if models.CLASSIFIER_KEY in cfg:
         return classifier.load_classifier(cfg, None if random_init else weights, device)
     if target.is_dir() and (target / models.OPEN_CLIP_CONFIG_FILE).is_file() and weights.parent == target and not random_init:

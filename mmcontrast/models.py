@@ -563,6 +563,24 @@ def load_image_encoder(spec: dict, weights: Path | None, device: str) -> tuple[n
 POOLS = ("avg", "max", "avgmax", "catavgmax")  # timm's global pooling of the last feature map (catavgmax: both, 2x wide)
 
 
+def resized_encoder_spec(spec: dict, image_size: int | None = None, pool: str | None = None, where: str = "") -> dict:
+    """A saved timm encoder's spec (a SimCLR run's) at another input size and global pooling: a CNN takes any size and
+    pooling holds no weights, so the saved weights load unchanged (``catavgmax`` doubles the features' width)."""
+    if image_size is None and pool is None:
+        return spec
+    if spec.get("source") != "timm":
+        raise UsageError(f"--image-size and --pool apply to timm encoders; {where or spec.get('name')} is an open_clip "
+                         "vision tower, which takes its own size")
+    out = {**spec, "timm_kwargs": dict(spec.get("timm_kwargs", {}))}
+    if image_size is not None:
+        out["image_size"] = int(image_size)
+    if pool is not None:
+        if pool not in POOLS:
+            raise UsageError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        out["timm_kwargs"]["global_pool"] = pool
+    return out
+
+
 def timm_encoder_spec(name: str, image_size: int | None = None, pool: str | None = None) -> dict:
     """The spec of ``timm:NAME`` used as a pretrained image encoder: at ``image_size``, else the input size of the
     model's pretrained config (224 for ImageNet models), with ImageNet normalisation; ``pool`` (one of ``POOLS``)

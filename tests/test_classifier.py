@@ -206,7 +206,7 @@ def test_classifier_bad_inputs_are_one_line_and_exit_2(finetuned, trained_tiny_c
          "is not a fine-tuned classifier"),
         (["eval", "classifier", "--images", str(stray.parent), "--checkpoint", str(run)], "are not among the classifier's"),
         (["finetune", "--train", str(trained_tiny_clip.train_dir), "--checkpoint", str(trained_tiny_clip.run_dir),
-          "--output-dir", str(tmp_path / "x"), "--image-size", "64"], "--image-size applies to timm:NAME"),
+          "--output-dir", str(tmp_path / "x"), "--image-size", "64"], "--image-size and --pool apply to timm:NAME"),
         (["finetune", "--train", str(trained_tiny_clip.train_dir), "--checkpoint", "timm:resnet10t",
           "--output-dir", str(tmp_path / "y")], "needs its weights: --pretrained"),
         (["finetune", "--train", str(trained_tiny_clip.train_dir), "--checkpoint", str(run), "--init", "zero-shot",

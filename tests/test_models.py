@@ -162,12 +162,15 @@ def test_a_locked_open_clip_vit_trains_its_last_groups_only():
         models.ImageEncoder(encoder.spec).lock(last + 3)
 
 
-def test_a_timm_encoder_pools_as_asked_and_a_run_refuses_the_flag(tmp_path, capsys):
+def test_a_timm_encoder_pools_as_asked_and_a_clip_refuses_the_flag(tmp_path, capsys):
     """--pool max: the encoder's feature is the maximum of its last feature map over positions (a small strong
-    response is kept, not averaged away); the spec carries it, so an exported run keeps it. On a run dir: exit 2."""
+    response is kept, not averaged away); the spec carries it, so an exported run keeps it. A SimCLR run's encoder
+    takes --pool and --image-size too; an open_clip model: exit 2."""
     import torch
+    from PIL import Image
 
     from mmcontrast.cli import main
+    from mmcontrast.loading import load
 
     torch.manual_seed(0)
     import argparse
@@ -185,7 +188,15 @@ def test_a_timm_encoder_pools_as_asked_and_a_run_refuses_the_flag(tmp_path, caps
         average = models.ImageEncoder(models.timm_encoder_spec("timm:resnet10t", 32))
         average.load_state_dict(encoder.state_dict())
         assert torch.allclose(average.eval().encode_image(x), encoder.backbone.forward_features(x).mean(dim=(2, 3)), atol=1e-6)
+    # a SimCLR run's timm encoder takes another size and pooling, its weights unchanged; an open_clip model takes neither
+    models.save_image_encoder_files(average, tmp_path / "simclr_run")
+    resized, preprocess, _ = load(str(tmp_path / "simclr_run"), image_size=48, pool="max")
+    assert resized.spec["image_size"] == 48 and resized.spec["timm_kwargs"]["global_pool"] == "max"
+    assert preprocess(Image.new("RGB", (100, 70))).shape == (3, 48, 48)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(resized.encode_image(x), average.backbone.forward_features(x).amax(dim=(2, 3)))
     (tmp_path / "a" / "x").mkdir(parents=True)
-    assert main(["eval", "linear-probe", "--checkpoint", str(tmp_path), "--pool", "max", "--train", str(tmp_path / "a"),
+    assert main(["eval", "linear-probe", "--checkpoint", "mmc-tiny", "--pool", "max", "--train", str(tmp_path / "a"),
                  "--test", str(tmp_path / "a")]) == 2
-    assert capsys.readouterr().err.strip().startswith("error: --pool sets the pooling of a timm:NAME checkpoint")
+    assert capsys.readouterr().err.strip().startswith("error: --image-size and --pool apply to timm:NAME and image-only")

@@ -38,7 +38,8 @@ def model_arguments(p: argparse.ArgumentParser, text_needed: bool = False) -> No
     p.add_argument("--pretrained", metavar="LOCAL_FILE",
                    help="weights for an open_clip model name or a timm:NAME encoder (timm's layout); never downloaded")
     p.add_argument("--image-size", type=int, metavar="PX",
-                   help="input size of a timm:NAME checkpoint (default: its pretrained config's, 224 for ImageNet models)")
+                   help="input size of a timm:NAME checkpoint or a SimCLR run's timm encoder (default: its pretrained "
+                   "config's, 224 for ImageNet models; a run's own)")
     pool_argument(p)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -52,7 +53,8 @@ def model_arguments(p: argparse.ArgumentParser, text_needed: bool = False) -> No
 def pool_argument(p: argparse.ArgumentParser) -> None:
     """``--pool``: the global pooling of a timm:NAME encoder (``models.POOLS``, named here: ``--help`` loads no torch)."""
     p.add_argument("--pool", choices=("avg", "max", "avgmax", "catavgmax"),
-                   help="global pooling of a timm:NAME encoder (default avg); max keeps small local features")
+                   help="global pooling of a timm:NAME encoder or a SimCLR run's (default avg, a run's own); max keeps "
+                   "small local features")
 
 
 def template_argument(p: argparse.ArgumentParser) -> None:
@@ -77,11 +79,8 @@ def load_for_eval(args: argparse.Namespace, options: dict | None = None):
     from mmcontrast.loading import load
 
     device = resolve_device(args.device)
-    if args.image_size is not None and (args.image_size < 8 or not args.checkpoint.startswith("timm:")):
-        raise UsageError("--image-size sets the input size of a timm:NAME checkpoint (at least 8 px); "
-                         "run dirs and open_clip models preprocess at their own size")
-    if args.pool is not None and not args.checkpoint.startswith("timm:"):
-        raise UsageError("--pool sets the pooling of a timm:NAME checkpoint; a run dir keeps the pooling it was trained with")
+    if args.image_size is not None and args.image_size < 8:
+        raise UsageError("--image-size is the input size in pixels: at least 8")
     loaded = load(args.checkpoint, pretrained=args.pretrained, device=str(device), image_size=args.image_size, pool=args.pool)
     args.precision = encoders_in_precision(loaded[0], args.precision)  # the one resolved: results record it
     if not Path(args.checkpoint).exists() and not args.pretrained and not args.checkpoint.startswith("timm:"):

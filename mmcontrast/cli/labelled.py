@@ -41,7 +41,7 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the head's peak learning rate; the encoder's is {Settings.backbone_lr_scale}x (default {Settings.lr})")
     p.add_argument("--batch-size", type=int, default=Settings.batch_size, help=f"default {Settings.batch_size}")
     p.add_argument("--image-size", metavar="PX|native",
-                   help="input size of a timm:NAME encoder (default: its pretrained size); native: the labelled images' own")
+                   help="input size of a timm:NAME encoder or a SimCLR run's (default: its pretrained size, a run's own); native: the labelled images' own")
     pool_argument(p)
     p.add_argument("--classes", metavar="A,B,...", help="the class list in this order (default: the folder names sorted as "
                    "strings); stored in the run and read by predict and eval classifier")
@@ -141,7 +141,7 @@ def _views_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="C",
                    help="the encoder whose frozen features are probed: a run, an open_clip name or timm:NAME with --pretrained")
     p.add_argument("--pretrained", metavar="LOCAL_FILE", help="weights for an open_clip name or timm:NAME (never downloaded)")
-    p.add_argument("--image-size", metavar="PX|native", help="input size of a timm:NAME encoder; native: the images' own")
+    p.add_argument("--image-size", metavar="PX|native", help="input size of a timm:NAME encoder or a SimCLR run's; native: the images' own")
     pool_argument(p)
     p.add_argument("--copies", type=int, default=2, help="augmented copies of each image per view (default 2)")
     p.add_argument("--seed", type=int, default=0)
