@@ -55,7 +55,7 @@ NAMES = {  # result key -> the table's row
     "patches": "`finetune --epochs 0`, native size, max pooling: probe or patch classifier (CV)",
     "patches_unlabelled": "the same with `--unlabelled DATA/unlabelled` (region banks filled)",
     "finetune": "`finetune`, defaults (CV: probe or fine-tuned)",
-    "simclr_probe": "continued SimCLR on unlabelled, then the probe (native size, max pooling)",
+    "simclr_native_max_probe": "continued SimCLR on unlabelled, then the probe (native size, max pooling)",
     "simclr_patches": "continued SimCLR on unlabelled, then `finetune --epochs 0` (native size, max pooling)",
     "simclr_finetune": "continued SimCLR on unlabelled, then `finetune`, defaults",
     "ceiling_probe": "frozen ImageNet Lite0 probe, every label of pool/",
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     if "simclr" in rows or "simclr-finetune" in rows:
         run, seconds = continued_simclr(args.data, args.weights, work)
         for draw in draws if "simclr" in rows else []:
-            few_shot(table, ["--checkpoint", str(run), *native], draw, test, work, prefix="simclr_")
+            few_shot(table, ["--checkpoint", str(run), *native], draw, test, work, prefix="simclr_native_max_")
             finetune(table, "simclr_patches", ["--checkpoint", str(run)], draw, test, work, ("--epochs", "0", *native))
         for draw in draws if "simclr-finetune" in rows else []:
             finetune(table, "simclr_finetune", ["--checkpoint", str(run)], draw, test, work)

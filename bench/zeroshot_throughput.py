@@ -39,7 +39,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mmcontrast import evaluate as ev
-from mmcontrast.models import create_clip
+from mmcontrast.models import create_clip, save_clip_run_files
 from mmcontrast.threads import DecodeBalance
 from mmcontrast.zeroshot import ZeroShotClassifier
 
@@ -103,8 +103,6 @@ def images_per_s(fn, *args) -> float:
 
 def whole_process(folder: Path, count: int, repeats: int) -> None:
     """Seconds of the whole ``mmcontrast zero-shot`` command against the plain open_clip script, fresh processes."""
-    from mmcontrast.models import create_clip, save_clip_run_files
-
     images = folder / f"images_{count}"
     if len(list(images.rglob("*.jpg"))) < count:
         print(f"writing {count} JPEGs to {images} …", file=sys.stderr)

@@ -62,8 +62,8 @@ class Settings:
     lr: float = 1e-3  # the head's; the encoder's is lr × backbone_lr_scale
     backbone_lr_scale: float = 0.1
     batch_size: int = 32
-    image_size: int | str | None = None  # a timm encoder's input size; "native": the labelled images' own
-    pool: str | None = None  # a timm encoder's global pooling (models.POOLS); None: its own (average)
+    image_size: int | str | None = None  # a timm:NAME or SimCLR run's input size; "native": the labelled images' own
+    pool: str | None = None  # a timm:NAME or SimCLR run's global pooling (models.POOLS); None: its own
     init: str = "probe"
     templates: str = "default"
     seed: int = 0

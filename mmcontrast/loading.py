@@ -4,8 +4,10 @@ A fine-tuned classifier (``classifier``) is told apart from everything ``models`
 open_clip names, ``timm:NAME``) by its ``model_config.json``; this module reads that and asks the right room, so
 neither imports the other for it. Accepts a run dir (final weights, or ``checkpoints/last`` of a run still
 training), a weights file with its ``model_config.json`` beside it, an open_clip model name plus a local
-``pretrained`` file, or ``timm:NAME`` plus a local ``pretrained`` file in timm's state-dict layout (at ``image_size``,
-default the model's pretrained input size; ``pool``: its global pooling, ``models.POOLS``). Nothing is downloaded.
+``pretrained`` file, or ``timm:NAME`` plus a local ``pretrained`` file in timm's state-dict layout. ``image_size`` and
+``pool`` (global pooling, ``models.POOLS``) apply to ``timm:NAME`` (default: its pretrained input size, average
+pooling) and to a SimCLR run's timm encoder (default: the run's own); every other kind refuses them. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def checkpoint_files(path_or_name: str | Path) -> tuple[Path, Path, dict] | None
 def load(path_or_name: str | Path, pretrained: str | None = None, device: str = "cpu", image_size: int | None = None,
          random_init: bool = False, pool: str | None = None) -> tuple[nn.Module, Callable, Callable | None]:
     """Load a model for inference: ``(model, preprocess, tokenizer)`` (tokenizer None for image-only encoders and
-    classifiers). ``random_init``: the same architecture and preprocessing with fresh weights (a baseline).
+    classifiers). ``random_init``: the same architecture and preprocessing with fresh weights (a baseline);
+    ``image_size``, ``pool``: a timm encoder's input size and global pooling (the module docstring says which).
 
     Example:
         >>> model, preprocess, tokenizer = load("runs/x")  # doctest: +SKIP
@@ -65,20 +68,17 @@ def load(path_or_name: str | Path, pretrained: str | None = None, device: str = 
             models.check_pretrained(pretrained)
         return models.load_image_encoder(models.timm_encoder_spec(str(path_or_name), image_size, pool), None if random_init else Path(pretrained), device)
     files = checkpoint_files(path_or_name)
-    if files is None and (image_size is not None or pool is not None):
-        raise UsageError(f"--image-size and --pool apply to timm:NAME and image-only encoder runs (SimCLR); the open_clip "
-                         f"model {path_or_name} preprocesses at its own size")
+    if (image_size is not None or pool is not None) and (files is None or models.IMAGE_ENCODER_KEY not in files[2]):
+        raise UsageError(f"--image-size and --pool apply to timm:NAME and image-only encoder runs (SimCLR); {path_or_name} "
+                         "preprocesses at its own size and keeps its pooling")
     if files is None:
         bundle = models.create_clip(str(path_or_name), None if random_init else pretrained)
         return bundle.model.to(device).eval(), bundle.preprocess_val, bundle.tokenizer
     weights, config_file, cfg = files
     target = Path(path_or_name)
     if models.IMAGE_ENCODER_KEY in cfg:
-        spec = models.resized_encoder_spec(cfg[models.IMAGE_ENCODER_KEY], image_size, pool, str(path_or_name))
+        spec = models.resized_encoder_spec(cfg[models.IMAGE_ENCODER_KEY], image_size, pool)
         return models.load_image_encoder(spec, None if random_init else weights, device)
-    if image_size is not None or pool is not None:
-        raise UsageError(f"--image-size and --pool apply to timm:NAME and image-only encoder runs (SimCLR); {path_or_name} "
-                         "preprocesses at its own size and keeps its pooling")
     if models.CLASSIFIER_KEY in cfg:
         return classifier.load_classifier(cfg, None if random_init else weights, device)
     if target.is_dir() and (target / models.OPEN_CLIP_CONFIG_FILE).is_file() and weights.parent == target and not random_init:

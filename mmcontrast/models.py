@@ -554,7 +554,13 @@ def load_image_encoder_weights(encoder: ImageEncoder, weights: str | Path) -> No
 
 
 def load_image_encoder(spec: dict, weights: Path | None, device: str) -> tuple[nn.Module, Callable, None]:
+    """``(encoder, its eval preprocess, None)``; a UsageError for a vision transformer asked for another input size
+    than its position embedding holds."""
     encoder = ImageEncoder(spec)
+    built = getattr(getattr(encoder.backbone, "patch_embed", None), "img_size", None)
+    if built is not None and not getattr(encoder.backbone, "dynamic_img_size", False) and tuple(built) != (spec["image_size"],) * 2:
+        raise UsageError(f"--image-size {spec['image_size']}: {spec['name']} is a vision transformer whose position "
+                         f"embedding takes {built[0]} px images")
     if weights is not None:
         load_image_encoder_weights(encoder, weights)
     return encoder.to(device).eval(), image_eval_transform(spec), None
@@ -563,14 +569,14 @@ def load_image_encoder(spec: dict, weights: Path | None, device: str) -> tuple[n
 POOLS = ("avg", "max", "avgmax", "catavgmax")  # timm's global pooling of the last feature map (catavgmax: both, 2x wide)
 
 
-def resized_encoder_spec(spec: dict, image_size: int | None = None, pool: str | None = None, where: str = "") -> dict:
-    """A saved timm encoder's spec (a SimCLR run's) at another input size and global pooling: a CNN takes any size and
-    pooling holds no weights, so the saved weights load unchanged (``catavgmax`` doubles the features' width)."""
+def resized_encoder_spec(spec: dict, image_size: int | None = None, pool: str | None = None) -> dict:
+    """A timm encoder's spec at another input size and global pooling (``timm:NAME``'s, or a saved SimCLR run's): a
+    CNN takes any size and pooling holds no weights, so saved weights load unchanged (``catavgmax`` doubles the
+    features' width). A vision transformer's fixed size is checked when it is built (``load_image_encoder``)."""
     if image_size is None and pool is None:
         return spec
     if spec.get("source") != "timm":
-        raise UsageError(f"--image-size and --pool apply to timm encoders; {where or spec.get('name')} is an open_clip "
-                         "vision tower, which takes its own size")
+        raise UsageError(f"--image-size and --pool apply to timm encoders; {spec.get('name')} is an open_clip vision tower")
     out = {**spec, "timm_kwargs": dict(spec.get("timm_kwargs", {}))}
     if image_size is not None:
         out["image_size"] = int(image_size)
@@ -591,8 +597,4 @@ def timm_encoder_spec(name: str, image_size: int | None = None, pool: str | None
     if image_size is None:
         cfg = timm.models.get_pretrained_cfg(spec["name"])
         image_size = int((cfg.input_size if cfg is not None else (3, 224, 224))[-1])
-    if pool is not None:
-        if pool not in POOLS:
-            raise UsageError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
-        spec["timm_kwargs"] = {**spec.get("timm_kwargs", {}), "global_pool": pool}
-    return {**spec, "image_size": int(image_size)}
+    return resized_encoder_spec(spec, int(image_size), pool)

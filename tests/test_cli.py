@@ -152,6 +152,10 @@ BAD_ARGUMENTS = {
     "malformed shard pattern": ["eval", "retrieval", "--shards", "{tmp}/{{00000..00003.tar", "--checkpoint", "{run}"],
     "embeddings not .npy": ["embed", "--images", "{test}", "--checkpoint", "{run}", "--output", "{tmp}/emb.csv"],
     "a config open_clip cannot build": ["zero-shot", "--images", "{test}", "--labels", "a,b", "--checkpoint", "{tmp}/odd_run"],
+    "the same without open_clip's own config": ["zero-shot", "--images", "{test}", "--labels", "a,b", "--checkpoint",
+                                                "{tmp}/odd_bare_run"],
+    "--image-size for a CLIP run": ["embed", "--images", "{test}", "--checkpoint", "{run}", "--image-size", "64",
+                                    "--output", "{tmp}/e.npy"],
 }
 if not torch.cuda.is_available():
     BAD_ARGUMENTS["cuda without a GPU"] = ["eval", "knn", "--train", "{test}", "--test", "{test}", "--checkpoint", "{run}",
@@ -168,6 +172,8 @@ def test_user_mistakes_exit_2_with_one_line(case, trained_tiny_clip, image_only_
         config = json.loads((odd / name).read_text())
         (config[inner] if inner else config)["no_such_option"] = 1
         (odd / name).write_text(json.dumps(config))
+    shutil.copytree(odd, tmp_path / "odd_bare_run")  # read through model_config.json alone (models.register_config)
+    (tmp_path / "odd_bare_run" / "open_clip_config.json").unlink()
     places = {"tmp": tmp_path, "run": trained_tiny_clip.run_dir, "test": trained_tiny_clip.test_dir,
               "simclr": image_only_checkpoint}
     rc, out, err = run_main(capsys, *[arg.format(**places) for arg in BAD_ARGUMENTS[case]])

@@ -63,9 +63,9 @@ def _index(args: argparse.Namespace) -> int:
         return _index_embeddings(args, max_memory)
     if args.checkpoint is None:
         raise UsageError("--images and --shards are embedded with --checkpoint C; give one (or index --embeddings DIR)")
-    if args.pool is not None:  # queries are embedded later from the index's record, which does not hold the pooling
-        raise UsageError("--pool is not recorded in an index: embed with `mmcontrast embed --pool ...` and index the "
-                         "vectors with `mmcontrast index --embeddings DIR`")
+    if args.pool is not None or args.image_size is not None:  # queries are embedded later from the index's record
+        raise UsageError("--pool and --image-size are not recorded in an index: embed with `mmcontrast embed --pool ... "
+                         "--image-size ...` and index the vectors with `mmcontrast index --embeddings DIR`")
     slice_ = _part(args.part)
     options = loader_options(args)
     plan = search.make_plan(args.images, args.shards, args.checkpoint, args.pretrained, args.precision, args.part_size)
@@ -242,9 +242,9 @@ def _dedup_searcher(args: argparse.Namespace, tmp: str):
         return search.Searcher(args.index, device=device or "cpu")
     if not args.checkpoint:
         raise UsageError("--images needs --checkpoint to embed them (or give --index of an index made by `mmcontrast index`)")
-    if args.pool is not None:
-        raise UsageError("--pool is not recorded in an index: embed with `mmcontrast embed --pool ...`, index the vectors "
-                         "with `mmcontrast index --embeddings DIR`, then dedup --index")
+    if args.pool is not None or args.image_size is not None:
+        raise UsageError("--pool and --image-size are not recorded in an index: embed with `mmcontrast embed --pool ... "
+                         "--image-size ...`, index the vectors with `mmcontrast index --embeddings DIR`, then dedup --index")
     require_dir(args.images, "--images")
     options = loader_options(args)
     plan = search.make_plan(args.images, None, args.checkpoint, args.pretrained, args.precision)
