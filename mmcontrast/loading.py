@@ -22,6 +22,9 @@ from mmcontrast import classifier, models
 from mmcontrast.config import CHECKPOINTS_DIR, LAST_CHECKPOINT
 from mmcontrast.errors import UsageError
 
+# what open_clip raises for a config it cannot build (TypeError: a key the model's constructor does not take)
+BUILD_ERRORS = (RuntimeError, ValueError, TypeError, KeyError)
+
 
 def checkpoint_files(path_or_name: str | Path) -> tuple[Path, Path, dict] | None:
     """``(weights, model_config.json, its contents)`` of a run dir (final weights, or ``checkpoints/last`` of a run
@@ -84,14 +87,14 @@ def load(path_or_name: str | Path, pretrained: str | None = None, device: str = 
     if target.is_dir() and (target / models.OPEN_CLIP_CONFIG_FILE).is_file() and weights.parent == target and not random_init:
         try:
             model, _, preprocess = oc.create_model_and_transforms(f"local-dir:{target}", weights_only=True)
-        except (RuntimeError, ValueError, TypeError, KeyError) as err:  # TypeError: a config key the model does not take
+        except BUILD_ERRORS as err:
             raise UsageError(f"{target} does not load as an open_clip model: {str(err).splitlines()[0][:300]}") from None
         return model.to(device).eval(), preprocess, oc.get_tokenizer(f"local-dir:{target}")
     key = f"mmcontrast-{abs(hash(str(config_file.resolve())))}"
     models.register_config(key, models.resolve_paths_in_cfg(cfg.get("model_cfg", cfg)))
     try:
         model, _, preprocess = oc.create_model_and_transforms(key)
-    except (RuntimeError, ValueError, TypeError, KeyError) as err:
+    except BUILD_ERRORS as err:
         raise UsageError(f"{config_file} does not describe a model open_clip builds: {str(err).splitlines()[0][:300]}") from None
     if not random_init:
         state = models.load_weights_file(weights)

@@ -63,9 +63,7 @@ def _index(args: argparse.Namespace) -> int:
         return _index_embeddings(args, max_memory)
     if args.checkpoint is None:
         raise UsageError("--images and --shards are embedded with --checkpoint C; give one (or index --embeddings DIR)")
-    if args.pool is not None or args.image_size is not None:  # queries are embedded later from the index's record
-        raise UsageError("--pool and --image-size are not recorded in an index: embed with `mmcontrast embed --pool ... "
-                         "--image-size ...` and index the vectors with `mmcontrast index --embeddings DIR`")
+    _refuse_unrecorded_options(args)
     slice_ = _part(args.part)
     options = loader_options(args)
     plan = search.make_plan(args.images, args.shards, args.checkpoint, args.pretrained, args.precision, args.part_size)
@@ -87,6 +85,13 @@ def _index(args: argparse.Namespace) -> int:
         print(f"part {args.part} embedded into {args.output_dir}; when every part is done, run the same command "
               "without --part and with --resume to build the index", file=sys.stderr)
     return 0 if infos is None else emit_json({"index": args.output_dir, **infos}, None)
+
+
+def _refuse_unrecorded_options(args: argparse.Namespace, then: str = "") -> None:
+    """``--pool`` and ``--image-size`` are not in an index's record, from which queries are embedded later: refused."""
+    if args.pool is not None or args.image_size is not None:
+        raise UsageError("--pool and --image-size are not recorded in an index: embed with `mmcontrast embed --pool ... "
+                         f"--image-size ...` and index the vectors with `mmcontrast index --embeddings DIR`{then}")
 
 
 def _part(text: str | None) -> tuple[int, int] | None:
@@ -242,9 +247,7 @@ def _dedup_searcher(args: argparse.Namespace, tmp: str):
         return search.Searcher(args.index, device=device or "cpu")
     if not args.checkpoint:
         raise UsageError("--images needs --checkpoint to embed them (or give --index of an index made by `mmcontrast index`)")
-    if args.pool is not None or args.image_size is not None:
-        raise UsageError("--pool and --image-size are not recorded in an index: embed with `mmcontrast embed --pool ... "
-                         "--image-size ...`, index the vectors with `mmcontrast index --embeddings DIR`, then dedup --index")
+    _refuse_unrecorded_options(args, ", then dedup --index")
     require_dir(args.images, "--images")
     options = loader_options(args)
     plan = search.make_plan(args.images, None, args.checkpoint, args.pretrained, args.precision)
