@@ -67,17 +67,22 @@ class ImageClassifier(nn.Module):
 
 
 class PatchClassifier(ImageClassifier):
-    """A frozen encoder, its probe's head, a bank of regions per class and a stacking probe (``patches.py``): the
-    logits are the stacking probe's, on the head's logits and the log region distances to each bank. Not trained by
-    the trainer: ``mmcontrast finetune`` fits it, and exports it when cross-validation prefers it."""
+    """A frozen encoder, its probe's head, a bank of regions for each class in ``bank_classes`` (by default every
+    class; runs exported before the choice of banks have one each) and a stacking probe (``patches.py``): the logits
+    are the stacking probe's, on the head's logits and the log region distances to each bank. Not trained by the
+    trainer: ``mmcontrast finetune`` fits it, and exports it when cross-validation prefers it."""
 
-    def __init__(self, spec: dict, classes: Sequence[str], bank_sizes: Sequence[int], region_dim: int):
+    def __init__(self, spec: dict, classes: Sequence[str], bank_sizes: Sequence[int], region_dim: int,
+                 bank_classes: Sequence[str] | None = None):
         from mmcontrast.patches import PatchMemory, tap_layers
 
         super().__init__(spec, classes)
+        self.bank_classes = list(self.classes if bank_classes is None else bank_classes)
+        if len(self.bank_classes) != len(bank_sizes) or not set(self.bank_classes) <= set(self.classes):
+            raise UsageError(f"a patch classifier's banks ({self.bank_classes}, {len(bank_sizes)} sizes) must be of its classes {self.classes}")
         self.layers = tap_layers(self.encoder.backbone)
         self.memory = PatchMemory(bank_sizes, region_dim)
-        self.stack = nn.Linear(2 * len(self.classes), len(self.classes))
+        self.stack = nn.Linear(len(self.classes) + len(bank_sizes), len(self.classes))
 
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         from mmcontrast.patches import MapTap, region_features
@@ -124,12 +129,12 @@ def write_start(path: Path, spec: dict, encoder_state: dict, classes: Sequence[s
 
 def write_patch_classifier(run_dir: Path, spec: dict, encoder_state: dict, classes: Sequence[str],
                            head: tuple[np.ndarray, np.ndarray], banks: Sequence[torch.Tensor],
-                           stack: tuple[np.ndarray, np.ndarray]) -> None:
-    """A ``PatchClassifier``'s files in ``run_dir``: ``model_config.json`` (with the banks' sizes) and
+                           stack: tuple[np.ndarray, np.ndarray], bank_classes: Sequence[str]) -> None:
+    """A ``PatchClassifier``'s files in ``run_dir``: ``model_config.json`` (with the banks' classes and sizes) and
     ``model.safetensors`` (encoder, probe head, banks, stacking probe)."""
     from safetensors.torch import save_file
 
-    model = PatchClassifier(spec, classes, [len(b) for b in banks], banks[0].shape[1])
+    model = PatchClassifier(spec, classes, [len(b) for b in banks], banks[0].shape[1], bank_classes)
     model.encoder.load_state_dict(encoder_state)
     model.memory.fill(banks)
     with torch.no_grad():
@@ -138,7 +143,7 @@ def write_patch_classifier(run_dir: Path, spec: dict, encoder_state: dict, class
             layer.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    patches = {"bank_sizes": [len(b) for b in banks], "region_dim": int(banks[0].shape[1])}
+    patches = {"bank_classes": list(bank_classes), "bank_sizes": [len(b) for b in banks], "region_dim": int(banks[0].shape[1])}
     (run_dir / models.MODEL_CONFIG_FILE).write_text(json.dumps(classifier_config(spec, classes, patches), indent=2))
     models.atomic_save(save_file, models.state_dict_for_file(model), run_dir / models.WEIGHTS_FILE)
 
@@ -165,7 +170,8 @@ def load_classifier(cfg: dict, weights: Path | None, device: str) -> tuple[Image
     """``(classifier, preprocess, None)`` from a ``model_config.json`` dict and its weights (None: random)."""
     entry = cfg[CLASSIFIER_KEY]
     patches = entry.get("patches")
-    model = (PatchClassifier(entry["encoder"], entry["classes"], patches["bank_sizes"], patches["region_dim"]) if patches
+    model = (PatchClassifier(entry["encoder"], entry["classes"], patches["bank_sizes"], patches["region_dim"],
+                             patches.get("bank_classes")) if patches
              else ImageClassifier(entry["encoder"], entry["classes"]))
     if weights is not None:
         state = models.strip_wrapper_prefixes(models.load_weights_file(weights))

@@ -342,7 +342,8 @@ def run(s: Settings, train_fn: Callable[[Config], Path] | None = None) -> Select
     if choice == "finetuned" and not s.val_dir:
         _train_run(s, enc, classes, labelled, run_dir, run_dir / DATA_DIR / "all", None, train_fn)
     elif choice != "finetuned":
-        _export_frozen(run_dir, enc, classes, labelled, patch_data if choice == "patches" else None, s.seed)
+        banks = _export_frozen(run_dir, enc, classes, labelled, patch_data if choice == "patches" else None, s.seed)
+        patch_note = f"{patch_note}; {banks}" if banks else patch_note
     selection = Selection(estimates["probe"], estimates["finetuned"], choice, reason, run_dir, 0 if s.val_dir else s.folds,
                           per_epoch, views, estimates["patches"], patch_note)
     from mmcontrast.models import atomic_save
@@ -465,9 +466,9 @@ def _keep_finetuned_files(run_dir: Path) -> None:
             shutil.move(str(run_dir / name), str(run_dir / kept))
 
 
-def _export_frozen(run_dir: Path, enc: Encoder, classes: list[str], labelled: Labelled, patch_data, seed: int) -> None:
+def _export_frozen(run_dir: Path, enc: Encoder, classes: list[str], labelled: Labelled, patch_data, seed: int) -> str | None:
     """The frozen probe (``patch_data`` None) or the patch classifier fitted on every labelled image, as the run's
-    classifier files."""
+    classifier files; for the patch classifier, which banks it reads (``PatchFit.describe``)."""
     from mmcontrast import classifier as clf
 
     _keep_finetuned_files(run_dir)
@@ -478,4 +479,5 @@ def _export_frozen(run_dir: Path, enc: Encoder, classes: list[str], labelled: La
 
     fitted = patches.fit(patch_data, np.arange(len(labelled.paths)), seed)
     clf.write_patch_classifier(run_dir, enc.spec, enc.state, classes, fitted.head, fitted.banks(patch_data),
-                               fitted.stack.head(len(classes)))
+                               fitted.stack.head(len(classes)), [classes[k] for k in fitted.read])
+    return fitted.describe(classes)

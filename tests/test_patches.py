@@ -58,7 +58,9 @@ def test_a_local_defect_is_found_by_the_region_banks_and_the_run_reads_back(chec
     assert best["choice"] == "patches" and "kept the patch classifier" in out, out
     assert "60 images of --unlabelled" in best["patches_note"]
     config = json.loads((run / "model_config.json").read_text())[clf.CLASSIFIER_KEY]
-    assert config["patches"]["region_dim"] > 0 and len(config["patches"]["bank_sizes"]) == 2
+    assert config["patches"]["region_dim"] > 0 and len(config["patches"]["bank_sizes"]) == len(config["patches"]["bank_classes"])
+    # noise cells are all alike: a checker is far from every region of the good cells' bank, which must be read
+    assert "good" in config["patches"]["bank_classes"] and "the stacking probe reads" in best["patches_note"]
     # The run is a classifier every command loads: held-out cells scored through eval classifier.
     assert main(["eval", "classifier", "--images", str(checkers["test"]), "--checkpoint", str(run), "--workers", "0",
                  "--precision", "fp32"]) == 0
@@ -101,6 +103,32 @@ def test_pseudo_members_leave_out_the_least_confident_quarter_of_each_class():
     probabilities = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55], [0.1, 0.9], [0.3, 0.7]])
     defect, good = patches.pseudo_members(probabilities, 2)
     assert defect.tolist() == [0, 1] and good.tolist() == [2, 4, 5]  # row 3 (0.55) is the least sure "good"
+
+
+def test_separation_is_the_roc_auc_of_each_class_from_its_own_bank_and_only_separating_banks_are_read():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 20)
+    distances = rng.gamma(2.0, 1.0, (60, 3))
+    distances[labels == 1, 1] *= 0.3  # class 1's images lie near their own bank; 0 and 2 do not
+    distances[:4, 0] = distances[4, 0]  # ties count half
+    got = patches.separation(distances, labels)
+    np.testing.assert_allclose(got, [roc_auc_score(labels == k, -distances[:, k]) for k in range(3)])
+    assert got[1] > 0.9 and patches.read_banks(got).tolist() == [1]
+    assert patches.read_banks(np.array([0.3, 0.55, 0.5])).tolist() == [1]  # none separates: the best one is still read
+    assert patches.read_banks(np.array([0.7, 0.2, 0.65])).tolist() == [0, 2]
+
+
+def test_a_run_exported_with_a_bank_per_class_still_loads():
+    """Runs written before banks were chosen have no ``bank_classes``: a bank per class, in class order."""
+    spec = clf.models.timm_encoder_spec("timm:resnet10t", 64)
+    old = clf.PatchClassifier(spec, ["a", "b"], [5, 7], 12)
+    assert old.bank_classes == ["a", "b"] and old.stack.in_features == 4
+    chosen = clf.PatchClassifier(spec, ["a", "b", "c"], [5], 12, ["b"])
+    assert chosen.stack.in_features == 4 and len(chosen.memory.banks) == 1
+    with pytest.raises(clf.UsageError, match="must be of its classes"):
+        clf.PatchClassifier(spec, ["a", "b"], [5], 12, ["z"])
 
 
 def test_regions_leave_each_image_out_of_its_own_bank():
