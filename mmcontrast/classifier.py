@@ -78,8 +78,10 @@ class PatchClassifier(ImageClassifier):
 
         super().__init__(spec, classes)
         self.bank_classes = list(self.classes if bank_classes is None else bank_classes)
-        if len(self.bank_classes) != len(bank_sizes) or not set(self.bank_classes) <= set(self.classes):
-            raise UsageError(f"a patch classifier's banks ({self.bank_classes}, {len(bank_sizes)} sizes) must be of its classes {self.classes}")
+        distinct = set(self.bank_classes)
+        if not distinct or len(distinct) != len(self.bank_classes) or len(distinct) != len(bank_sizes) or not distinct <= set(self.classes):
+            raise UsageError(f"{models.MODEL_CONFIG_FILE}: patches.bank_classes {self.bank_classes} must name "
+                             f"{len(bank_sizes)} distinct classes of {self.classes}; export the run again with mmcontrast finetune")
         self.layers = tap_layers(self.encoder.backbone)
         self.memory = PatchMemory(bank_sizes, region_dim)
         self.stack = nn.Linear(len(self.classes) + len(bank_sizes), len(self.classes))
@@ -149,8 +151,8 @@ def write_patch_classifier(run_dir: Path, spec: dict, encoder_state: dict, class
 
 
 def classifier_config(spec: dict, classes: Sequence[str], patches: dict | None = None) -> dict:
-    """What ``model_config.json`` holds for a classifier run (``patches``: a ``PatchClassifier``'s bank sizes and
-    region width)."""
+    """What ``model_config.json`` holds for a classifier run (``patches``: a ``PatchClassifier``'s bank classes, bank
+    sizes and region width)."""
     return {CLASSIFIER_KEY: {"encoder": spec, "classes": list(classes), **({"patches": patches} if patches else {})}}
 
 

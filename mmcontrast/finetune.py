@@ -226,7 +226,7 @@ class Selection:
     per_epoch: list = field(default_factory=list)
     views: dict | None = None  # data.augment.preset=auto: the preset chosen and the measurement behind it
     patches: dict | None = None  # the patch classifier's estimate (None: an encoder without feature maps)
-    patches_note: str | None = None  # why there is none, or what filled its banks
+    patches_note: str | None = None  # why there is none, or what filled its banks (and which the exported one reads)
 
     def record(self) -> dict:
         return {"choice": self.choice, "reason": self.reason, "selected_on": f"{self.folds}-fold cross-validation"
@@ -342,8 +342,8 @@ def run(s: Settings, train_fn: Callable[[Config], Path] | None = None) -> Select
     if choice == "finetuned" and not s.val_dir:
         _train_run(s, enc, classes, labelled, run_dir, run_dir / DATA_DIR / "all", None, train_fn)
     elif choice != "finetuned":
-        banks = _export_frozen(run_dir, enc, classes, labelled, patch_data if choice == "patches" else None, s.seed)
-        patch_note = f"{patch_note}; {banks}" if banks else patch_note
+        read_note = _export_frozen(run_dir, enc, classes, labelled, patch_data if choice == "patches" else None, s.seed)
+        patch_note = f"{patch_note}; {read_note}" if read_note else patch_note
     selection = Selection(estimates["probe"], estimates["finetuned"], choice, reason, run_dir, 0 if s.val_dir else s.folds,
                           per_epoch, views, estimates["patches"], patch_note)
     from mmcontrast.models import atomic_save
@@ -474,7 +474,7 @@ def _export_frozen(run_dir: Path, enc: Encoder, classes: list[str], labelled: La
     _keep_finetuned_files(run_dir)
     if patch_data is None:
         _write_start(run_dir, enc.spec, enc.state, classes, clf.probe_head(labelled.features, labelled.labels, len(classes), seed))
-        return
+        return None
     from mmcontrast import patches
 
     fitted = patches.fit(patch_data, np.arange(len(labelled.paths)), seed)

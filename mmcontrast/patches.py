@@ -5,15 +5,18 @@ on ELPV the frozen probe finds it no better with every label than with 50 per cl
 keeps instead the mid-level feature of every region of the nominal images in a memory bank and scores an image by
 its region farthest from the bank. Here every class has a bank (no class has to be named nominal): an image's
 ``distances`` are, per class, the largest over its regions of the distance to the nearest region of that class's
-images. The classifier that uses them (``classifier.PatchClassifier``) stacks their logarithms beside the frozen
-probe's logits in a second probe, fitted on out-of-fold logits and leave-one-out distances of the labelled images —
-so it learns how much each class's bank says, measured on images no bank held.
+images. The classifier that uses them (``classifier.PatchClassifier``) stacks the logarithms of the distances to the
+banks it reads (below) beside the frozen probe's logits in a second probe, fitted on out-of-fold logits and
+leave-one-out distances of the labelled images — so it learns how much each of those banks says, measured on images
+no bank held.
 
 Only the banks that set their class apart are read (``separation``): the area under the ROC curve of "this image is
 of the class" from the leave-one-out distance to the class's bank, nearer meaning yes, kept at ``SEPARATES`` or more
 (and always the best one). A defective cell is a functional cell plus a crack: every region of it but the crack has
 near neighbours in the functional bank, so the distance to that bank is PatchCore's anomaly score; while the cracks
-in the defective bank are each unlike the next, so that bank sets defective cells apart no better than chance. On
+in the defective bank are each unlike the next, so that bank sets defective cells apart no better than chance (a
+bank reliably farther from its own class, AUC well below 0.5, is left out too: in the binary case the other bank says
+the same, and reading both scored lower on ELPV). On
 ELPV (50 labelled cells per class, three draws) the functional bank separated 0.73-0.83 with the labelled cells
 alone and 0.83-0.89 with the unlabelled ones added, the defective bank 0.38-0.50; stacking the probe with the
 functional bank alone scored 81.4 / 81.1 / 80.3% top-1 on the test cells where both banks scored 80.0 / 78.5 / 78.8%.
@@ -122,7 +125,8 @@ def flat_index(bank: torch.Tensor):
 
 class PatchMemory(nn.Module):
     """The banks of regions the stacking probe reads, one per class it reads (buffers ``bank_K``, saved with the
-    classifier's weights)."""
+    classifier's weights): ``bank_K`` holds the regions of the K-th of ``PatchClassifier.bank_classes``, not of class
+    K (``bank_0`` may be class 1's); the names stay so that runs written with a bank per class load."""
 
     def __init__(self, sizes: Sequence[int], dim: int):
         super().__init__()
@@ -161,10 +165,11 @@ def stack_inputs(logits: torch.Tensor | np.ndarray, distances: torch.Tensor | np
 
 def separation(distances: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """``(classes,)``: per class k, the ROC AUC of telling k's images from the rest by their distance to k's bank
-    (nearer: k), from ``distances`` ``(n, classes)``; ties count half (Mann-Whitney), 0.5 where a side is empty."""
-    from scipy.stats import rankdata
+    (nearer: k), from ``distances`` ``(n, classes)``; ties count half (Mann-Whitney), NaN where a side is empty.
+    Not sklearn's ``roc_auc_score``: it refuses inf, the distance of an image whose class has no other image."""
+    from scipy.stats import rankdata  # scikit-learn's own dependency
 
-    out = np.full(distances.shape[1], 0.5)
+    out = np.full(distances.shape[1], np.nan)
     for k in range(distances.shape[1]):
         own = labels == k
         n_own, n_rest = int(own.sum()), int((~own).sum())
@@ -175,9 +180,12 @@ def separation(distances: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def read_banks(separations: np.ndarray) -> np.ndarray:
-    """The classes whose banks the stacking probe reads: those separating at ``SEPARATES`` or more, else the best."""
-    kept = np.flatnonzero(separations >= SEPARATES)
-    return kept if len(kept) else np.array([int(np.argmax(separations))])
+    """The classes whose banks the stacking probe reads, ascending: those separating at ``SEPARATES`` or more, else
+    the best one (a class whose separation is undefined, NaN, only when none is defined)."""
+    kept = np.flatnonzero(np.nan_to_num(separations, nan=-1.0) >= SEPARATES)
+    if len(kept):
+        return kept
+    return np.array([int(np.nanargmax(separations)) if not np.isnan(separations).all() else 0])
 
 
 # ---------------------------------------------------------------- encoding and fitting
@@ -262,8 +270,8 @@ class PatchFit:
     stack: object  # probe.Probe on stack_inputs
     pseudo: list[torch.Tensor]
     train: np.ndarray  # the labelled rows it was fitted on
-    read: np.ndarray
-    separations: np.ndarray
+    read: np.ndarray  # (banks,) class indices, ascending: the order of the exported banks and the stack's distances
+    separations: np.ndarray  # (classes,) each class's own bank's leave-one-out ROC AUC (``separation``)
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         return features @ self.head[0].T + self.head[1]
@@ -276,9 +284,13 @@ class PatchFit:
 
     def describe(self, classes: Sequence[str]) -> str:
         """Which banks it reads and how well each class's bank separated, in words."""
-        said = lambda ks: ", ".join(f"{classes[k]} ({self.separations[k]:.2f})" for k in ks)
+        def said(ks) -> str:
+            return ", ".join(f"{classes[k]} ({self.separations[k]:.2f})" for k in ks)
+
         left = [k for k in range(len(classes)) if k not in set(self.read.tolist())]
+        fallback = not (self.separations[self.read] >= SEPARATES).all()
         return (f"the stacking probe reads the region distance to the bank of {said(self.read)}"
+                + (f" (none reached {SEPARATES}: the best is read)" if fallback else "")
                 + (f"; left out, separating their class below {SEPARATES}: {said(left)}" if left else "")
                 + " (ROC AUC of each class's images from its bank's leave-one-out distances)")
 

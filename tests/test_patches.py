@@ -118,17 +118,29 @@ def test_separation_is_the_roc_auc_of_each_class_from_its_own_bank_and_only_sepa
     assert got[1] > 0.9 and patches.read_banks(got).tolist() == [1]
     assert patches.read_banks(np.array([0.3, 0.55, 0.5])).tolist() == [1]  # none separates: the best one is still read
     assert patches.read_banks(np.array([0.7, 0.2, 0.65])).tolist() == [0, 2]
+    assert np.isnan(patches.separation(distances[labels != 2], labels[labels != 2])[2])  # no image of class 2
+    assert patches.read_banks(np.array([0.4, np.nan])).tolist() == [0]
 
 
-def test_a_run_exported_with_a_bank_per_class_still_loads():
-    """Runs written before banks were chosen have no ``bank_classes``: a bank per class, in class order."""
+def test_a_run_exported_with_a_bank_per_class_still_loads(tmp_path):
+    """Runs written before banks were chosen have no ``bank_classes``: a bank per class, in class order, read back
+    from their files; a config whose banks are not distinct classes of its own is one clear error."""
+    from safetensors.torch import save_file
+
     spec = clf.models.timm_encoder_spec("timm:resnet10t", 64)
+    torch.manual_seed(0)
     old = clf.PatchClassifier(spec, ["a", "b"], [5, 7], 12)
-    assert old.bank_classes == ["a", "b"] and old.stack.in_features == 4
+    old.memory.fill([torch.randn(5, 12), torch.randn(7, 12)])
+    config = clf.classifier_config(spec, ["a", "b"], {"bank_sizes": [5, 7], "region_dim": 12})
+    save_file(clf.models.state_dict_for_file(old), tmp_path / "model.safetensors")
+    loaded, _, _ = clf.load_classifier(config, tmp_path / "model.safetensors", "cpu")
+    assert loaded.bank_classes == ["a", "b"] and loaded.stack.in_features == 4
+    assert torch.equal(loaded.memory.banks[1], old.memory.banks[1])
     chosen = clf.PatchClassifier(spec, ["a", "b", "c"], [5], 12, ["b"])
     assert chosen.stack.in_features == 4 and len(chosen.memory.banks) == 1
-    with pytest.raises(clf.UsageError, match="must be of its classes"):
-        clf.PatchClassifier(spec, ["a", "b"], [5], 12, ["z"])
+    for banks, sizes in ((["z"], [5]), (["a", "a"], [5, 5]), ([], [])):
+        with pytest.raises(clf.UsageError, match="must name"):
+            clf.PatchClassifier(spec, ["a", "b"], sizes, 12, banks)
 
 
 def test_regions_leave_each_image_out_of_its_own_bank():
