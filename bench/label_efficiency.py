@@ -12,7 +12,8 @@ Rows (``--rows``, comma-separated; default every row but ``ceiling-finetune``), 
 * ``native-max``: the frozen features at the images' own size with global max pooling instead of the average
   (``eval few-shot --image-size N --pool max``): a small defect's response is not averaged away;
 * ``patches``: ``mmcontrast finetune --epochs 0 --image-size N --pool max`` on each draw: no fine-tuning, the frozen
-  probe against the patch classifier (region banks per class stacked with the probe), kept by its cross-validation;
+  probe against the patch classifier (region banks per class; those that set their class apart are stacked with the
+  probe), kept by its cross-validation;
 * ``patches-unlabelled``: the same with ``--unlabelled DATA/unlabelled``: the banks take the unlabelled images the
   probe gives each class most confidently;
 * ``finetune``: ``mmcontrast finetune`` with its defaults on each draw (it cross-validates the frozen probe against

@@ -88,9 +88,10 @@ def cross_validation_folds(labels: np.ndarray, most: int = PROBE_FOLDS) -> int:
     return int(min(most, np.bincount(labels)[present].min()))
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0) -> Probe:
+def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0, c: float | None = None) -> Probe:
     """The probe of the module docstring, fitted on raw features ``x`` ``(n, d)`` with class indices ``y`` ``(n,)``.
-    ``seed`` decides the cross-validation folds; with one image per class nothing can be held out and C = 1."""
+    ``seed`` decides the cross-validation folds; with one image per class nothing can be held out and C = 1. ``c``:
+    that C, not chosen (out-of-fold probes whose logits must be on the scale of a probe already fitted)."""
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
 
@@ -100,9 +101,9 @@ def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0) -> Probe:
     z = (x - mean) / scale
     folds = cross_validation_folds(y)
     with quiet_sklearn():
-        if folds < 2 or len(np.unique(y)) < 2:
-            model = LogisticRegression(C=1.0, max_iter=PROBE_MAX_ITER).fit(z, y) if len(np.unique(y)) > 1 else None
-            c = 1.0
+        if folds < 2 or len(np.unique(y)) < 2 or c is not None:
+            c = 1.0 if c is None else c
+            model = LogisticRegression(C=c, max_iter=PROBE_MAX_ITER).fit(z, y) if len(np.unique(y)) > 1 else None
         else:
             cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
             model = LogisticRegressionCV(Cs=list(PROBE_CS), cv=cv, scoring="neg_log_loss", max_iter=PROBE_MAX_ITER).fit(z, y)

@@ -41,6 +41,13 @@ def test_the_probe_head_predicts_what_the_probe_does_on_raw_features():
         head = (xs @ weight.T + bias).argmax(axis=1)
         assert np.array_equal(head, reference.predict(scaler.transform(xs)))
         assert np.array_equal(head, fit_probe(xs, ys).predict(xs))
+    # a given C is used, not chosen: scikit-learn's logistic regression at that C on the standardised features
+    from sklearn.linear_model import LogisticRegression
+
+    given = fit_probe(x, y, c=0.01)
+    reference = LogisticRegression(C=0.01, max_iter=PROBE_MAX_ITER).fit(StandardScaler().fit_transform(x), y)
+    assert given.C == 0.01
+    np.testing.assert_allclose(given.coef, reference.coef_, rtol=1e-6)
 
 
 def test_lr_scale_gives_each_kind_of_parameter_its_learning_rate():
