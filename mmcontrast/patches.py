@@ -16,11 +16,10 @@ of the class" from the leave-one-out distance to the class's bank, nearer meanin
 near neighbours in the functional bank, so the distance to that bank is PatchCore's anomaly score; while the cracks
 in the defective bank are each unlike the next, so that bank sets defective cells apart no better than chance (a
 bank reliably farther from its own class, AUC well below 0.5, is left out too: in the binary case the other bank says
-the same, and reading both scored lower on ELPV). On
-ELPV (50 labelled cells per class, three draws) the functional bank separated 0.73-0.83 with the labelled cells
-alone and 0.83-0.89 with the unlabelled ones added, the defective bank 0.38-0.54; fitted on each draw's 100 labelled
-cells, the probe stacked with the functional bank alone scored 81.2 / 81.8 / 80.3% top-1 on the test cells where
-both banks scored 78.8 / 81.4 / 78.8%.
+the same, and reading both scored lower on ELPV). On ELPV (50 labelled cells per class, three draws) the functional
+bank separated 0.73-0.83 with the labelled cells alone and 0.83-0.89 with the unlabelled ones added, the defective
+bank 0.38-0.54; fitted on each draw's 100 labelled cells, the probe stacked with the functional bank alone scored
+81.2 / 81.8 / 80.3% top-1 on the test cells where both banks scored 78.8 / 81.4 / 78.8%.
 
 Regions: the timm encoder's stride-8 and stride-16 feature maps (PatchCore's mid-level pair; early enough to keep
 where things are, late enough to say what they are), the stride-8 map averaged down to the stride-16 grid,
@@ -30,9 +29,9 @@ concatenated, then averaged over each 3 × 3 neighbourhood (PatchCore's local ag
 Unlabelled images (``finetune --unlabelled``) fill the banks: the frozen probe of the labelled images labels them,
 and each class's bank takes the more confident three quarters of the images it was given (``pseudo_members``). On
 ELPV draw s0 (test cells, top-1 / mean per-class recall; both banks read): banks of the labelled cells alone 78.8 /
-75.4; with the
-confident half of the unlabelled cells 79.2 / 78.5, three quarters 80.0 / 78.3 (90% of those called functional are);
-pseudo-labels from the stacked classifier instead of the probe 75.7 / 76.0 (and a pass over every unlabelled region).
+75.4; with the confident half of the unlabelled cells 79.2 / 78.5, three quarters 80.0 / 78.3 (90% of those called
+functional are); pseudo-labels from the stacked classifier instead of the probe 75.7 / 76.0 (and a pass over every
+unlabelled region).
 
 Does not own the classifier (``classifier.py``), the probe (``probe.py``) or the cross-validation that chooses
 between classifiers (``finetune.py``).
@@ -184,10 +183,9 @@ def separation(distances: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def read_banks(separations: np.ndarray) -> np.ndarray:
     """The classes whose banks the stacking probe reads, ascending: those separating at ``SEPARATES`` or more, else
     the best one (a class whose separation is undefined, NaN, only when none is defined)."""
-    kept = np.flatnonzero(np.nan_to_num(separations, nan=-1.0) >= SEPARATES)
-    if len(kept):
-        return kept
-    return np.array([int(np.nanargmax(separations)) if not np.isnan(separations).all() else 0])
+    filled = np.nan_to_num(separations, nan=-1.0)
+    kept = np.flatnonzero(filled >= SEPARATES)
+    return kept if len(kept) else np.array([int(np.argmax(filled))])
 
 
 # ---------------------------------------------------------------- encoding and fitting
