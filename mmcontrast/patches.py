@@ -376,9 +376,11 @@ def predict_rows(model: PatchFit, data: PatchSet, rows: np.ndarray) -> np.ndarra
 
 def predict_images(model: PatchFit, data: PatchSet, features: np.ndarray, regions: torch.Tensor) -> np.ndarray:
     """Class indices of new images (pooled ``features``, ``regions``) against the fit's banks (``--val``)."""
-    indexes = [flat_index(bank) for bank in model.banks(data)]
-    distances = np.array([[float(nearest(r.float(), index).amax()) for index in indexes] for r in regions])
-    return model.stack.predict(stack_inputs(model.logits(features), distances))
+    banks = model.banks(data)
+    memory = PatchMemory([len(bank) for bank in banks], banks[0].shape[1])
+    memory.fill(banks)
+    distances = torch.cat([memory.distances(chunk) for chunk in regions.split(64)])  # as the exported model, a batch at a time
+    return model.stack.predict(stack_inputs(model.logits(features), distances.numpy()))
 
 
 def encode(encoder: nn.Module, preprocess, paths: Sequence[Path], progress: str | None = None):

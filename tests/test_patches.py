@@ -88,6 +88,7 @@ def test_the_exported_classifier_predicts_what_the_fit_does(checkers):
     indexes = [patches.flat_index(bank) for bank in fitted.banks(data)]
     distances = np.array([[float(patches.nearest(r.float(), index).amax()) for index in indexes] for r in regions])
     expected = fitted.stack.decision(patches.stack_inputs(fitted.logits(pooled), distances))
+    assert (patches.predict_images(fitted, data, pooled, regions) == fitted.stack.classes[expected.argmax(1)]).all()  # --val's path
     images = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
         logits = model.logits(images).numpy()
