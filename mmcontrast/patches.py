@@ -368,19 +368,21 @@ def fit(data: PatchSet, train: np.ndarray, seed: int = 0) -> PatchFit:
     return PatchFit(head, fit_probe(inputs, data.labels[train], seed), pseudo, train, read, separations)
 
 
-def predict_rows(model: PatchFit, data: PatchSet, rows: np.ndarray) -> np.ndarray:
-    """Class indices of labelled rows the fit did not see (a cross-validation fold's held-out images)."""
+def score_rows(model: PatchFit, data: PatchSet, rows: np.ndarray) -> np.ndarray:
+    """``(len(rows), classes)`` probabilities of labelled rows the fit did not see (a cross-validation fold's
+    held-out images)."""
     inputs = stack_inputs(model.logits(data.features[rows]), _distances(data, rows, model.train, model.pseudo, model.read))
-    return model.stack.predict(inputs)
+    return model.stack.scores(inputs, data.n_classes)
 
 
-def predict_images(model: PatchFit, data: PatchSet, features: np.ndarray, regions: torch.Tensor) -> np.ndarray:
-    """Class indices of new images (pooled ``features``, ``regions``) against the fit's banks (``--val``)."""
+def score_images(model: PatchFit, data: PatchSet, features: np.ndarray, regions: torch.Tensor) -> np.ndarray:
+    """``(n, classes)`` probabilities of new images (pooled ``features``, ``regions``) against the fit's banks
+    (``--val``)."""
     banks = model.banks(data)
     memory = PatchMemory([len(bank) for bank in banks], banks[0].shape[1])
     memory.fill(banks)
     distances = torch.cat([memory.distances(chunk) for chunk in regions.split(64)])  # as the exported model, a batch at a time
-    return model.stack.predict(stack_inputs(model.logits(features), distances.numpy()))
+    return model.stack.scores(stack_inputs(model.logits(features), distances.numpy()), data.n_classes)
 
 
 def encode(encoder: nn.Module, preprocess, paths: Sequence[Path], progress: str | None = None):

@@ -151,6 +151,25 @@ def _bars(root: Path, per_class: int, seed: int) -> Path:
     return root
 
 
+def test_the_choice_is_the_lowest_held_out_log_loss_not_the_highest_top1():
+    """Each fold's log-loss is scikit-learn's; the candidate kept is the one whose held-out answers were surest of the
+    truth, even where another's top-1 is higher (a fold of five images: top-1 moves in steps of 20 points), and a
+    tie keeps the probe."""
+    from sklearn.metrics import log_loss
+
+    from mmcontrast.finetune import _choose, _scores, _summary
+
+    truth = np.array([0, 0, 1, 1, 2])
+    sure = np.array([[0.9, 0.05, 0.05], [0.45, 0.5, 0.05], [0.05, 0.9, 0.05], [0.1, 0.8, 0.1], [0.05, 0.05, 0.9]])
+    lucky = np.array([[0.4, 0.3, 0.3], [0.4, 0.3, 0.3], [0.3, 0.4, 0.3], [0.3, 0.4, 0.3], [0.3, 0.3, 0.4]])
+    a, b = _scores(sure, truth, 3), _scores(lucky, truth, 3)
+    assert a["loss"] == pytest.approx(log_loss(truth, sure)) and b["loss"] == pytest.approx(log_loss(truth, lucky))
+    assert a["top1"] == 0.8 and b["top1"] == 1.0
+    choice, reason = _choose({"probe": _summary([b]), "patches": _summary([a]), "finetuned": None})
+    assert choice == "patches" and "log-loss" in reason
+    assert _choose({"probe": _summary([a]), "patches": _summary([a]), "finetuned": _summary([a])})[0] == "probe"
+
+
 def test_cross_validation_exports_the_probe_when_finetuning_hurts(trained_tiny_clip, tmp_path, capsys):
     """Bars on the left against bars on the right, fine-tuned with views that flip images left to right half the
     time: training is told both answers for every image, so fine-tuning must lose what the frozen features already

@@ -76,8 +76,8 @@ def _finetune(args: argparse.Namespace) -> int:
     selection = finetune.run(settings)
     on = f"{selection.folds}-fold cross-validation" if selection.folds else f"--val {args.val}"
     scored = {"frozen probe": selection.probe, "patch classifier": selection.patches, "fine-tuned": selection.finetuned}
-    print("; ".join(f"{name}: top-1 {e['top1']:.1%} ± {e['top1_std']:.1%}, mean per-class recall {e['mean_per_class_recall']:.1%}"
-                    for name, e in scored.items() if e) + f" ({on})")
+    print("; ".join(f"{name}: log-loss {e['loss']:.3f} ± {e['loss_std']:.3f}, top-1 {e['top1']:.1%} ± {e['top1_std']:.1%}, "
+                    f"mean per-class recall {e['mean_per_class_recall']:.1%}" for name, e in scored.items() if e) + f" ({on})")
     if selection.patches_note:
         print(selection.patches_note)
     print(f"kept the {finetune.NAMES[selection.choice].removeprefix('the ').replace('fine-tuning', 'fine-tuned model')}: {selection.reason}")
