@@ -293,9 +293,8 @@ def _choose(estimates: dict[str, dict | None]) -> tuple[str, str]:
     them, CV log-loss on 7."""
     scored = [c for c in CHOICES if estimates.get(c)]
     best = min(scored, key=lambda c: (estimates[c]["loss"], CHOICES.index(c)))
-    said = ", ".join(f"{NAMES[c]} {estimates[c]['loss']:.3f} ± {estimates[c]['loss_std']:.3f} (top-1 {estimates[c]['top1']:.1%})"
-                     for c in scored)
-    said = f"held-out log-loss {said}"
+    said = "held-out log-loss " + ", ".join(f"{NAMES[c]} {estimates[c]['loss']:.3f} ± {estimates[c]['loss_std']:.3f} "
+                                            f"(top-1 {estimates[c]['top1']:.1%})" for c in scored)
     if best == "probe" and estimates.get("finetuned"):
         return best, f"{said}: fine-tuning did not help"
     return best, f"{said}: {NAMES[best]} scored best" if len(scored) > 1 else f"{said}: the only candidate"
