@@ -16,8 +16,8 @@ Rows (``--rows``, comma-separated; default every row but ``ceiling-finetune``), 
   probe), kept by its cross-validation;
 * ``patches-unlabelled``: the same with ``--unlabelled DATA/unlabelled``: the banks take the unlabelled images the
   probe gives each class most confidently;
-* ``finetune``: ``mmcontrast finetune`` with its defaults on each draw (it cross-validates the frozen probe against
-  fine-tuning and keeps the better), then ``mmcontrast eval classifier``;
+* ``finetune``: ``mmcontrast finetune`` with its defaults on each draw (it cross-validates the frozen probe, the patch
+  classifier and fine-tuning and keeps the lowest held-out log-loss), then ``mmcontrast eval classifier``;
 * ``simclr``: ``configs/simclr_imagenet_cpu.yaml`` continued on ``DATA/unlabelled`` (``make_shards --layout images``
   first), then, like ``native-max`` and ``patches`` with its encoder in ImageNet's place, the probe (``eval few-shot
   --checkpoint RUN --image-size N --pool max``) and ``finetune --checkpoint RUN --epochs 0 --image-size N --pool max``

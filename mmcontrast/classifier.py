@@ -214,7 +214,7 @@ def held_out_scores(preprocess: Callable, folder: str | Path, classes: Sequence[
     """The classify task's in-loop evaluation: top-1, mean per-class recall and loss (mean negative log-likelihood)
     of the model on ``folder`` (class folders). Folders missing from ``classes`` are a UsageError now. Nothing is
     kept: a run exports its last epoch, and ``mmcontrast finetune`` reads these scores to choose between runs."""
-    from mmcontrast.evaluate import class_folders, classification_metrics
+    from mmcontrast.evaluate import class_folders, classification_metrics, log_loss
 
     paths, names = class_folders(folder)
     unknown = sorted(set(names) - set(classes))
@@ -226,8 +226,7 @@ def held_out_scores(preprocess: Callable, folder: str | Path, classes: Sequence[
         encoded, probs = predict(model, preprocess, paths)
         ok_targets = torch.tensor([targets[i] for i in encoded.ok])
         metrics = classification_metrics(probs, ok_targets.tolist(), list(classes))
-        nll = float(-probs[torch.arange(len(ok_targets)), ok_targets].clamp_min(1e-12).log().mean())
         return {"eval/val_top1": metrics["top1"], "eval/val_mean_per_class_recall": metrics["mean_per_class_recall"],
-                "eval/val_loss": nll}
+                "eval/val_loss": log_loss(probs, ok_targets)}
 
     return evaluate

@@ -297,6 +297,14 @@ def zero_shot_classify(classifier: ZeroShotClassifier, preprocess: Callable, pat
     return encoded, classifier.logits(encoded.features).softmax(dim=-1)
 
 
+def log_loss(probabilities: torch.Tensor | np.ndarray, targets: Sequence[int]) -> float:
+    """Mean negative log-likelihood of the true classes under ``(N, C)`` class probabilities (each at least 1e-12: a
+    sure wrong answer costs 27.6, not infinity)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    return float(-np.log(np.clip(probabilities[np.arange(len(targets)), targets], 1e-12, None)).mean())
+
+
 def classification_metrics(scores: torch.Tensor | np.ndarray, targets: Sequence[int], classnames: Sequence[str]) -> dict:
     """Accuracy of ``(N, C)`` class scores against targets (-1 = unlabelled, ignored).
 

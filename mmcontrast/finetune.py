@@ -1,13 +1,14 @@
-"""``mmcontrast finetune``: a labelled folder and any checkpoint into the better of two classifiers, chosen honestly.
+"""``mmcontrast finetune``: a labelled folder and any checkpoint into the best of three classifiers, chosen honestly.
 
 Owns the command's plan. The class list (``class_list``); the frozen features of the labelled images and the probe on
-them (``probe.fit_probe``, the one every command fits); the choice between that probe and fine-tuning, by stratified
+them (``probe.fit_probe``, the one every command fits); the choice between that probe, the patch classifier
+(``patches.py``, timm encoders) and fine-tuning, by stratified
 K-fold cross-validation over the labelled images (``--folds``, 5) or on ``--val`` — each fold a run of the trainer's
 ``classify`` mode that starts from the fold's probe (LP-FT) and is scored on the fold it did not see, after its last
 epoch (one recipe, no epoch picked on the held-out images, so the estimate is not flattered), the candidate whose
 held-out images have the lowest log-loss kept (``_choose``: steadier than top-1 on a few images); then the final model,
 the fine-tuning recipe refitted on every labelled image or the probe itself, written to the run dir; and
-``best.json``: both estimates with their spread over the folds, the per-epoch curve, the choice and why. With few
+``best.json``: every estimate with its spread over the folds, the per-epoch curve, the choice and why. With few
 labels fine-tuning can lose to the frozen probe it starts from (it trades one class against another, or overfits);
 the probe is then what the run exports.
 
@@ -193,8 +194,7 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 def _held_out_curve(run_dir: Path) -> list[dict]:
     """``[{"epoch", "top1", "mean_per_class_recall", "loss"}]`` of a run's in-loop scores on its held-out images."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{"epoch": round(r["epoch"]), "top1": r["eval/val_top1"], "mean_per_class_recall": r["eval/val_mean_per_class_recall"],
-             "loss": r["eval/val_loss"]} for r in rows if "eval/val_top1" in r]
+    return [{"epoch": round(r["epoch"]), **{key: r[f"eval/val_{key}"] for key in SCORES}} for r in rows if "eval/val_top1" in r]
 
 
 # ---------------------------------------------------------------- the command
@@ -203,13 +203,13 @@ def _held_out_curve(run_dir: Path) -> list[dict]:
 SCORES = ("top1", "mean_per_class_recall", "loss")  # per held-out fold; loss: mean negative log-likelihood
 
 
-def _scores(probabilities: np.ndarray, truth: np.ndarray, n_classes: int) -> dict:
-    """``SCORES`` of ``(n, n_classes)`` class probabilities against the true class indices ``truth``."""
-    predicted = probabilities.argmax(1)
-    present = [c for c in range(n_classes) if (truth == c).any()]
-    return {"top1": float((predicted == truth).mean()),
-            "mean_per_class_recall": float(np.mean([(predicted[truth == c] == c).mean() for c in present])),
-            "loss": float(-np.log(np.clip(probabilities[np.arange(len(truth)), truth], 1e-12, None)).mean())}
+def _scores(probabilities: np.ndarray, truth: np.ndarray) -> dict:
+    """``SCORES`` of ``(n, classes)`` class probabilities against the true class indices ``truth`` (what the
+    classify task's in-loop evaluation reports: ``classifier.held_out_scores``)."""
+    from mmcontrast.evaluate import classification_metrics, log_loss
+
+    metrics = classification_metrics(probabilities, truth.tolist(), [str(c) for c in range(probabilities.shape[1])])
+    return {"top1": metrics["top1"], "mean_per_class_recall": metrics["mean_per_class_recall"], "loss": log_loss(probabilities, truth)}
 
 
 def _summary(per_fold: list[dict]) -> dict:
@@ -264,10 +264,10 @@ def _cross_validate(s: Settings, enc: Encoder, classes: list[str], labelled: Lab
         kept = np.setdiff1d(np.arange(len(labelled.paths)), held)
         truth = labelled.labels[held]
         probe = fit_probe(labelled.features[kept], labelled.labels[kept], s.seed)
-        scores["probe"].append(_scores(probe.scores(labelled.features[held], len(classes)), truth, len(classes)))
+        scores["probe"].append(_scores(probe.scores(labelled.features[held], len(classes)), truth))
         if patch_data is not None:
             fitted = patches.fit(patch_data, kept, s.seed)
-            scores["patches"].append(_scores(patches.score_rows(fitted, patch_data, held), truth, len(classes)))
+            scores["patches"].append(_scores(patches.score_rows(fitted, patch_data, held), truth))
         if not s.epochs:
             continue
         part = Labelled([labelled.paths[i] for i in kept], labelled.labels[kept], labelled.features[kept])
@@ -288,9 +288,7 @@ def _choose(estimates: dict[str, dict | None]) -> tuple[str, str]:
     """The candidate whose held-out images' mean negative log-likelihood (log-loss) is lowest; a tie keeps the
     earlier of ``CHOICES`` (the probe first: cheaper, and what fine-tuning began at). Log-loss, not top-1: with a few
     labels a fold's top-1 moves in steps of one image and ties, while log-loss weighs how sure each answer was (the
-    probe chooses its C on it too). On ELPV draws of 50 cells per class from the pool, scored on the rest of the pool
-    (never the test cells), the patch classifier beat the probe on all of 10 draws; 5-fold CV top-1 chose it on 5 of
-    them, CV log-loss on 7."""
+    probe chooses its C on it too); measured in docs/labelled.md ("How the choice is scored")."""
     scored = [c for c in CHOICES if estimates.get(c)]
     best = min(scored, key=lambda c: (estimates[c]["loss"], CHOICES.index(c)))
     said = "held-out log-loss " + ", ".join(f"{NAMES[c]} {estimates[c]['loss']:.3f} ± {estimates[c]['loss_std']:.3f} "
@@ -378,11 +376,11 @@ def _on_val(s: Settings, enc: Encoder, classes: list[str], labelled: Labelled, r
         _refuse_unreadable(errors, val.paths, "--val")
         val.features = pooled
         fitted = patches.fit(patch_data, np.arange(len(labelled.paths)), s.seed)
-        estimates["patches"] = _summary([_scores(patches.score_images(fitted, patch_data, pooled, regions), val.labels, len(classes))])
+        estimates["patches"] = _summary([_scores(patches.score_images(fitted, patch_data, pooled, regions), val.labels)])
     else:
         val.features = _encode(enc, classes, val.paths)
     probe = fit_probe(labelled.features, labelled.labels, s.seed)
-    estimates["probe"] = _summary([_scores(probe.scores(val.features, len(classes)), val.labels, len(classes))])
+    estimates["probe"] = _summary([_scores(probe.scores(val.features, len(classes)), val.labels)])
     per_epoch = []
     if s.epochs:
         per_epoch = _held_out_curve(_train_run(s, enc, classes, labelled, run_dir, run_dir / DATA_DIR, Path(s.val_dir), train_fn))

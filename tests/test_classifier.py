@@ -105,6 +105,7 @@ def test_finetune_chooses_by_cross_validation_and_writes_a_run_every_command_loa
     rows = [json.loads(line) for line in (run / "cv" / "fold_0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all("eval/val_top1" in r and 0 < r["mean_confidence"] <= 1 for r in rows)
     assert best["finetuned"]["folds"][0]["top1"] == rows[-1]["eval/val_top1"]  # the last epoch: none is picked
+    assert best["finetuned"]["folds"][0]["loss"] == rows[-1]["eval/val_loss"]  # what the choice compares
     model, _, tokenizer = load(run)  # the stale best.safetensors was neither exported nor read
     assert isinstance(model, clf.ImageClassifier) and tokenizer is None
     if best["choice"] == "probe":  # the exported head is the probe on every labelled image's frozen features
@@ -162,9 +163,9 @@ def test_the_choice_is_the_lowest_held_out_log_loss_not_the_highest_top1():
     truth = np.array([0, 0, 1, 1, 2])
     sure = np.array([[0.9, 0.05, 0.05], [0.45, 0.5, 0.05], [0.05, 0.9, 0.05], [0.1, 0.8, 0.1], [0.05, 0.05, 0.9]])
     lucky = np.array([[0.4, 0.3, 0.3], [0.4, 0.3, 0.3], [0.3, 0.4, 0.3], [0.3, 0.4, 0.3], [0.3, 0.3, 0.4]])
-    a, b = _scores(sure, truth, 3), _scores(lucky, truth, 3)
+    a, b = _scores(sure, truth), _scores(lucky, truth)
     assert a["loss"] == pytest.approx(log_loss(truth, sure)) and b["loss"] == pytest.approx(log_loss(truth, lucky))
-    assert a["top1"] == 0.8 and b["top1"] == 1.0
+    assert a["top1"] == pytest.approx(0.8) and b["top1"] == 1.0
     choice, reason = _choose({"probe": _summary([b]), "patches": _summary([a]), "finetuned": None})
     assert choice == "patches" and "log-loss" in reason
     assert _choose({"probe": _summary([a]), "patches": _summary([a]), "finetuned": _summary([a])})[0] == "probe"
@@ -180,7 +181,8 @@ def test_cross_validation_exports_the_probe_when_finetuning_hurts(trained_tiny_c
                  "--set", "data.augment.hflip=0.5"]) == 0
     out = capsys.readouterr().out
     best = json.loads((run / "best.json").read_text())
-    assert best["probe"]["top1"] >= 0.9 and best["finetuned"]["top1"] < best["probe"]["top1"] and best["choice"] == "probe"
+    assert best["probe"]["top1"] >= 0.9 and best["finetuned"]["top1"] < best["probe"]["top1"]
+    assert best["finetuned"]["loss"] > best["probe"]["loss"] and best["choice"] == "probe"
     assert "kept the frozen probe" in out
     assert not (run / "config.yaml").exists()  # nothing was refitted: the probe is the run's classifier
 

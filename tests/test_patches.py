@@ -1,5 +1,5 @@
 """The patch classifier (mmcontrast/patches.py, classifier.PatchClassifier): region banks per class, filled from
-unlabelled images, stacked with the frozen probe, chosen by finetune's cross-validation when it scores higher, and
+unlabelled images, stacked with the frozen probe, chosen by finetune's cross-validation when its log-loss is lower, and
 read back by every command that loads a classifier run."""
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def test_a_local_defect_is_found_by_the_region_banks_and_the_run_reads_back(chec
     out = capsys.readouterr().out
     best = json.loads((run / "best.json").read_text())
     # random-init features: the pooled probe finds most checkers, the region banks more (CV: 87.6% against 93.9%)
-    assert best["patches"]["top1"] > best["probe"]["top1"] and best["finetuned"] is None
+    assert best["patches"]["top1"] > best["probe"]["top1"] and best["patches"]["loss"] < best["probe"]["loss"]
+    assert best["finetuned"] is None
     assert best["choice"] == "patches" and "kept the patch classifier" in out, out
     assert "60 images of --unlabelled" in best["patches_note"]
     config = json.loads((run / "model_config.json").read_text())[clf.CLASSIFIER_KEY]
@@ -89,7 +90,7 @@ def test_the_exported_classifier_predicts_what_the_fit_does(checkers):
     distances = np.array([[float(patches.nearest(r.float(), index).amax()) for index in indexes] for r in regions])
     expected = fitted.stack.decision(patches.stack_inputs(fitted.logits(pooled), distances))
     np.testing.assert_allclose(patches.score_images(fitted, data, pooled, regions),  # --val's path
-                               fitted.stack.scores(patches.stack_inputs(fitted.logits(pooled), distances), 2), rtol=1e-3, atol=1e-5)
+                               fitted.stack.scores(patches.stack_inputs(fitted.logits(pooled), distances), data.n_classes), rtol=1e-3, atol=1e-5)
     images = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
         logits = model.logits(images).numpy()

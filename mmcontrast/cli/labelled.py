@@ -54,8 +54,8 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE", help="any config field")
 
 
-@subcommand("finetune", "the labelled slice into a classifier: a frozen probe or fine-tuning (LP-FT), whichever scores higher "
-            "in cross-validation", _finetune_arguments)
+@subcommand("finetune", "the labelled slice into a classifier: the frozen probe, the patch classifier or fine-tuning (LP-FT), "
+            "whichever has the lowest held-out log-loss in cross-validation", _finetune_arguments)
 def _finetune(args: argparse.Namespace) -> int:
     require_dir(args.train, "--train")
     if args.val:
