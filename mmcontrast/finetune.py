@@ -6,7 +6,7 @@ them (``probe.fit_probe``, the one every command fits); the choice between that 
 K-fold cross-validation over the labelled images (``--folds``, 5) or on ``--val`` — each fold a run of the trainer's
 ``classify`` mode that starts from the fold's probe (LP-FT) and is scored on the fold it did not see, after its last
 epoch (one recipe, no epoch picked on the held-out images, so the estimate is not flattered), the candidate whose
-held-out images have the lowest log-loss kept (``_choose``: steadier than top-1 on a few images); then the final model,
+held-out images have the lowest log-loss kept (``choose``: steadier than top-1 on a few images); then the final model,
 the fine-tuning recipe refitted on every labelled image or the probe itself, written to the run dir; and
 ``best.json``: every estimate with its spread over the folds, the per-epoch curve, the choice and why. With few
 labels fine-tuning can lose to the frozen probe it starts from (it trades one class against another, or overfits);
@@ -203,7 +203,7 @@ def _held_out_curve(run_dir: Path) -> list[dict]:
 SCORES = ("top1", "mean_per_class_recall", "loss")  # per held-out fold; loss: mean negative log-likelihood
 
 
-def _scores(probabilities: np.ndarray, truth: np.ndarray) -> dict:
+def fold_scores(probabilities: np.ndarray, truth: np.ndarray) -> dict:
     """``SCORES`` of ``(n, classes)`` class probabilities against the true class indices ``truth`` (what the
     classify task's in-loop evaluation reports: ``classifier.held_out_scores``)."""
     from mmcontrast.evaluate import classification_metrics, log_loss
@@ -212,7 +212,9 @@ def _scores(probabilities: np.ndarray, truth: np.ndarray) -> dict:
     return {"top1": metrics["top1"], "mean_per_class_recall": metrics["mean_per_class_recall"], "loss": log_loss(probabilities, truth)}
 
 
-def _summary(per_fold: list[dict]) -> dict:
+def summarise(per_fold: list[dict]) -> dict:
+    """A candidate's estimate (what ``choose`` compares and ``best.json`` holds): each of ``SCORES`` averaged over
+    the folds' ``fold_scores``, its standard deviation as ``KEY_std``, and the folds themselves."""
     out = {"folds": per_fold}
     for key in SCORES:
         values = [f[key] for f in per_fold]
@@ -264,10 +266,10 @@ def _cross_validate(s: Settings, enc: Encoder, classes: list[str], labelled: Lab
         kept = np.setdiff1d(np.arange(len(labelled.paths)), held)
         truth = labelled.labels[held]
         probe = fit_probe(labelled.features[kept], labelled.labels[kept], s.seed)
-        scores["probe"].append(_scores(probe.scores(labelled.features[held], len(classes)), truth))
+        scores["probe"].append(fold_scores(probe.scores(labelled.features[held], len(classes)), truth))
         if patch_data is not None:
             fitted = patches.fit(patch_data, kept, s.seed)
-            scores["patches"].append(_scores(patches.score_rows(fitted, patch_data, held), truth))
+            scores["patches"].append(fold_scores(patches.score_rows(fitted, patch_data, held), truth))
         if not s.epochs:
             continue
         part = Labelled([labelled.paths[i] for i in kept], labelled.labels[kept], labelled.features[kept])
@@ -278,13 +280,13 @@ def _cross_validate(s: Settings, enc: Encoder, classes: list[str], labelled: Lab
         scores["finetuned"].append({key: curves[-1][-1][key] for key in SCORES})
     per_epoch = [{"epoch": point["epoch"], **{key: float(np.mean([c[i][key] for c in curves])) for key in SCORES}}
                  for i, point in enumerate(curves[0])] if curves else []
-    return {c: _summary(v) if v is not None else None for c, v in scores.items()}, per_epoch
+    return {c: summarise(v) if v is not None else None for c, v in scores.items()}, per_epoch
 
 
 NAMES = {"probe": "the frozen probe", "patches": "the patch classifier", "finetuned": "fine-tuning"}
 
 
-def _choose(estimates: dict[str, dict | None]) -> tuple[str, str]:
+def choose(estimates: dict[str, dict | None]) -> tuple[str, str]:
     """The candidate whose held-out images' mean negative log-likelihood (log-loss) is lowest; a tie keeps the
     earlier of ``CHOICES`` (the probe first: cheaper, and what fine-tuning began at). Log-loss, not top-1: with a few
     labels a fold's top-1 moves in steps of one image and ties, while log-loss weighs how sure each answer was (the
@@ -348,7 +350,7 @@ def run(s: Settings, train_fn: Callable[[Config], Path] | None = None) -> Select
         estimates, per_epoch = _on_val(s, enc, classes, labelled, run_dir, train_fn, patch_data)
     else:
         estimates, per_epoch = _cross_validate(s, enc, classes, labelled, run_dir, train_fn, patch_data)
-    choice, reason = _choose(estimates)
+    choice, reason = choose(estimates)
     if choice == "finetuned" and not s.val_dir:
         _train_run(s, enc, classes, labelled, run_dir, run_dir / DATA_DIR / "all", None, train_fn)
     elif choice != "finetuned":
@@ -376,15 +378,15 @@ def _on_val(s: Settings, enc: Encoder, classes: list[str], labelled: Labelled, r
         _refuse_unreadable(errors, val.paths, "--val")
         val.features = pooled
         fitted = patches.fit(patch_data, np.arange(len(labelled.paths)), s.seed)
-        estimates["patches"] = _summary([_scores(patches.score_images(fitted, patch_data, pooled, regions), val.labels)])
+        estimates["patches"] = summarise([fold_scores(patches.score_images(fitted, patch_data, pooled, regions), val.labels)])
     else:
         val.features = _encode(enc, classes, val.paths)
     probe = fit_probe(labelled.features, labelled.labels, s.seed)
-    estimates["probe"] = _summary([_scores(probe.scores(val.features, len(classes)), val.labels)])
+    estimates["probe"] = summarise([fold_scores(probe.scores(val.features, len(classes)), val.labels)])
     per_epoch = []
     if s.epochs:
         per_epoch = _held_out_curve(_train_run(s, enc, classes, labelled, run_dir, run_dir / DATA_DIR, Path(s.val_dir), train_fn))
-        estimates["finetuned"] = _summary([{k: per_epoch[-1][k] for k in SCORES}])
+        estimates["finetuned"] = summarise([{k: per_epoch[-1][k] for k in SCORES}])
     return estimates, per_epoch
 
 

@@ -158,17 +158,17 @@ def test_the_choice_is_the_lowest_held_out_log_loss_not_the_highest_top1():
     tie keeps the probe."""
     from sklearn.metrics import log_loss
 
-    from mmcontrast.finetune import _choose, _scores, _summary
+    from mmcontrast.finetune import choose, fold_scores, summarise
 
     truth = np.array([0, 0, 1, 1, 2])
     sure = np.array([[0.9, 0.05, 0.05], [0.45, 0.5, 0.05], [0.05, 0.9, 0.05], [0.1, 0.8, 0.1], [0.05, 0.05, 0.9]])
     lucky = np.array([[0.4, 0.3, 0.3], [0.4, 0.3, 0.3], [0.3, 0.4, 0.3], [0.3, 0.4, 0.3], [0.3, 0.3, 0.4]])
-    a, b = _scores(sure, truth), _scores(lucky, truth)
+    a, b = fold_scores(sure, truth), fold_scores(lucky, truth)
     assert a["loss"] == pytest.approx(log_loss(truth, sure)) and b["loss"] == pytest.approx(log_loss(truth, lucky))
     assert a["top1"] == pytest.approx(0.8) and b["top1"] == 1.0
-    choice, reason = _choose({"probe": _summary([b]), "patches": _summary([a]), "finetuned": None})
+    choice, reason = choose({"probe": summarise([b]), "patches": summarise([a]), "finetuned": None})
     assert choice == "patches" and "log-loss" in reason
-    assert _choose({"probe": _summary([a]), "patches": _summary([a]), "finetuned": _summary([a])})[0] == "probe"
+    assert choose({"probe": summarise([a]), "patches": summarise([a]), "finetuned": summarise([a])})[0] == "probe"
 
 
 def test_cross_validation_exports_the_probe_when_finetuning_hurts(trained_tiny_clip, tmp_path, capsys):
