@@ -22,7 +22,7 @@ Rows (``--rows``, comma-separated; default every row but ``ceiling-finetune``), 
   first), then, like ``native-max`` and ``patches`` with its encoder in ImageNet's place, the probe (``eval few-shot
   --checkpoint RUN --image-size N --pool max``) and ``finetune --checkpoint RUN --epochs 0 --image-size N --pool max``
   on each draw;
-* ``simclr-finetune``: ``finetune --checkpoint RUN`` with its defaults on each draw (an hour a draw on a CPU);
+* ``simclr-finetune``: ``finetune --checkpoint RUN`` with its defaults on each draw (a quarter of an hour a draw on 2 cores);
 * ``ceiling-probe``: the frozen probe with every label of ``DATA/pool`` (``eval linear-probe``);
 * ``ceiling-finetune``: ``finetune`` on every label of ``DATA/pool`` (hours on a CPU).
 
@@ -55,7 +55,7 @@ NAMES = {  # result key -> the table's row
     "native_max_probe": "the same at the images' own size, max pooling (`--image-size N --pool max`)",
     "patches": "`finetune --epochs 0`, native size, max pooling: probe or patch classifier (CV)",
     "patches_unlabelled": "the same with `--unlabelled DATA/unlabelled` (region banks filled)",
-    "finetune": "`finetune`, defaults (CV: probe or fine-tuned)",
+    "finetune": "`finetune`, defaults (CV: probe, patch classifier or fine-tuned)",
     "simclr_native_max_probe": "continued SimCLR on unlabelled, then the probe (native size, max pooling)",
     "simclr_patches": "continued SimCLR on unlabelled, then `finetune --epochs 0` (native size, max pooling)",
     "simclr_finetune": "continued SimCLR on unlabelled, then `finetune`, defaults",
@@ -167,7 +167,7 @@ def plot(summary: dict, path: Path, majority: float, reference: float | None) ->
     import matplotlib.pyplot as plt
 
     keys = list(summary)
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(keys) + 1.5))
+    fig, ax = plt.subplots(figsize=(12, 0.5 * len(keys) + 1.5))
     y = range(len(keys))
     for offset, metric, colour in ((-0.2, "top1", "tab:blue"), (0.2, "recall", "tab:orange")):
         ax.barh([i + offset for i in y], [100 * summary[k][f"{metric}_mean"] for k in keys], height=0.4, color=colour,
@@ -180,8 +180,7 @@ def plot(summary: dict, path: Path, majority: float, reference: float | None) ->
     ax.set_xlabel("% on the test set (mean ± std over the draws)")
     ax.set_xlim(40, 100)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / len(keys)), ncol=2, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the long row names and the legend below stay in the picture
 
 
 def main(argv: list[str] | None = None) -> int:
